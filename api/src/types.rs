@@ -1,0 +1,43 @@
+//! Wire types of the D-Bus API. Every struct is a D-Bus struct (serde + zvariant
+//! `Type`); field order is the wire order, so append, never reorder.
+use serde::{Deserialize, Serialize};
+use zbus::zvariant::Type;
+
+/// Datapath state as reported by `Status`.
+#[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq, Eq)]
+pub struct Status {
+    pub version: String,
+    /// "attached", "detached" or "degraded".
+    pub state: String,
+    /// Why the state is what it is (empty when attached and healthy).
+    pub reason: String,
+    pub paused: bool,
+    pub cgroup: String,
+    pub pin_dir: String,
+    pub config_path: String,
+    /// sha256 of the loaded config file, hex.
+    pub config_sha256: String,
+    /// Unix time (seconds) the daemon started.
+    pub started_at: u64,
+    /// BPF ABI version of the attached datapath.
+    pub abi_version: u32,
+    /// SOCKHASH capacity.
+    pub capacity: u32,
+}
+
+/// Counter name and value, summed over CPUs.
+pub type Stats = Vec<(String, u64)>;
+
+/// One accelerated socket pair, as seen from the side that has the lower tuple.
+#[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq, Eq)]
+pub struct Connection {
+    /// "ipv4" or "ipv6".
+    pub family: String,
+    /// "addr:port" (IPv6 in brackets).
+    pub local: String,
+    pub remote: String,
+    /// Network namespace cookie in the key, 0 when the pair is matched across namespaces.
+    pub netns: u64,
+    /// true when both ends are in the map (data is redirected), false when only this end is.
+    pub paired: bool,
+}

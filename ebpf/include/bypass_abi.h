@@ -1,0 +1,95 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The BPF ABI of bypassd: every map key, value and index that the C programs and
+ * the Rust loader share. The Rust mirror is ebpf/src/abi.rs; the test
+ * ebpf/tests/layout.rs compiles this header with the host C compiler and checks
+ * that every size and offset agrees. Change both sides together and bump
+ * BP_ABI_VERSION: the daemon then builds a new datapath generation beside the old
+ * one instead of reusing incompatible pinned maps.
+ */
+#ifndef BYPASS_ABI_H
+#define BYPASS_ABI_H
+
+#include <linux/types.h>
+
+#define BP_ABI_VERSION 1
+
+/* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
+#define BP_MAX_RULES 64
+
+/* Counter indices in the per-CPU counter array. */
+enum bp_counter {
+	BP_CTR_SOCKETS_INSERTED = 0,
+	BP_CTR_INSERT_FAILURES = 1,
+	BP_CTR_REDIRECTED_MSGS = 2,
+	BP_CTR_REDIRECTED_BYTES = 3,
+	BP_CTR_PASSED_MSGS = 4,
+	BP_CTR_PASSED_BYTES = 5,
+	BP_CTR_POLICY_KERNEL = 6,  /* sockets the policy left on the kernel path */
+	BP_CTR_PAUSED_SKIPS = 7,   /* sockets not inserted while paused */
+	BP_CTR_DEMOTED = 8,        /* sockets pinned to the kernel path after a pass */
+	BP_CTR_MAX = 9,
+};
+
+/* Indices in the control array (u64 values). */
+enum bp_control {
+	BP_CTL_POLICY_SEQ = 0, /* active rule buffer = seq & 1; bumped on every swap */
+	BP_CTL_PAUSED = 1,     /* non-zero: do not insert new sockets */
+	BP_CTL_MAX = 2,
+};
+
+/* Rule actions. */
+#define BP_ACTION_KERNEL 0
+#define BP_ACTION_ACCELERATE 1
+
+/* bp_rule.flags */
+#define BP_RULE_MATCH_CGROUP (1u << 0)
+#define BP_RULE_MATCH_UID (1u << 1)
+
+/*
+ * SOCKHASH key: one socket, seen from its own side. Addresses are IPv6; IPv4 is
+ * stored IPv4-mapped (::ffff:a.b.c.d) so a dual-stack socket pairs with its IPv4
+ * peer. netns is the network namespace cookie when the connection cannot leave
+ * its namespace (loopback, or local == remote), else 0.
+ */
+struct bp_sock_key {
+	__u8 local_ip[16];
+	__u8 remote_ip[16];
+	__u32 local_port;  /* host byte order */
+	__u32 remote_port; /* host byte order */
+	__u64 netns;
+};
+
+/* One policy rule. Ports: an inclusive range; 0..65535 matches any port. */
+struct bp_rule {
+	__u8 local_ip[16];
+	__u8 remote_ip[16];
+	__u8 local_prefix;  /* bits of local_ip that must match, 0..128 */
+	__u8 remote_prefix; /* likewise for remote_ip */
+	__u8 action;        /* BP_ACTION_* */
+	__u8 flags;         /* BP_RULE_MATCH_* */
+	__u16 local_port_lo;
+	__u16 local_port_hi;
+	__u16 remote_port_lo;
+	__u16 remote_port_hi;
+	__u32 uid;
+	__u64 cgroup_id;
+};
+
+/* Per-buffer policy header: how many rules are valid and what to do otherwise. */
+struct bp_policy_meta {
+	__u32 nrules;
+	__u32 default_action;
+};
+
+/* Per-socket storage, recorded at socket creation and inherited by accepted sockets. */
+struct bp_sk_info {
+	__u64 cgroup_id;
+	__u32 uid;
+	__u32 flags; /* BP_SK_* */
+};
+
+#define BP_SK_KNOWN (1u << 0)   /* cgroup_id and uid are valid */
+#define BP_SK_DEMOTED (1u << 1) /* a send took the kernel path: never redirect again */
+
+#endif

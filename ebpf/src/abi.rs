@@ -1,0 +1,117 @@
+//! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
+//! the host C compiler and checks every size and offset against these definitions.
+
+pub const ABI_VERSION: u32 = 1;
+pub const MAX_RULES: u32 = 64;
+
+/// Per-CPU counter indices (`enum bp_counter`).
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    SocketsInserted = 0,
+    InsertFailures = 1,
+    RedirectedMsgs = 2,
+    RedirectedBytes = 3,
+    PassedMsgs = 4,
+    PassedBytes = 5,
+    PolicyKernel = 6,
+    PausedSkips = 7,
+    Demoted = 8,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 9;
+    pub const ALL: [Counter; 9] = [
+        Counter::SocketsInserted,
+        Counter::InsertFailures,
+        Counter::RedirectedMsgs,
+        Counter::RedirectedBytes,
+        Counter::PassedMsgs,
+        Counter::PassedBytes,
+        Counter::PolicyKernel,
+        Counter::PausedSkips,
+        Counter::Demoted,
+    ];
+
+    /// The stable name used in JSON output and D-Bus.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::SocketsInserted => "sockets_inserted",
+            Counter::InsertFailures => "insert_failures",
+            Counter::RedirectedMsgs => "redirected_msgs",
+            Counter::RedirectedBytes => "redirected_bytes",
+            Counter::PassedMsgs => "passed_msgs",
+            Counter::PassedBytes => "passed_bytes",
+            Counter::PolicyKernel => "policy_kernel_sockets",
+            Counter::PausedSkips => "paused_skips",
+            Counter::Demoted => "demoted_sockets",
+        }
+    }
+}
+
+/// Control array indices (`enum bp_control`).
+pub const CTL_POLICY_SEQ: u32 = 0;
+pub const CTL_PAUSED: u32 = 1;
+pub const CTL_MAX: u32 = 2;
+
+pub const ACTION_KERNEL: u8 = 0;
+pub const ACTION_ACCELERATE: u8 = 1;
+
+pub const RULE_MATCH_CGROUP: u8 = 1 << 0;
+pub const RULE_MATCH_UID: u8 = 1 << 1;
+
+pub const SK_KNOWN: u32 = 1 << 0;
+pub const SK_DEMOTED: u32 = 1 << 1;
+
+/// `struct bp_sock_key`: one socket from its own side; IPv4 is IPv4-mapped.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    pub local_ip: [u8; 16],
+    pub remote_ip: [u8; 16],
+    pub local_port: u32,
+    pub remote_port: u32,
+    pub netns: u64,
+}
+
+/// `struct bp_rule`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rule {
+    pub local_ip: [u8; 16],
+    pub remote_ip: [u8; 16],
+    pub local_prefix: u8,
+    pub remote_prefix: u8,
+    pub action: u8,
+    pub flags: u8,
+    pub local_port_lo: u16,
+    pub local_port_hi: u16,
+    pub remote_port_lo: u16,
+    pub remote_port_hi: u16,
+    pub uid: u32,
+    pub cgroup_id: u64,
+}
+
+/// `struct bp_policy_meta`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PolicyMeta {
+    pub nrules: u32,
+    pub default_action: u32,
+}
+
+/// `struct bp_sk_info`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SkInfo {
+    pub cgroup_id: u64,
+    pub uid: u32,
+    pub flags: u32,
+}
+
+// SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding
+// (checked against the C layout by tests/layout.rs).
+unsafe impl aya::Pod for SockKey {}
+unsafe impl aya::Pod for Rule {}
+unsafe impl aya::Pod for PolicyMeta {}
+unsafe impl aya::Pod for SkInfo {}

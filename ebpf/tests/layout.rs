@@ -1,0 +1,99 @@
+//! The C header and the Rust mirror must agree on every size, offset and constant.
+//! This compiles a probe against `include/bypass_abi.h` with the host C compiler
+//! and compares what it prints with `core::mem::{size_of, offset_of}`.
+use bypassd_ebpf::abi::*;
+use std::{collections::BTreeMap, mem::{offset_of, size_of}, path::Path, process::Command};
+
+fn c_layout() -> BTreeMap<String, u64> {
+    let dir = std::env::temp_dir().join(format!("bypass-layout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
+    let mut src = String::from("#include <stdio.h>\n#include <stddef.h>\n#include \"bypass_abi.h\"\nint main(void){\n");
+    let mut emit = |name: &str, expr: &str| {
+        src.push_str(&format!("printf(\"{name} %llu\\n\", (unsigned long long)({expr}));\n"));
+    };
+    for (ty, fields) in [
+        ("bp_sock_key", &["local_ip", "remote_ip", "local_port", "remote_port", "netns"][..]),
+        ("bp_rule", &["local_ip", "remote_ip", "local_prefix", "remote_prefix", "action", "flags",
+            "local_port_lo", "local_port_hi", "remote_port_lo", "remote_port_hi", "uid", "cgroup_id"][..]),
+        ("bp_policy_meta", &["nrules", "default_action"][..]),
+        ("bp_sk_info", &["cgroup_id", "uid", "flags"][..]),
+    ] {
+        emit(&format!("sizeof.{ty}"), &format!("sizeof(struct {ty})"));
+        for f in fields {
+            emit(&format!("{ty}.{f}"), &format!("offsetof(struct {ty}, {f})"));
+        }
+    }
+    for c in ["BP_ABI_VERSION", "BP_MAX_RULES", "BP_CTR_SOCKETS_INSERTED", "BP_CTR_INSERT_FAILURES",
+        "BP_CTR_REDIRECTED_MSGS", "BP_CTR_REDIRECTED_BYTES", "BP_CTR_PASSED_MSGS", "BP_CTR_PASSED_BYTES",
+        "BP_CTR_POLICY_KERNEL", "BP_CTR_PAUSED_SKIPS", "BP_CTR_DEMOTED", "BP_CTR_MAX",
+        "BP_CTL_POLICY_SEQ", "BP_CTL_PAUSED", "BP_CTL_MAX", "BP_ACTION_KERNEL", "BP_ACTION_ACCELERATE",
+        "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN", "BP_SK_DEMOTED"] {
+        emit(c, c);
+    }
+    src.push_str("return 0;}\n");
+    let c = dir.join("probe.c");
+    let exe = dir.join("probe");
+    std::fs::write(&c, src).unwrap();
+    let st = Command::new("cc").arg(format!("-I{}", include.display())).arg(&c).arg("-o").arg(&exe)
+        .status().expect("run cc");
+    assert!(st.success(), "cc failed to build the layout probe");
+    let out = Command::new(&exe).output().expect("run probe");
+    let _ = std::fs::remove_dir_all(&dir);
+    String::from_utf8(out.stdout).unwrap().lines()
+        .map(|l| { let (k, v) = l.split_once(' ').unwrap(); (k.to_string(), v.parse().unwrap()) })
+        .collect()
+}
+
+macro_rules! rust_layout {
+    ($m:ident, $cname:literal, $ty:ty, [$($f:ident),*]) => {
+        $m.insert(concat!("sizeof.", $cname).to_string(), size_of::<$ty>() as u64);
+        $( $m.insert(concat!($cname, ".", stringify!($f)).to_string(), offset_of!($ty, $f) as u64); )*
+    };
+}
+
+#[test]
+fn c_and_rust_layouts_agree() {
+    let c = c_layout();
+    let mut r = BTreeMap::new();
+    rust_layout!(r, "bp_sock_key", SockKey, [local_ip, remote_ip, local_port, remote_port, netns]);
+    rust_layout!(r, "bp_rule", Rule, [local_ip, remote_ip, local_prefix, remote_prefix, action, flags,
+        local_port_lo, local_port_hi, remote_port_lo, remote_port_hi, uid, cgroup_id]);
+    rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
+    rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags]);
+    let consts: [(&str, u64); 21] = [
+        ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
+        ("BP_CTR_SOCKETS_INSERTED", Counter::SocketsInserted as u64),
+        ("BP_CTR_INSERT_FAILURES", Counter::InsertFailures as u64),
+        ("BP_CTR_REDIRECTED_MSGS", Counter::RedirectedMsgs as u64),
+        ("BP_CTR_REDIRECTED_BYTES", Counter::RedirectedBytes as u64),
+        ("BP_CTR_PASSED_MSGS", Counter::PassedMsgs as u64),
+        ("BP_CTR_PASSED_BYTES", Counter::PassedBytes as u64),
+        ("BP_CTR_POLICY_KERNEL", Counter::PolicyKernel as u64),
+        ("BP_CTR_PAUSED_SKIPS", Counter::PausedSkips as u64),
+        ("BP_CTR_DEMOTED", Counter::Demoted as u64),
+        ("BP_CTR_MAX", Counter::COUNT.into()),
+        ("BP_CTL_POLICY_SEQ", CTL_POLICY_SEQ.into()), ("BP_CTL_PAUSED", CTL_PAUSED.into()),
+        ("BP_CTL_MAX", CTL_MAX.into()), ("BP_ACTION_KERNEL", ACTION_KERNEL.into()),
+        ("BP_ACTION_ACCELERATE", ACTION_ACCELERATE.into()),
+        ("BP_RULE_MATCH_CGROUP", RULE_MATCH_CGROUP.into()), ("BP_RULE_MATCH_UID", RULE_MATCH_UID.into()),
+        ("BP_SK_KNOWN", SK_KNOWN.into()), ("BP_SK_DEMOTED", SK_DEMOTED.into()),
+    ];
+    for (k, v) in consts {
+        r.insert(k.to_string(), v);
+    }
+    assert_eq!(c, r, "C (left) and Rust (right) ABI definitions differ");
+    assert_eq!(Counter::ALL.len() as u32, Counter::COUNT);
+}
+
+#[test]
+fn object_has_every_program_and_map() {
+    let obj = bypassd_ebpf::object();
+    let hay = |needle: &str| obj.windows(needle.len()).any(|w| w == needle.as_bytes());
+    for p in [bypassd_ebpf::programs::SOCK_OPS, bypassd_ebpf::programs::SK_MSG, bypassd_ebpf::programs::SOCK_CREATE] {
+        assert!(hay(p), "program {p} missing from the object");
+    }
+    for m in bypassd_ebpf::maps::ALL {
+        assert!(hay(m), "map {m} missing from the object");
+    }
+}
