@@ -1,1 +1,66 @@
-fn main() {}
+use anyhow::Context;
+use bypassd::{config, datapath, logging, service};
+use clap::Parser;
+use std::{path::PathBuf, process::ExitCode};
+
+/// Same-host TCP acceleration daemon: loads, pins and attaches bypassd's eBPF
+/// socket datapath, and keeps it working across its own restarts.
+#[derive(Parser, Debug)]
+#[command(name = "bypassd", version, about)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Validate the configuration file and exit.
+    #[arg(long, value_name = "PATH", conflicts_with = "detach")]
+    check_config: Option<PathBuf>,
+    /// Remove the pinned datapath: new connections stay on the kernel path at once,
+    /// accelerated connections finish intact. Uses the pin directory from --config.
+    #[arg(long)]
+    detach: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(p) = &cli.check_config {
+        return match config::Config::load(p) {
+            Ok(_) => {
+                println!("{}: OK", p.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bypassd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let log = logging::init(config::LogLevel::Info);
+    let result = if cli.detach {
+        detach(&cli.config)
+    } else {
+        service::run(&cli.config, log)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("bypassd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn detach(config_path: &std::path::Path) -> anyhow::Result<()> {
+    // A missing config falls back to the default pin directory, so purge still works.
+    let pin_dir = match config::Config::load(config_path) {
+        Ok((c, _)) => c.daemon.pin_dir.0,
+        Err(e) if !config_path.exists() => {
+            tracing::info!("{e}; using the default pin directory");
+            config::DEFAULT_PIN_DIR.into()
+        }
+        Err(e) => return Err(e).context("cannot tell which pin directory to detach"),
+    };
+    let n = datapath::detach(&pin_dir)?;
+    println!("detached {n} datapath generation(s) from {}", pin_dir.display());
+    Ok(())
+}

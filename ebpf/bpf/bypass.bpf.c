@@ -26,7 +26,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);
 	__type(key, struct bp_sock_key);
-	__type(value, __u64);
+	__type(value, __u32); /* a socket fd when written from user space */
 } bp_socks SEC(".maps");
 
 struct {

@@ -1,0 +1,9 @@
+//! bypassd: loads, pins and attaches the eBPF socket datapath and serves its control
+//! interface.
+pub mod config;
+pub mod datapath;
+pub mod dbus;
+pub mod logging;
+pub mod policy;
+pub mod service;
+pub mod sysfs;
