@@ -129,6 +129,26 @@ impl Datapath {
         Ok(dp)
     }
 
+    /// Open what is pinned under `pin_dir` without changing anything (tools, tests):
+    /// the newest complete generation.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Datapath> {
+        let gen_dir = generations(pin_dir)
+            .into_iter()
+            .rev()
+            .find(|g| g.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('v')))
+            .with_context(|| format!("no datapath is pinned under {}", pin_dir.display()))?;
+        let name = gen_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let field = |prefix: &str| -> Option<u64> {
+            name.split('-').find_map(|p| p.strip_prefix(prefix)).and_then(|v| v.parse().ok())
+        };
+        let target = Target {
+            pin_dir: pin_dir.to_path_buf(),
+            cgroup: PathBuf::new(),
+            capacity: field("cap").unwrap_or(0) as u32,
+        };
+        Self::open(&target, &gen_dir, field("cg").unwrap_or(0))
+    }
+
     fn open(target: &Target, gen_dir: &Path, cgroup_id: u64) -> Result<Datapath> {
         for link in [LINK_SOCKOPS, LINK_SOCK_CREATE] {
             let p = gen_dir.join(link);

@@ -27,7 +27,9 @@ pub fn resolve(s: &str) -> Result<SocketAddr> {
         return Ok(a);
     }
     s.to_socket_addrs()
-        .with_context(|| format!("cannot resolve address {s:?} (expected e.g. 127.0.0.1:4000 or [::1]:4000)"))?
+        .with_context(|| {
+            format!("cannot resolve address {s:?} (expected e.g. 127.0.0.1:4000 or [::1]:4000)")
+        })?
         .next()
         .ok_or_else(|| anyhow!("address {s:?} resolved to nothing"))
 }
@@ -53,7 +55,12 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    val: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: valid fd and a pointer to a c_int of the advertised size.
     cvt(unsafe {
         libc::setsockopt(
@@ -70,6 +77,27 @@ fn setsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: libc::c_
 /// Create a listening TCP socket with SO_REUSEADDR, a large backlog and, for IPv6,
 /// IPV6_V6ONLY off (so `[::]:port` also accepts IPv4 clients).
 pub fn listen(addr: SocketAddr) -> Result<TcpListener> {
+    let owned = bound_socket(addr)?;
+    // SAFETY: plain syscall on our fd.
+    cvt(unsafe { libc::listen(owned.as_raw_fd(), 4096) }).with_context(|| format!("listen({addr})"))?;
+    Ok(TcpListener::from(owned))
+}
+
+/// Connect to `addr` from a fixed local port (tests that need an exact 4-tuple).
+pub fn connect_from(addr: SocketAddr, source_port: u16) -> Result<TcpStream> {
+    let local = match addr {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], source_port)),
+        SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, source_port)),
+    };
+    let owned = bound_socket(local)?;
+    let stream = TcpStream::from(owned);
+    let sa = nix::sys::socket::SockaddrStorage::from(addr);
+    nix::sys::socket::connect(stream.as_raw_fd(), &sa).with_context(|| format!("connect to {addr} from port {source_port}"))?;
+    Ok(stream)
+}
+
+/// A TCP socket with SO_REUSEADDR bound to `addr` (IPv6: dual-stack).
+fn bound_socket(addr: SocketAddr) -> Result<OwnedFd> {
     let domain = match addr {
         SocketAddr::V4(_) => libc::AF_INET,
         SocketAddr::V6(_) => libc::AF_INET6,
@@ -79,7 +107,8 @@ pub fn listen(addr: SocketAddr) -> Result<TcpListener> {
         .context("socket()")?;
     // SAFETY: fd was just returned by socket() and is owned by nobody else.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).context("setsockopt(SO_REUSEADDR)")?;
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+        .context("setsockopt(SO_REUSEADDR)")?;
     let r = match addr {
         SocketAddr::V4(a) => {
             // SAFETY: all-zero is a valid sockaddr_in.
@@ -117,9 +146,7 @@ pub fn listen(addr: SocketAddr) -> Result<TcpListener> {
         }
     };
     cvt(r).with_context(|| format!("bind({addr})"))?;
-    // SAFETY: plain syscall on our fd.
-    cvt(unsafe { libc::listen(fd, 4096) }).with_context(|| format!("listen({addr})"))?;
-    Ok(TcpListener::from(owned))
+    Ok(owned)
 }
 
 /// Wait until `fd` is ready for `events` (POLLIN/POLLOUT). Error/hangup conditions also
@@ -144,12 +171,11 @@ pub fn wait_fd(fd: RawFd, events: libc::c_short, timeout_ms: libc::c_int) -> io:
     }
 }
 
-/// EAGAIN-aware socket I/O. With `nonblocking` the socket has O_NONBLOCK set and every
+/// EAGAIN-aware socket I/O: works on blocking and O_NONBLOCK sockets alike; every
 /// EAGAIN is counted and followed by poll(2).
 #[derive(Clone, Copy)]
 pub struct Io<'a> {
     pub sock: &'a TcpStream,
-    pub nonblocking: bool,
     pub eagain: &'a AtomicU64,
 }
 
@@ -164,7 +190,9 @@ impl Io<'_> {
             match (&mut &*self.sock).read(buf) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.on_would_block(libc::POLLIN)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.on_would_block(libc::POLLIN)?
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -178,7 +206,9 @@ impl Io<'_> {
                 }
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.on_would_block(libc::POLLOUT)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.on_would_block(libc::POLLOUT)?
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -227,7 +257,8 @@ impl Reader {
     pub fn splice() -> Result<Reader> {
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: fds has room for two descriptors.
-        cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }).context("pipe2() for splice reader")?;
+        cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })
+            .context("pipe2() for splice reader")?;
         // SAFETY: both fds were just created and are owned here.
         let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // Try a 1 MiB pipe; fall back to whatever the kernel gives us.
@@ -282,7 +313,10 @@ impl Reader {
                                 wait_fd(io.sock.as_raw_fd(), libc::POLLIN, -1)?;
                             }
                             _ => {
-                                return Err(io::Error::new(e.kind(), format!("splice(socket -> pipe): {e}")));
+                                return Err(io::Error::new(
+                                    e.kind(),
+                                    format!("splice(socket -> pipe): {e}"),
+                                ));
                             }
                         }
                     };
@@ -350,7 +384,9 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     if num.is_empty() {
         return Err(format!("invalid size {s:?}"));
     }
-    let n: u64 = num.parse().map_err(|e| format!("invalid size {s:?}: {e}"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|e| format!("invalid size {s:?}: {e}"))?;
     let mult: u64 = match suffix.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -375,7 +411,10 @@ pub fn parse_u64(s: &str) -> std::result::Result<u64, String> {
 
 pub fn ensure_max_write(w: u32) -> Result<()> {
     if w == 0 || w > crate::proto::MAX_WRITE_LIMIT {
-        bail!("--max-write must be in 1..={}", crate::proto::MAX_WRITE_LIMIT);
+        bail!(
+            "--max-write must be in 1..={}",
+            crate::proto::MAX_WRITE_LIMIT
+        );
     }
     Ok(())
 }
@@ -399,7 +438,10 @@ mod tests {
     #[test]
     fn ips() {
         assert_eq!(parse_ip("[::1]").unwrap(), IpAddr::V6(Ipv6Addr::LOCALHOST));
-        assert_eq!(parse_ip("127.0.0.1").unwrap(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(
+            parse_ip("127.0.0.1").unwrap(),
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        );
         assert!(parse_ip("nope").is_err());
     }
 }

@@ -50,6 +50,7 @@ impl Stream {
     }
 
     /// The byte at stream offset `off`.
+    #[cfg(test)]
     pub fn byte_at(&self, off: u64) -> u8 {
         mix64(self.state(off / 8)).to_le_bytes()[(off % 8) as usize]
     }
