@@ -63,7 +63,8 @@ fn cases() -> Vec<Case> {
             "127.0.0.1",
         ),
         case("v6 cidr ::1", "[[policy.rules]]\naction = \"accelerate\"\nremote_cidr = \"::1/128\"\n", "kernel", "::1", "::1"),
-        case("v6 rule does not match v4", "[[policy.rules]]\naction = \"accelerate\"\nremote_cidr = \"::/0\"\n", "kernel", "127.0.0.1", "127.0.0.1"),
+        case("::/0 matches IPv4 too (mapped)", "[[policy.rules]]\naction = \"accelerate\"\nremote_cidr = \"::/0\"\n", "kernel", "127.0.0.1", "127.0.0.1"),
+        case("v6 host rule misses IPv4", "[[policy.rules]]\naction = \"accelerate\"\nremote_cidr = \"::1/128\"\n", "kernel", "127.0.0.1", "127.0.0.1"),
         case("v4 rule matches a dual-stack listener", "[[policy.rules]]\naction = \"accelerate\"\nlocal_cidr = \"127.0.0.0/8\"\n[[policy.rules]]\naction = \"accelerate\"\nremote_cidr = \"127.0.0.0/8\"\n", "kernel", "::", "127.0.0.1"),
         case("first match wins (kernel first)", "[[policy.rules]]\naction = \"kernel\"\nremote_ports = \"PORT\"\n[[policy.rules]]\naction = \"accelerate\"\n", "kernel", "127.0.0.1", "127.0.0.1"),
         case("kernel rule under default accelerate", "[[policy.rules]]\naction = \"kernel\"\nlocal_ports = \"PORT\"\n", "accelerate", "127.0.0.1", "127.0.0.1"),
@@ -99,6 +100,8 @@ fn kernel_policy_agrees_with_the_reference_matcher() {
     let pins = PinDir::new();
     let state = TempDir::new();
     let dir = TempDir::new();
+    // Clients that run as nobody write their sent-file here too.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
     let cgroot = bypass_testsupport::cgroup2_mount();
     let base = format!(
         "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\n",
