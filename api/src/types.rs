@@ -41,3 +41,21 @@ pub struct Connection {
     /// true when both ends are in the map (data is redirected), false when only this end is.
     pub paired: bool,
 }
+
+/// One rule of the effective policy, as `ListPolicy` returns it (evaluation order:
+/// runtime rules first, then the config file's; first match wins).
+#[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// 1-based position in the effective list (what `PolicyRemove` takes).
+    pub index: u32,
+    /// Where the rule comes from: "runtime" (added over D-Bus, persisted in the
+    /// state directory) or "config" (the config file's `[[policy.rules]]`).
+    pub source: String,
+    /// The rule's `name`, empty when it has none.
+    pub name: String,
+    /// One-line summary, e.g. `accelerate remote_ports=8080 cgroup=/app`.
+    pub summary: String,
+    /// The rule as a TOML table body (`action = "accelerate"` ...), the same
+    /// fields as `[[policy.rules]]` in the config file.
+    pub rule: String,
+}

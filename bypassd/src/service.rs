@@ -132,7 +132,7 @@ impl Daemon {
     }
 
     pub fn summary(&self) -> String {
-        match &self.datapath {
+        let s = match &self.datapath {
             Some(dp) if dp.is_attached() => {
                 let c = dp.counters().unwrap_or_default();
                 let get = |k| c.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v);
@@ -146,6 +146,10 @@ impl Daemon {
                 )
             }
             _ => format!("detached: {}", self.reason),
+        };
+        match crate::dbus::unavailable() {
+            Some(why) => format!("{s}; D-Bus control interface unavailable: {why}"),
+            None => s,
         }
     }
 

@@ -1,6 +1,8 @@
 //! Fixtures for bypassd's integration tests. Every fixture creates something unique
 //! to this test (cgroup, pin directory, network namespace, temp dir, daemon) and
 //! removes it on drop, also when the test panics.
+pub mod dbus;
+
 use anyhow::{Context, Result, bail};
 use std::{
     io::Read,
