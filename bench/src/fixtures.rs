@@ -1,0 +1,417 @@
+//! What the benchmark runs on: the bypassd daemon (a variant of testsupport's
+//! `Daemon` that finds the binary next to *this* executable, or via `BYPASSD_BIN`),
+//! the datapath's pinned counters, and small process helpers.
+use anyhow::{Context, Result, bail};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use bypass_testsupport::TempDir;
+use bypassd_ebpf::{abi::Counter, maps};
+use serde::Serialize;
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Output, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+/// Set by SIGINT/SIGTERM; every long loop checks it so the fixtures' Drop guards
+/// get to clean up (cgroups, namespaces, pins, servers).
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+pub fn check_stop() -> Result<()> {
+    if STOP.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// A workspace binary: $<VAR>, else next to this executable (target/<profile>/).
+fn workspace_bin(name: &str, var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let p = exe.parent().context("exe dir")?.join(name);
+    if !p.exists() {
+        bail!("{} is missing: build it first (cargo build --release -p {name}) or set {var}", p.display());
+    }
+    Ok(p)
+}
+
+/// The bypassd binary: $BYPASSD_BIN, else target/<profile>/bypassd.
+pub fn bypassd_bin() -> Result<PathBuf> {
+    workspace_bin("bypassd", "BYPASSD_BIN")
+}
+
+/// The bypassctl binary: $BYPASSCTL_BIN, else target/<profile>/bypassctl.
+pub fn bypassctl_bin() -> Result<PathBuf> {
+    workspace_bin("bypassctl", "BYPASSCTL_BIN")
+}
+
+/// A bypassd process on its own config, driven over NOTIFY_SOCKET.
+pub struct BenchDaemon {
+    child: Option<Child>,
+    pub config: PathBuf,
+    pub dir: TempDir,
+    notify: UnixDatagram,
+    env: Vec<(String, String)>,
+}
+
+impl BenchDaemon {
+    /// Start bypassd on `config` with `env` (e.g. DBUS_SYSTEM_BUS_ADDRESS); returns it
+    /// and the time from spawn to READY=1.
+    pub fn start(config: &str, env: &[(&str, String)]) -> Result<(BenchDaemon, Duration)> {
+        let dir = TempDir::new();
+        let cfg = dir.path().join("bypassd.toml");
+        std::fs::write(&cfg, config)?;
+        let notify = UnixDatagram::bind(dir.path().join("notify.sock"))?;
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let mut d = BenchDaemon { child: None, config: cfg, dir, notify, env };
+        let t = d.spawn()?;
+        Ok((d, t))
+    }
+
+    fn drain(&self) {
+        let _ = self.notify.set_nonblocking(true);
+        let mut buf = [0u8; 4096];
+        while self.notify.recv(&mut buf).is_ok() {}
+        let _ = self.notify.set_nonblocking(false);
+    }
+
+    /// (Re)start on the same config; returns the time from spawn to READY=1.
+    pub fn spawn(&mut self) -> Result<Duration> {
+        self.drain();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let mut cmd = Command::new(bypassd_bin()?);
+        cmd.arg("--config").arg(&self.config).env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"));
+        cmd.env_remove("JOURNAL_STREAM");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let t0 = Instant::now();
+        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
+        self.child = Some(child);
+        self.wait_for("READY=1", Duration::from_secs(30))?;
+        Ok(t0.elapsed())
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("bypassd.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn wait_for(&mut self, what: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        self.notify.set_read_timeout(Some(Duration::from_millis(20)))?;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Ok(n) = self.notify.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == what)
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                bail!("bypassd exited ({st}) before {what}:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("bypassd did not send {what} within {timeout:?}:\n{}", self.log());
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Write a new config, SIGHUP, and time until the READY=1 that ends the reload.
+    pub fn reload_with(&mut self, config: &str) -> Result<Duration> {
+        std::fs::write(&self.config, config)?;
+        self.drain();
+        let t0 = Instant::now();
+        unsafe { libc::kill(self.pid(), libc::SIGHUP) };
+        self.wait_for("RELOADING=1", Duration::from_secs(10))?;
+        self.wait_for("READY=1", Duration::from_secs(30))?;
+        Ok(t0.elapsed())
+    }
+
+    /// SIGTERM and wait (the datapath stays pinned).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for BenchDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The generation directory bypassd pinned under `pin_dir` (`v1-cap…-cg…`).
+pub fn gen_dir(pin_dir: &Path) -> Result<PathBuf> {
+    let rd = std::fs::read_dir(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
+    rd.filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('v')))
+        .with_context(|| format!("no datapath generation under {}", pin_dir.display()))
+}
+
+fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
+    let p = dir.join(format!("map_{name}"));
+    let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
+    Map::from_map_data(data).with_context(|| format!("pinned map {}", p.display()))
+}
+
+/// The datapath's per-CPU counters, read from the pins.
+pub struct Counters {
+    map: PerCpuArray<MapData, u64>,
+    control: Array<MapData, u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snap(pub [u64; Counter::COUNT as usize]);
+
+impl Snap {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+    pub fn since(&self, before: &Snap) -> Snap {
+        let mut d = Snap::default();
+        for i in 0..d.0.len() {
+            d.0[i] = self.0[i].wrapping_sub(before.0[i]);
+        }
+        d
+    }
+    pub fn add(&mut self, o: &Snap) {
+        for i in 0..self.0.len() {
+            self.0[i] = self.0[i].wrapping_add(o.0[i]);
+        }
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0.iter().all(|v| *v == 0)
+    }
+    pub fn to_map(self) -> BTreeMap<String, u64> {
+        Counter::ALL.iter().map(|c| (c.name().to_string(), self.get(*c))).collect()
+    }
+}
+
+impl Serialize for Snap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_map().serialize(s)
+    }
+}
+
+impl Counters {
+    pub fn open(pin_dir: &Path) -> Result<Counters> {
+        let g = gen_dir(pin_dir)?;
+        Ok(Counters {
+            map: PerCpuArray::try_from(open_pinned(&g, maps::COUNTERS)?)?,
+            control: Array::try_from(open_pinned(&g, maps::CONTROL)?)?,
+        })
+    }
+
+    pub fn read(&self) -> Result<Snap> {
+        let mut s = Snap::default();
+        for c in Counter::ALL {
+            let v = self.map.get(&(c as u32), 0).with_context(|| format!("reading counter {}", c.name()))?;
+            s.0[c as usize] = v.iter().copied().fold(0u64, u64::wrapping_add);
+        }
+        Ok(s)
+    }
+
+    /// The policy sequence number: bumps once per policy swap that reached the kernel.
+    pub fn policy_seq(&self) -> Result<u64> {
+        Ok(self.control.get(&bypassd_ebpf::abi::CTL_POLICY_SEQ, 0)?)
+    }
+}
+
+/// Kernel memory the pinned maps account (bpftool's bytes_memlock, which on this
+/// kernel is the map's actual usage), by map name.
+pub fn maps_memlock(pin_dir: &Path) -> Result<BTreeMap<String, u64>> {
+    let g = gen_dir(pin_dir)?;
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(&g)? {
+        let p = e?.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let Some(m) = name.strip_prefix("map_") else { continue };
+        let o = Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(&p).output().context("running bpftool")?;
+        if !o.status.success() {
+            bail!("bpftool map show pinned {}: {}", p.display(), String::from_utf8_lossy(&o.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        out.insert(m.to_string(), v["bytes_memlock"].as_u64().unwrap_or(0));
+    }
+    Ok(out)
+}
+
+/// BPF programs effective on a cgroup (own and inherited), as (attach type, name).
+pub fn effective_progs(cgroup: &Path) -> Result<Vec<(String, String)>> {
+    let o = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup).arg("effective").output()?;
+    if !o.status.success() {
+        bail!("bpftool cgroup show {}: {}", cgroup.display(), String::from_utf8_lossy(&o.stderr));
+    }
+    let s = String::from_utf8_lossy(&o.stdout);
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let v: serde_json::Value = serde_json::from_str(s.trim())?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    (
+                        p["attach_type"].as_str().unwrap_or("?").to_string(),
+                        p["name"].as_str().unwrap_or("?").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// A long-running child (qperf server, helper server): killed and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub what: String,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, what: &str) -> Result<Proc> {
+        let child = cmd.stdin(Stdio::null()).stderr(Stdio::null()).spawn().with_context(|| format!("starting {what}"))?;
+        Ok(Proc { child, what: what.to_string() })
+    }
+
+    /// Spawn with stdout piped and stdin piped (closing stdin asks helpers to exit).
+    pub fn spawn_piped(mut cmd: Command, what: &str) -> Result<(Proc, BufReader<ChildStdout>)> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        let out = BufReader::new(child.stdout.take().context("stdout")?);
+        Ok((Proc { child, what: what.to_string() }, out))
+    }
+
+    pub fn alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("{} exited early ({st})", self.what);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Read one line from a helper's stdout, with a timeout enforced by the helper's own
+/// deadline (helpers print promptly or exit).
+pub fn read_line(r: &mut BufReader<ChildStdout>) -> Result<String> {
+    let mut s = String::new();
+    let n = r.read_line(&mut s)?;
+    if n == 0 {
+        bail!("helper exited without output");
+    }
+    Ok(s.trim().to_string())
+}
+
+/// Run a command to completion, killing it after `timeout`.
+pub fn run_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline || STOP.load(Ordering::Relaxed) {
+            let _ = child.kill();
+            let o = child.wait_with_output()?;
+            bail!(
+                "{cmd:?} {} after {timeout:?}: {}{}",
+                if STOP.load(Ordering::Relaxed) { "interrupted" } else { "timed out" },
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// VmRSS and VmHWM of a process, in KiB.
+pub fn rss_kib(pid: i32) -> Result<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((get("VmRSS:"), get("VmHWM:")))
+}
+
+/// utime + stime of a process, in clock ticks.
+pub fn cpu_ticks(pid: i32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start at ") ".
+    let rest = s.rsplit_once(") ").context("bad /proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime 15.
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
+/// CPU time of all of a process's threads in ns (schedstat: finer than clock ticks).
+pub fn cpu_ns(pid: i32) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let p = e?.path().join("schedstat");
+        if let Ok(s) = std::fs::read_to_string(p) {
+            total += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+pub fn clock_ticks_per_sec() -> u64 {
+    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if v > 0 { v as u64 } else { 100 }
+}
+
+/// A /proc/meminfo field, in KiB.
+pub fn meminfo_kib(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+}

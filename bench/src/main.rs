@@ -1,0 +1,92 @@
+//! bypass-bench: bypassd against the kernel TCP path, side by side in one run.
+//!
+//! `cargo run --release -p bypass-bench -- [--short] [--out DIR]` writes results.json,
+//! results.md, latency.png and bandwidth.png. Needs root, qperf and bpftool
+//! (bench/deps.sh), and target/release/bypassd (or BYPASSD_BIN).
+mod bench;
+mod fixtures;
+mod helpers;
+mod plot;
+mod report;
+
+use clap::{Parser, Subcommand};
+use std::{path::PathBuf, process::ExitCode};
+
+impl Cli {
+    pub fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            let dir = if self.short { "../target/bench-short" } else { "results" };
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir)
+        })
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "bypass-bench", version, about = "bypassd vs. the kernel TCP path, side by side (needs root)")]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// CI mode: one repetition of 1 s per point (about 3 minutes in all).
+    #[arg(long)]
+    pub short: bool,
+    /// Where results.{json,md} and the plots go [default: bench/results; with
+    /// --short: target/bench-short, so CI never overwrites the published results].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Repetitions per point (default: 5, short: 1).
+    #[arg(long)]
+    pub reps: Option<usize>,
+    /// Seconds per qperf run (whole seconds; default: 2, short: 1).
+    #[arg(long)]
+    pub secs: Option<u32>,
+    /// CPU (0-based) that pinned runs put client and server on.
+    #[arg(long, default_value_t = 1)]
+    pub cpu: usize,
+    /// Run only these sections (qperf, unix, churn, unaccelerated, daemon).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Message sizes (default: 1 to 16K in ×4 steps).
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<u32>,
+    /// Only these qperf tests (tcp_lat, tcp_lat_pinned, tcp_bw).
+    #[arg(long, value_delimiter = ',')]
+    pub tests: Vec<String>,
+    /// Only these topologies for qperf (loopback, veth).
+    #[arg(long, value_delimiter = ',')]
+    pub topologies: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Internal: processes the benchmark runs inside its cgroups.
+    #[command(hide = true, subcommand)]
+    Helper(helpers::Helper),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Cmd::Helper(h)) = cli.cmd {
+        return match helpers::run(h) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bypass-bench helper: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        let r = unsafe { signal_hook::low_level::register(sig, || fixtures::STOP.store(true, std::sync::atomic::Ordering::Relaxed)) };
+        if let Err(e) = r {
+            eprintln!("bypass-bench: cannot install signal handler: {e}");
+        }
+    }
+    match bench::run(&cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("bypass-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! Everything the benchmark measured, as JSON and as a Markdown report.
+use crate::fixtures::{Snap, median};
+use bypassd_ebpf::abi::Counter;
+use serde::Serialize;
+use std::{collections::BTreeMap, fmt::Write};
+
+#[derive(Serialize, Default)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub mem_gib: f64,
+    pub os: String,
+    pub qperf: String,
+    pub commit: String,
+}
+
+#[derive(Serialize, Default)]
+pub struct RunInfo {
+    pub command: String,
+    pub mode: String,
+    pub reps: usize,
+    pub secs_per_point: u32,
+    pub sizes: Vec<u32>,
+    pub pinned_cpu: usize,
+    pub started_unix: u64,
+    pub duration_secs: f64,
+}
+
+/// One qperf point: the same test in the accelerated and the plain cgroup.
+#[derive(Serialize)]
+pub struct Point {
+    pub topology: String,
+    /// tcp_lat, tcp_lat_pinned or tcp_bw.
+    pub test: String,
+    pub size: u32,
+    /// "us" (one-way latency, lower is better) or "MB/s" (higher is better).
+    pub unit: String,
+    pub kernel: Vec<f64>,
+    pub bypass: Vec<f64>,
+    pub kernel_median: f64,
+    pub bypass_median: f64,
+    /// bypass / kernel.
+    pub ratio: f64,
+    /// Datapath counter deltas summed over the bypass runs.
+    pub bypass_counters: Snap,
+    /// Datapath counter deltas summed over the kernel runs (must be all zero).
+    pub kernel_counters: Snap,
+    /// The bypass runs were redirected (redirected_msgs grew, passed_msgs small) and
+    /// the kernel runs left the datapath alone.
+    pub verified: bool,
+    /// write() calls by the qperf sender, summed over the runs (tcp_bw; -vvs).
+    pub kernel_send_msgs: u64,
+    pub bypass_send_msgs: u64,
+    /// TCP segments sent from the client's namespace, summed over the runs (veth only:
+    /// the namespace is the benchmark's own, so nothing else is counted).
+    pub kernel_out_segs: u64,
+    pub bypass_out_segs: u64,
+}
+
+impl Point {
+    pub fn new(topology: &str, test: &str, size: u32) -> Point {
+        Point {
+            topology: topology.into(),
+            test: test.into(),
+            size,
+            unit: if test.starts_with("tcp_bw") { "MB/s".into() } else { "us".into() },
+            kernel: Vec::new(),
+            bypass: Vec::new(),
+            kernel_median: f64::NAN,
+            bypass_median: f64::NAN,
+            ratio: f64::NAN,
+            bypass_counters: Snap::default(),
+            kernel_counters: Snap::default(),
+            verified: false,
+            kernel_send_msgs: 0,
+            bypass_send_msgs: 0,
+            kernel_out_segs: 0,
+            bypass_out_segs: 0,
+        }
+    }
+    pub fn finish(&mut self) {
+        self.kernel_median = median(&self.kernel);
+        self.bypass_median = median(&self.bypass);
+        self.ratio = self.bypass_median / self.kernel_median;
+        self.verified = redirect_ok(&self.bypass_counters) && self.kernel_counters.is_zero();
+    }
+}
+
+/// Redirected, not passed: at most 1 % (or 16 messages, for the control connection's
+/// first exchange) of the messages took the kernel path.
+pub fn redirect_ok(c: &Snap) -> bool {
+    let r = c.get(Counter::RedirectedMsgs);
+    let p = c.get(Counter::PassedMsgs);
+    r > 0 && p <= (r / 100).max(16)
+}
+
+#[derive(Serialize)]
+pub struct UnixPoint {
+    /// lat, lat_pinned or bw.
+    pub test: String,
+    pub size: u32,
+    pub unit: String,
+    pub samples: Vec<f64>,
+    pub median: f64,
+}
+
+#[derive(Serialize, Default)]
+pub struct Churn {
+    pub topology: String,
+    pub kernel: Vec<f64>,
+    pub bypass: Vec<f64>,
+    pub kernel_median: f64,
+    pub bypass_median: f64,
+    /// bypass / kernel connections per second.
+    pub ratio: f64,
+    /// 1 - ratio.
+    pub cost: f64,
+    pub bypass_connections: u64,
+    pub bypass_counters: Snap,
+    pub kernel_counters: Snap,
+    pub verified: bool,
+}
+
+/// Traffic the policy keeps on the kernel path, in the hooked cgroup, against the
+/// same traffic in a cgroup without hooks.
+#[derive(Serialize)]
+pub struct UnaccelPoint {
+    pub test: String,
+    pub size: u32,
+    pub unit: String,
+    pub hooks: Vec<f64>,
+    pub no_hooks: Vec<f64>,
+    pub hooks_median: f64,
+    pub no_hooks_median: f64,
+    /// How much worse with the hooks, as a fraction (negative: better).
+    pub cost: f64,
+    pub hooks_counters: Snap,
+    pub verified: bool,
+}
+
+#[derive(Serialize, Default)]
+pub struct DaemonFigures {
+    /// Spawn to READY=1 with an empty pin directory (loads and attaches the datapath).
+    pub cold_start_ms: Vec<f64>,
+    pub cold_start_ms_median: f64,
+    /// Spawn to READY=1 when the pins are already there (restart, adopt).
+    pub restart_ms: Vec<f64>,
+    pub restart_ms_median: f64,
+    /// How the policy edit was delivered.
+    pub policy_edit_method: String,
+    pub policy_edit_ms: Vec<f64>,
+    pub policy_edit_ms_median: f64,
+    /// Every edit advanced the kernel's policy sequence number (it reached the datapath).
+    pub policy_edit_reached_kernel: bool,
+    /// The same kind of edit made in the config file and applied with SIGHUP
+    /// (kill → RELOADING=1 → READY=1 on NOTIFY_SOCKET).
+    pub reload_ms: Vec<f64>,
+    pub reload_ms_median: f64,
+    pub reload_reached_kernel: bool,
+    pub idle_cpu_secs: f64,
+    /// CPU time (utime+stime from /proc/PID/stat) over the idle window, as % of one CPU.
+    pub idle_cpu_percent: f64,
+    /// The same from /proc/PID/task/*/schedstat (ns resolution).
+    pub idle_cpu_percent_schedstat: f64,
+    pub rss_idle_kib: u64,
+    pub connections: usize,
+    pub rss_with_connections_kib: u64,
+    pub hwm_with_connections_kib: u64,
+    pub sockets_in_map: u64,
+    pub connections_redirected: bool,
+    pub maps_memlock_idle: BTreeMap<String, u64>,
+    pub maps_memlock_with_connections: BTreeMap<String, u64>,
+    /// /proc/meminfo Slab growth with N plain connections and with N accelerated ones
+    /// (medians over the rounds; host-wide, so other activity on the host adds noise).
+    pub slab_plain_kib: i64,
+    pub slab_accelerated_kib: i64,
+    pub slab_plain_samples_kib: Vec<i64>,
+    pub slab_accelerated_samples_kib: Vec<i64>,
+}
+
+#[derive(Serialize, Default)]
+pub struct Verification {
+    /// Programs effective on the accelerated cgroup (attach type, name).
+    pub bypass_cgroup_programs: Vec<(String, String)>,
+    /// Programs effective on the kernel-path cgroup: must hold no socket hooks.
+    pub kernel_cgroup_programs: Vec<(String, String)>,
+    pub ok: bool,
+}
+
+#[derive(Serialize)]
+pub struct Target {
+    pub name: String,
+    pub target: String,
+    pub measured: String,
+    pub pass: bool,
+    /// False for rows shown for information only.
+    pub judged: bool,
+}
+
+#[derive(Serialize, Default)]
+pub struct Results {
+    pub machine: Machine,
+    pub run: RunInfo,
+    pub verification: Verification,
+    pub qperf: Vec<Point>,
+    pub unix: Vec<UnixPoint>,
+    pub churn: Option<Churn>,
+    pub unaccelerated: Vec<UnaccelPoint>,
+    pub daemon: Option<DaemonFigures>,
+    pub targets: Vec<Target>,
+    pub errors: Vec<String>,
+}
+
+pub fn size_label(s: u32) -> String {
+    if s >= 1024 && s.is_multiple_of(1024) { format!("{} KB", s / 1024) } else { format!("{s} B") }
+}
+
+fn f(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn ratio(v: f64) -> String {
+    if v.is_nan() { "–".into() } else { format!("{v:.2}") }
+}
+
+fn pct(v: f64) -> String {
+    if v.is_nan() { "–".into() } else { format!("{:+.1} %", v * 100.0) }
+}
+
+impl Results {
+    pub fn point(&self, topo: &str, test: &str, size: u32) -> Option<&Point> {
+        self.qperf.iter().find(|p| p.topology == topo && p.test == test && p.size == size)
+    }
+
+    fn unix(&self, test: &str, size: u32) -> Option<&UnixPoint> {
+        self.unix.iter().find(|p| p.test == test && p.size == size)
+    }
+
+    /// Judge the issue's targets against what was measured.
+    pub fn evaluate(&mut self) {
+        let mut t = Vec::new();
+        let sizes = self.run.sizes.clone();
+        for topo in ["loopback", "veth"] {
+            for (test, judged) in [("tcp_lat_pinned", true), ("tcp_lat", false)] {
+                let pts: Vec<&Point> = sizes.iter().filter_map(|s| self.point(topo, test, *s)).collect();
+                if pts.is_empty() {
+                    continue;
+                }
+                let worst = pts.iter().max_by(|a, b| a.ratio.total_cmp(&b.ratio)).unwrap();
+                let misses: Vec<String> = pts.iter().filter(|p| p.ratio.is_nan() || p.ratio > 0.6).map(|p| size_label(p.size)).collect();
+                t.push(Target {
+                    name: format!(
+                        "Latency {topo}, {}, every size",
+                        if test == "tcp_lat_pinned" { "pinned" } else { "unpinned (information)" }
+                    ),
+                    target: "bypass/kernel ≤ 0.60".into(),
+                    measured: format!(
+                        "worst {} at {}{}",
+                        ratio(worst.ratio),
+                        size_label(worst.size),
+                        if misses.is_empty() { String::new() } else { format!("; over at {}", misses.join(", ")) }
+                    ),
+                    pass: misses.is_empty(),
+                    judged,
+                });
+            }
+        }
+        let veth: Vec<&Point> =
+            sizes.iter().filter(|s| **s >= 1024).filter_map(|s| self.point("veth", "tcp_bw", *s)).collect();
+        if !veth.is_empty() {
+            let worst = veth.iter().min_by(|a, b| a.ratio.total_cmp(&b.ratio)).unwrap();
+            t.push(Target {
+                name: "Bandwidth veth, ≥ 1 KB".into(),
+                target: "bypass/kernel ≥ 3.0".into(),
+                measured: format!("worst {} at {}", ratio(worst.ratio), size_label(worst.size)),
+                pass: veth.iter().all(|p| p.ratio >= 3.0),
+                judged: true,
+            });
+        }
+        if let Some(p) = self.point("loopback", "tcp_bw", 16384) {
+            t.push(Target {
+                name: "Bandwidth loopback, 16 KB".into(),
+                target: "bypass/kernel ≥ 1.0".into(),
+                measured: ratio(p.ratio),
+                pass: p.ratio >= 1.0,
+                judged: true,
+            });
+        }
+        if let Some(c) = &self.churn {
+            t.push(Target {
+                name: "Connection churn cost".into(),
+                target: "≤ 10 % fewer connections/s".into(),
+                measured: format!("{} ({} vs {} conn/s)", pct(c.cost), f(c.bypass_median), f(c.kernel_median)),
+                pass: c.cost <= 0.10,
+                judged: true,
+            });
+        }
+        if !self.unaccelerated.is_empty() {
+            let worst = self.unaccelerated.iter().max_by(|a, b| a.cost.total_cmp(&b.cost)).unwrap();
+            t.push(Target {
+                name: "Cost to unaccelerated traffic".into(),
+                target: "≤ 2 % at every measured point".into(),
+                measured: format!(
+                    "worst {} ({} {}); {}",
+                    pct(worst.cost),
+                    worst.test,
+                    size_label(worst.size),
+                    self.unaccelerated
+                        .iter()
+                        .map(|u| format!("{} {}: {}", u.test, size_label(u.size), pct(u.cost)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                pass: self.unaccelerated.iter().all(|u| u.cost <= 0.02),
+                judged: true,
+            });
+        }
+        let all_verified = self.qperf.iter().all(|p| p.verified)
+            && self.churn.as_ref().is_none_or(|c| c.verified)
+            && self.unaccelerated.iter().all(|u| u.verified)
+            && self.verification.ok;
+        t.push(Target {
+            name: "Bypass runs redirected, kernel runs untouched".into(),
+            target: "every run".into(),
+            measured: if all_verified { "yes (counters below)".into() } else { "NO — see the counters table".into() },
+            pass: all_verified,
+            judged: true,
+        });
+        self.targets = t;
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(s, "# bypassd benchmark: bypass vs. kernel TCP path\n");
+        let _ = writeln!(
+            s,
+            "Machine: Linux {}, {} CPUs ({}), {:.0} GiB, {}. qperf {}. bypassd commit {}.  ",
+            m.kernel, m.cpus, m.cpu_model, m.mem_gib, m.os, m.qperf, m.commit
+        );
+        let _ = writeln!(
+            s,
+            "Run: `{}` — {} mode, {} repetitions × {} s per point, A/B interleaved, medians; took {:.0} s.  ",
+            self.run.command, self.run.mode, self.run.reps, self.run.secs_per_point, self.run.duration_secs
+        );
+        let _ = writeln!(
+            s,
+            "*bypass* = qperf client and server in a cgroup where bypassd is attached (policy: accelerate); \
+             *kernel* = the same pair in a sibling cgroup with no hooks. Ratio = bypass / kernel. \
+             Latency is qperf's one-way latency (half a round trip) in µs; bandwidth is MB/s (10⁶ B/s). \
+             *pinned*: client and server both on CPU {}.\n",
+            self.run.pinned_cpu
+        );
+        if !self.errors.is_empty() {
+            let _ = writeln!(s, "**Errors during the run:**\n");
+            for e in &self.errors {
+                let _ = writeln!(s, "- {}", e.lines().next().unwrap_or(""));
+            }
+            let _ = writeln!(s);
+        }
+
+        let _ = writeln!(s, "## Targets\n");
+        let _ = writeln!(s, "| | Target | Measured | Result |\n|---|---|---|---|");
+        for t in &self.targets {
+            let r = match (t.pass, t.judged) {
+                (true, true) => "PASS",
+                (false, true) => "**MISS**",
+                (true, false) => "(pass)",
+                (false, false) => "(miss)",
+            };
+            let _ = writeln!(s, "| {} | {} | {} | {} |", t.name, t.target, t.measured, r);
+        }
+        let _ = writeln!(s);
+
+        for (title, tests, unix_test) in [
+            ("Latency, pinned (µs, one-way)", "tcp_lat_pinned", "lat_pinned"),
+            ("Latency, unpinned (µs, one-way)", "tcp_lat", "lat"),
+            ("Bandwidth (MB/s)", "tcp_bw", "bw"),
+        ] {
+            if !self.qperf.iter().any(|p| p.test == tests) {
+                continue;
+            }
+            let _ = writeln!(s, "## {title}\n");
+            let _ = writeln!(
+                s,
+                "| Size | loopback kernel | loopback bypass | ratio | veth kernel | veth bypass | ratio | AF_UNIX floor |\n\
+                 |---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for &size in &self.run.sizes {
+                let mut row = format!("| {} ", size_label(size));
+                for topo in ["loopback", "veth"] {
+                    match self.point(topo, tests, size) {
+                        Some(p) => {
+                            let _ = write!(
+                                row,
+                                "| {} | {} | {}{} ",
+                                f(p.kernel_median),
+                                f(p.bypass_median),
+                                ratio(p.ratio),
+                                if p.verified { "" } else { " ⚠" }
+                            );
+                        }
+                        None => row.push_str("| – | – | – "),
+                    }
+                }
+                let u = self.unix(unix_test, size).map_or("–".into(), |u| f(u.median));
+                let _ = writeln!(row, "| {u} |");
+                s.push_str(&row);
+            }
+            let _ = writeln!(s);
+        }
+
+        let veth_bw: Vec<&Point> = self.qperf.iter().filter(|p| p.topology == "veth" && p.test == "tcp_bw").collect();
+        if veth_bw.iter().any(|p| p.kernel_out_segs > 0) {
+            let _ = writeln!(s, "### Why small messages lose: writes vs. segments (veth, tcp_bw, all runs)\n");
+            let _ = writeln!(
+                s,
+                "The kernel path coalesces small writes into few TCP segments; the bypass hands every write to \
+                 the receiver as its own message (one sk_msg verdict, one redirect, one wakeup).\n"
+            );
+            let _ = writeln!(
+                s,
+                "| Size | kernel: writes | TCP segments | writes per segment | bypass: writes | redirected msgs | TCP segments |\n\
+                 |---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for p in veth_bw {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.1} | {} | {} | {} |",
+                    size_label(p.size),
+                    p.kernel_send_msgs,
+                    p.kernel_out_segs,
+                    p.kernel_send_msgs as f64 / p.kernel_out_segs.max(1) as f64,
+                    p.bypass_send_msgs,
+                    p.bypass_counters.get(Counter::RedirectedMsgs),
+                    p.bypass_out_segs
+                );
+            }
+            let _ = writeln!(s);
+        }
+
+        if let Some(c) = &self.churn {
+            let _ = writeln!(s, "## Connection churn ({})\n", c.topology);
+            let _ = writeln!(
+                s,
+                "Connect, 1 byte each way, close, back to back from one client. \
+                 Kernel {} conn/s, bypass {} conn/s: ratio {}, cost {}. \
+                 The bypass runs inserted {} sockets ({} connections) and redirected {} messages.\n",
+                f(c.kernel_median),
+                f(c.bypass_median),
+                ratio(c.ratio),
+                pct(c.cost),
+                c.bypass_counters.get(Counter::SocketsInserted),
+                c.bypass_connections,
+                c.bypass_counters.get(Counter::RedirectedMsgs),
+            );
+        }
+
+        if !self.unaccelerated.is_empty() {
+            let _ = writeln!(s, "## Cost to traffic bypassd does not accelerate\n");
+            let _ = writeln!(
+                s,
+                "The same qperf pair in the hooked cgroup on ports a policy rule sends to the kernel path \
+                 (sock_create and sock_ops still run), against a cgroup with no hooks. Pinned.\n"
+            );
+            let _ = writeln!(
+                s,
+                "| Test | Size | no hooks (min–max) | hooks, policy=kernel (min–max) | cost | runs |\n|---|---:|---:|---:|---:|---:|"
+            );
+            let range = |v: &[f64]| {
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                format!("{}–{}", f(lo), f(hi))
+            };
+            for u in &self.unaccelerated {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} {} ({}) | {} {} ({}) | {}{} | {} |",
+                    u.test,
+                    size_label(u.size),
+                    f(u.no_hooks_median),
+                    u.unit,
+                    range(&u.no_hooks),
+                    f(u.hooks_median),
+                    u.unit,
+                    range(&u.hooks),
+                    pct(u.cost),
+                    if u.verified { "" } else { " ⚠" },
+                    u.hooks.len()
+                );
+            }
+            let _ = writeln!(s);
+        }
+
+        if let Some(d) = &self.daemon {
+            let _ = writeln!(s, "## The daemon\n");
+            let _ = writeln!(s, "| Figure | Value |\n|---|---:|");
+            let _ = writeln!(s, "| Start to READY=1, empty pin dir (load + attach), median | {} ms |", f(d.cold_start_ms_median));
+            let _ = writeln!(s, "| Restart to READY=1, pins present (adopt), median | {} ms |", f(d.restart_ms_median));
+            let _ = writeln!(
+                s,
+                "| Policy edit round trip ({}), median | {} ms{} |",
+                d.policy_edit_method,
+                f(d.policy_edit_ms_median),
+                if d.policy_edit_reached_kernel { "" } else { " ⚠ (kernel policy did not change)" }
+            );
+            let _ = writeln!(
+                s,
+                "| Config file edit + SIGHUP reload, to READY=1, median | {} ms{} |",
+                f(d.reload_ms_median),
+                if d.reload_reached_kernel { "" } else { " ⚠ (kernel policy did not change)" }
+            );
+            let _ = writeln!(
+                s,
+                "| CPU while idle ({:.0} s window; utime+stime / schedstat) | {:.3} % / {:.4} % of one CPU |",
+                d.idle_cpu_secs, d.idle_cpu_percent, d.idle_cpu_percent_schedstat
+            );
+            let _ = writeln!(s, "| Resident memory (VmRSS), idle | {} KiB |", d.rss_idle_kib);
+            let _ = writeln!(
+                s,
+                "| Resident memory with {} accelerated connections ({} sockets in the SOCKHASH{}) | {} KiB (peak {} KiB) |",
+                d.connections,
+                d.sockets_in_map,
+                if d.connections_redirected { ", redirect verified" } else { ", ⚠ NOT redirected" },
+                d.rss_with_connections_kib,
+                d.hwm_with_connections_kib
+            );
+            let sum = |m: &BTreeMap<String, u64>| m.values().sum::<u64>();
+            let _ = writeln!(
+                s,
+                "| BPF map memory (bpftool memlock), idle → with connections | {} KiB → {} KiB ({}) |",
+                sum(&d.maps_memlock_idle) / 1024,
+                sum(&d.maps_memlock_with_connections) / 1024,
+                d.maps_memlock_with_connections
+                    .iter()
+                    .map(|(k, v)| format!("{k} {} KiB", v / 1024))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let _ = writeln!(
+                s,
+                "| Kernel slab growth: {} plain connections → {} accelerated | {} KiB → {} KiB ({:+.0} B per connection) |",
+                d.connections,
+                d.connections,
+                d.slab_plain_kib,
+                d.slab_accelerated_kib,
+                (d.slab_accelerated_kib - d.slab_plain_kib) as f64 * 1024.0 / d.connections.max(1) as f64
+            );
+            let _ = writeln!(s);
+        }
+
+        let _ = writeln!(s, "## Datapath counters during the runs\n");
+        let _ = writeln!(
+            s,
+            "Summed over each point's runs. A bypass point is verified when redirected_msgs grew and \
+             passed_msgs stayed ≤ 1 % of it; a kernel point when no counter moved. Kernel-path cgroup programs: {}.\n",
+            if self.verification.kernel_cgroup_programs.is_empty() {
+                "none".to_string()
+            } else {
+                self.verification.kernel_cgroup_programs.iter().map(|(a, n)| format!("{a}:{n}")).collect::<Vec<_>>().join(", ")
+            }
+        );
+        let _ = writeln!(
+            s,
+            "| Topology | Test | Size | bypass: sockets inserted | redirected msgs | passed msgs | kernel runs: counter change | verified |\n\
+             |---|---|---:|---:|---:|---:|---:|---|"
+        );
+        for p in &self.qperf {
+            let kc: u64 = p.kernel_counters.0.iter().sum();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.topology,
+                p.test,
+                size_label(p.size),
+                p.bypass_counters.get(Counter::SocketsInserted),
+                p.bypass_counters.get(Counter::RedirectedMsgs),
+                p.bypass_counters.get(Counter::PassedMsgs),
+                kc,
+                if p.verified { "yes" } else { "**NO**" }
+            );
+        }
+        s
+    }
+}
