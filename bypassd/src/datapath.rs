@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSock, SkMsg, SockOps, links::FdLink},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
 };
 use bypassd_ebpf::{abi, maps, programs};
 use std::{
@@ -24,6 +24,24 @@ use std::{
 
 const LINK_SOCKOPS: &str = "link_sockops";
 const LINK_SOCK_CREATE: &str = "link_sock_create";
+const LINK_RX_ENTER: &str = "link_rx_enter";
+const LINK_RX_DONE: &str = "link_rx_done";
+const LINK_SPLICE_SEEN: &str = "link_splice_seen";
+const LINK_SPLICE_KPROBE: &str = "link_splice_kprobe";
+const LINK_SENDFILE_SEEN: &str = "link_sendfile_seen";
+const LINK_SPLICE_GUARD: &str = "link_splice_guard";
+
+/// How splice(2) readers are kept safe (see docs/datapath-safety.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpliceSafety {
+    /// The BPF LSM guard where the kernel runs it, else recvmsg-first gating.
+    #[default]
+    Auto,
+    /// Always gate: a receiver gets redirected data only after it read with recvmsg.
+    RecvFirst,
+    /// No protection: a splice reader of an accelerated socket may hang.
+    Off,
+}
 
 /// What the daemon asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +50,9 @@ pub struct Target {
     /// Absolute path of the cgroup v2 directory to attach to.
     pub cgroup: PathBuf,
     pub capacity: u32,
+    /// Most bytes queued on one receiver's redirect queue; 0 = its SO_RCVBUF.
+    pub queue_cap: u64,
+    pub splice: SpliceSafety,
 }
 
 /// The policy as the kernel sees it: encoded rules and the default action.
@@ -47,6 +68,8 @@ pub struct Datapath {
     pub cgroup_id: u64,
     /// True when this start adopted pins left by an earlier run.
     pub adopted: bool,
+    /// What protects this datapath, for the log and status (e.g. "splice: recvmsg-first").
+    pub protections: Vec<String>,
     counters: PerCpuArray<MapData, u64>,
     control: Array<MapData, u64>,
     rules: Array<MapData, abi::Rule>,
@@ -122,6 +145,7 @@ impl Datapath {
             dp.apply_policy(policy)?;
             dp.set_paused(paused)?;
         }
+        dp.apply_tuning()?;
         for old in generations(&target.pin_dir).into_iter().filter(|g| *g != gen_dir) {
             tracing::info!("retiring datapath generation {} (its open connections finish on it)", old.display());
             retire(&old)?;
@@ -145,6 +169,8 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             cgroup: PathBuf::new(),
             capacity: field("cap").unwrap_or(0) as u32,
+            queue_cap: 0,
+            splice: SpliceSafety::Auto,
         };
         Self::open(&target, &gen_dir, field("cg").unwrap_or(0))
     }
@@ -166,6 +192,7 @@ impl Datapath {
             gen_dir: gen_dir.to_path_buf(),
             cgroup_id,
             adopted: true,
+            protections: Vec::new(),
             counters: PerCpuArray::try_from(load(maps::COUNTERS)?)?,
             control: Array::try_from(load(maps::CONTROL)?)?,
             rules: Array::try_from(load(maps::RULES)?)?,
@@ -185,6 +212,8 @@ impl Datapath {
         check_kernel()?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::SOCKS, target.capacity)
+            .map_max_entries(maps::RX, target.capacity)
+            .map_max_entries(maps::COOKIES, target.capacity)
             .load(bypassd_ebpf::object())
             .context("loading the BPF object (maps)")?;
 
@@ -218,6 +247,9 @@ impl Datapath {
         }
         write_policy(ebpf, policy)?;
 
+        // The receive side first: a socket inserted later finds its publication in place.
+        attach_receive_side(ebpf, dir);
+
         let socks: SockHash<&MapData, abi::SockKey> = SockHash::try_from(ebpf.map(maps::SOCKS).context("socks map")?)?;
         let socks_fd = socks.fd().try_clone().context("duplicating the SOCKHASH fd")?;
 
@@ -243,6 +275,48 @@ impl Datapath {
         let link: FdLink = ops.take_link(id)?.try_into().context("sock_ops link is not a bpf_link")?;
         link.pin(dir.join(LINK_SOCKOPS)).context("pinning sock_ops link")?;
         ops.pin(prog_pin(dir, programs::SOCK_OPS)).context("pinning sock_ops")?;
+        Ok(())
+    }
+
+    /// Write the runtime tuning (queue cap, recvmsg gate) and describe what is active.
+    fn apply_tuning(&mut self) -> Result<()> {
+        let has = |l: &str| self.gen_dir.join(l).exists();
+        let lsm = has(LINK_SPLICE_GUARD);
+        let gate = match self.target.splice {
+            SpliceSafety::Off => false,
+            SpliceSafety::RecvFirst => true,
+            SpliceSafety::Auto => !lsm,
+        };
+        self.control.set(abi::CTL_QUEUE_CAP, self.target.queue_cap, 0).context("writing queue cap")?;
+        self.control.set(abi::CTL_RECV_GATE, u64::from(gate), 0).context("writing recvmsg gate")?;
+        let mut p = Vec::new();
+        let publication = match (has(LINK_RX_ENTER), has(LINK_RX_DONE)) {
+            (true, true) => "kprobe tcp_bpf_recvmsg + tp_btf sock_recv_length",
+            (true, false) => "kprobe tcp_bpf_recvmsg only",
+            (false, true) => "tp_btf sock_recv_length (after each read)",
+            (false, false) => "none (a connection that leaves the redirect path stays on TCP)",
+        };
+        p.push(format!(
+            "backpressure: redirect queue cap {} (receive-side publication: {publication})",
+            if self.target.queue_cap == 0 { "= each receiver's SO_RCVBUF".to_string() } else { format!("{} bytes", self.target.queue_cap) }
+        ));
+        let mut splice = Vec::new();
+        if lsm {
+            splice.push("BPF LSM guard (splice/sendfile reads of accelerated sockets get EINVAL)");
+        }
+        if gate {
+            splice.push("recvmsg-first gating (nothing is redirected to a socket before it reads with recvmsg)");
+        }
+        if has(LINK_SPLICE_KPROBE) {
+            splice.push("splice detection (kprobe tcp_splice_read: a splicing socket gets nothing redirected again)");
+        } else if has(LINK_SPLICE_SEEN) {
+            splice.push("splice detection (syscall tracepoints splice/sendfile: a splicing socket gets nothing redirected again)");
+        }
+        if splice.is_empty() || self.target.splice == SpliceSafety::Off {
+            splice.push("OFF: a splice(2) reader of an accelerated socket may hang");
+        }
+        p.push(format!("splice: {}", splice.join(" + ")));
+        self.protections = p;
         Ok(())
     }
 
@@ -350,6 +424,88 @@ fn write_policy(ebpf: &mut Ebpf, p: &PolicyImage) -> Result<()> {
     let mut pm: Array<&mut MapData, abi::PolicyMeta> = Array::try_from(ebpf.map_mut(maps::POLICY).context("policy map")?)?;
     pm.set(0, meta(p), 0)?;
     Ok(())
+}
+
+/// The receive-side programs and the optional LSM guard. Each is optional: where the
+/// kernel refuses one, the datapath stays safe (stale receive state only ever keeps
+/// traffic on TCP) and the loss is logged. Links are pinned so they survive restarts.
+fn attach_receive_side(ebpf: &mut Ebpf, dir: &Path) {
+    let mut try_one = |what: &str, f: &mut dyn FnMut(&mut Ebpf) -> Result<FdLink>, link: &str, name: &str| {
+        match f(ebpf).and_then(|l| {
+            l.pin(dir.join(link)).with_context(|| format!("pinning {link}"))?;
+            Ok(())
+        }) {
+            Ok(()) => {
+                if let Some(p) = ebpf.program_mut(name) {
+                    let _ = p.pin(prog_pin(dir, name));
+                }
+                tracing::debug!("{what}: attached");
+            }
+            Err(e) => tracing::warn!("{what}: not available on this kernel ({e:#})"),
+        }
+    };
+    try_one(
+        "kprobe tcp_bpf_recvmsg (receivers that read with recvmsg)",
+        &mut |ebpf| {
+            let p: &mut KProbe = prog(ebpf, programs::RX_ENTER)?.try_into()?;
+            p.load()?;
+            let id = p.attach("tcp_bpf_recvmsg", 0)?;
+            Ok(FdLink::try_from(p.take_link(id)?)?)
+        },
+        LINK_RX_ENTER,
+        programs::RX_ENTER,
+    );
+    try_one(
+        "tp_btf sock_recv_length (bytes consumed by receivers)",
+        &mut |ebpf| {
+            let btf = aya::Btf::from_sys_fs()?;
+            let p: &mut BtfTracePoint = prog(ebpf, programs::RX_DONE)?.try_into()?;
+            p.load("sock_recv_length", &btf)?;
+            let id = p.attach()?;
+            Ok(FdLink::from(p.take_link(id)?))
+        },
+        LINK_RX_DONE,
+        programs::RX_DONE,
+    );
+    try_one(
+        "kprobe tcp_splice_read (splice readers, io_uring included)",
+        &mut |ebpf| {
+            let p: &mut KProbe = prog(ebpf, programs::SPLICE_KPROBE)?.try_into()?;
+            p.load()?;
+            let id = p.attach("tcp_splice_read", 0)?;
+            Ok(FdLink::try_from(p.take_link(id)?)?)
+        },
+        LINK_SPLICE_KPROBE,
+        programs::SPLICE_KPROBE,
+    );
+    for (what, name, event, link) in [
+        ("tracepoint syscalls:sys_enter_splice (splice readers)", programs::SPLICE_SEEN, "sys_enter_splice", LINK_SPLICE_SEEN),
+        ("tracepoint syscalls:sys_enter_sendfile64 (sendfile readers)", programs::SENDFILE_SEEN, "sys_enter_sendfile64", LINK_SENDFILE_SEEN),
+    ] {
+        try_one(
+            what,
+            &mut |ebpf| {
+                let p: &mut TracePoint = prog(ebpf, name)?.try_into()?;
+                p.load()?;
+                let id = p.attach("syscalls", event)?;
+                Ok(FdLink::try_from(p.take_link(id)?)?)
+            },
+            link,
+            name,
+        );
+    }
+    try_one(
+        "BPF LSM splice guard (lsm/file_permission)",
+        &mut |ebpf| {
+            let btf = aya::Btf::from_sys_fs()?;
+            let p: &mut Lsm = prog(ebpf, programs::SPLICE_GUARD)?.try_into()?;
+            p.load("file_permission", &btf)?;
+            let id = p.attach()?;
+            Ok(FdLink::from(p.take_link(id)?))
+        },
+        LINK_SPLICE_GUARD,
+        programs::SPLICE_GUARD,
+    );
 }
 
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
