@@ -69,11 +69,19 @@ pub struct DatapathConfig {
     /// How splice(2) readers of accelerated sockets are kept from hanging.
     #[serde(default)]
     pub splice_safety: SpliceSafety,
+    /// Programs (process names) whose sockets never receive redirected data.
+    #[serde(default = "default_splice_readers")]
+    pub splice_readers: Vec<ProcessName>,
 }
 
 impl Default for DatapathConfig {
     fn default() -> Self {
-        Self { capacity: default_capacity(), queue_cap: default_queue_cap(), splice_safety: SpliceSafety::default() }
+        Self {
+            capacity: default_capacity(),
+            queue_cap: default_queue_cap(),
+            splice_safety: SpliceSafety::default(),
+            splice_readers: default_splice_readers(),
+        }
     }
 }
 
@@ -95,6 +103,33 @@ impl From<QueueCap> for u64 {
     fn from(c: QueueCap) -> u64 {
         c.0
     }
+}
+
+/// A process name as in /proc/PID/comm (1..=15 bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ProcessName(pub String);
+
+impl TryFrom<String> for ProcessName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 15 || s.contains('/') || s.contains('\0') {
+            return Err(format!("splice reader `{s}` is not a process name (1..15 bytes, as in /proc/PID/comm)"));
+        }
+        Ok(ProcessName(s))
+    }
+}
+
+impl From<ProcessName> for String {
+    fn from(p: ProcessName) -> String {
+        p.0
+    }
+}
+
+/// HAProxy reads with recv() first and splices later (splice options): keep it off the
+/// receiving end of redirects from the start.
+fn default_splice_readers() -> Vec<ProcessName> {
+    vec![ProcessName("haproxy".into())]
 }
 
 fn default_queue_cap() -> QueueCap {
@@ -339,6 +374,8 @@ mod tests {
         let e = parse("[datapath]\nsplice_safety = \"maybe\"\n").unwrap_err();
         assert!(e.to_string().contains("maybe"), "{e}");
         assert_eq!(parse("[datapath]\nqueue_cap = 0\n").unwrap().datapath.queue_cap.0, 0);
+        let e = parse("[datapath]\nsplice_readers = [\"a-very-long-process-name\"]\n").unwrap_err();
+        assert!(e.to_string().contains("not a process name"), "{e}");
         let e = parse("[daemon]\npin_dir = \"relative/dir\"\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.to_string().contains("not an absolute path"), "{e}");

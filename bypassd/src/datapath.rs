@@ -10,7 +10,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash},
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
 };
 use bypassd_ebpf::{abi, maps, programs};
@@ -53,6 +53,8 @@ pub struct Target {
     /// Most bytes queued on one receiver's redirect queue; 0 = its SO_RCVBUF.
     pub queue_cap: u64,
     pub splice: SpliceSafety,
+    /// Process names whose sockets never receive redirected data (configured splice readers).
+    pub splice_readers: Vec<String>,
 }
 
 /// The policy as the kernel sees it: encoded rules and the default action.
@@ -75,6 +77,8 @@ pub struct Datapath {
     rules: Array<MapData, abi::Rule>,
     policy: Array<MapData, abi::PolicyMeta>,
     socks: SockHash<MapData, abi::SockKey>,
+    rx: HashMap<MapData, abi::SockKey, abi::RxState>,
+    splicers: HashMap<MapData, [u8; abi::COMM_LEN], u64>,
 }
 
 fn gen_name(capacity: u32, cgroup_id: u64) -> String {
@@ -171,6 +175,7 @@ impl Datapath {
             capacity: field("cap").unwrap_or(0) as u32,
             queue_cap: 0,
             splice: SpliceSafety::Auto,
+            splice_readers: Vec::new(),
         };
         Self::open(&target, &gen_dir, field("cg").unwrap_or(0))
     }
@@ -198,6 +203,8 @@ impl Datapath {
             rules: Array::try_from(load(maps::RULES)?)?,
             policy: Array::try_from(load(maps::POLICY)?)?,
             socks: SockHash::try_from(load(maps::SOCKS)?)?,
+            rx: HashMap::try_from(load(maps::RX)?)?,
+            splicers: HashMap::try_from(load(maps::SPLICERS)?)?,
         })
     }
 
@@ -224,7 +231,7 @@ impl Datapath {
             retire(&tmp)?;
         }
         std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let result = Self::build_into(&mut ebpf, cg, &tmp, policy, paused);
+        let result = Self::build_into(&mut ebpf, cg, &tmp, target, policy, paused);
         if let Err(e) = result {
             let _ = retire(&tmp);
             return Err(e);
@@ -235,7 +242,7 @@ impl Datapath {
         Ok(dp)
     }
 
-    fn build_into(ebpf: &mut Ebpf, cg: &File, dir: &Path, policy: &PolicyImage, paused: bool) -> Result<()> {
+    fn build_into(ebpf: &mut Ebpf, cg: &File, dir: &Path, target: &Target, policy: &PolicyImage, paused: bool) -> Result<()> {
         for name in maps::ALL {
             let map = ebpf.map(name).ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
             map.pin(map_pin(dir, name)).with_context(|| format!("pinning map {name}"))?;
@@ -244,6 +251,16 @@ impl Datapath {
         {
             let mut control: Array<&mut MapData, u64> = Array::try_from(ebpf.map_mut(maps::CONTROL).context("control map")?)?;
             control.set(abi::CTL_PAUSED, u64::from(paused), 0)?;
+            // Safety settings too (the gate may be lifted by apply_tuning once the LSM guard is known).
+            control.set(abi::CTL_QUEUE_CAP, target.queue_cap, 0)?;
+            control.set(abi::CTL_RECV_GATE, u64::from(target.splice != SpliceSafety::Off), 0)?;
+        }
+        if target.splice != SpliceSafety::Off {
+            let mut sp: HashMap<&mut MapData, [u8; abi::COMM_LEN], u64> =
+                HashMap::try_from(ebpf.map_mut(maps::SPLICERS).context("splicers map")?)?;
+            for n in &target.splice_readers {
+                sp.insert(comm_key(n), abi::SPLICER_CONFIGURED, 0)?;
+            }
         }
         write_policy(ebpf, policy)?;
 
@@ -280,7 +297,8 @@ impl Datapath {
 
     /// Write the runtime tuning (queue cap, recvmsg gate) and describe what is active.
     fn apply_tuning(&mut self) -> Result<()> {
-        let has = |l: &str| self.gen_dir.join(l).exists();
+        let gen_dir = self.gen_dir.clone();
+        let has = |l: &str| gen_dir.join(l).exists();
         let lsm = has(LINK_SPLICE_GUARD);
         let gate = match self.target.splice {
             SpliceSafety::Off => false,
@@ -288,6 +306,7 @@ impl Datapath {
             SpliceSafety::Auto => !lsm,
         };
         self.control.set(abi::CTL_QUEUE_CAP, self.target.queue_cap, 0).context("writing queue cap")?;
+        self.set_configured_splicers()?;
         self.control.set(abi::CTL_RECV_GATE, u64::from(gate), 0).context("writing recvmsg gate")?;
         let mut p = Vec::new();
         let publication = match (has(LINK_RX_ENTER), has(LINK_RX_DONE)) {
@@ -311,6 +330,9 @@ impl Datapath {
             splice.push("splice detection (kprobe tcp_splice_read: a splicing socket gets nothing redirected again)");
         } else if has(LINK_SPLICE_SEEN) {
             splice.push("splice detection (syscall tracepoints splice/sendfile: a splicing socket gets nothing redirected again)");
+        }
+        if !self.target.splice_readers.is_empty() && self.target.splice != SpliceSafety::Off {
+            splice.push("known splice readers get TCP only (configured, plus learned when seen splicing)");
         }
         if splice.is_empty() || self.target.splice == SpliceSafety::Off {
             splice.push("OFF: a splice(2) reader of an accelerated socket may hang");
@@ -378,6 +400,50 @@ impl Datapath {
         let n = m.nrules.min(abi::MAX_RULES);
         let rules = (0..n).map(|i| self.rules.get(&(buf * abi::MAX_RULES + i), 0)).collect::<Result<_, _>>()?;
         Ok(PolicyImage { rules, accelerate_by_default: m.default_action == abi::ACTION_ACCELERATE as u32 })
+    }
+
+    /// Write the configured splice readers; drop configured names no longer listed
+    /// (learned ones stay until the datapath is rebuilt).
+    fn set_configured_splicers(&mut self) -> Result<()> {
+        let want: Vec<[u8; abi::COMM_LEN]> = if self.target.splice == SpliceSafety::Off {
+            Vec::new()
+        } else {
+            self.target.splice_readers.iter().map(|n| comm_key(n)).collect()
+        };
+        let have: Vec<([u8; abi::COMM_LEN], u64)> = self.splicers.iter().collect::<Result<_, _>>()?;
+        for (k, v) in &have {
+            if *v & abi::SPLICER_CONFIGURED != 0 && !want.contains(k) {
+                let rest = *v & !abi::SPLICER_CONFIGURED;
+                if rest == 0 { self.splicers.remove(k)? } else { self.splicers.insert(k, rest, 0)? }
+            }
+        }
+        for k in &want {
+            let v = have.iter().find(|(h, _)| h == k).map_or(0, |(_, v)| *v);
+            self.splicers.insert(k, v | abi::SPLICER_CONFIGURED, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Known splice readers: (process name, configured, learned).
+    pub fn splice_readers(&self) -> Result<Vec<(String, bool, bool)>> {
+        let mut v: Vec<(String, bool, bool)> = self
+            .splicers
+            .iter()
+            .map(|r| {
+                r.map(|(k, f)| {
+                    let end = k.iter().position(|&b| b == 0).unwrap_or(k.len());
+                    (String::from_utf8_lossy(&k[..end]).into_owned(), f & abi::SPLICER_CONFIGURED != 0, f & abi::SPLICER_LEARNED != 0)
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        v.sort();
+        Ok(v)
+    }
+
+    /// Receive state of every accelerated socket: what its senders see (read copied_seq,
+    /// redirected bytes queued, recvmsg reader, splice reader).
+    pub fn rx_states(&self) -> Result<Vec<(abi::SockKey, abi::RxState)>> {
+        self.rx.iter().collect::<Result<_, _>>().context("listing receive state")
     }
 
     /// Sockets in the SOCKHASH, paired up into connections.
@@ -542,6 +608,15 @@ fn check_kernel() -> Result<()> {
 
 pub fn kernel_release() -> String {
     nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into())
+}
+
+/// A process name as the kernel's comm: at most 15 bytes, NUL padded.
+pub fn comm_key(name: &str) -> [u8; abi::COMM_LEN] {
+    let mut k = [0u8; abi::COMM_LEN];
+    let b = name.as_bytes();
+    let n = b.len().min(abi::COMM_LEN - 1);
+    k[..n].copy_from_slice(&b[..n]);
+    k
 }
 
 pub fn peer_key(k: &abi::SockKey) -> abi::SockKey {

@@ -73,6 +73,7 @@ fn target(cfg: &Config, cgroup_root: &Path) -> Target {
         capacity: cfg.datapath.capacity.0,
         queue_cap: cfg.datapath.queue_cap.0,
         splice: cfg.datapath.splice_safety.into(),
+        splice_readers: cfg.datapath.splice_readers.iter().map(|n| n.0.clone()).collect(),
     }
 }
 

@@ -80,6 +80,14 @@ struct {
 	__type(value, struct bp_sock_key);
 } bp_cookies SEC(".maps");
 
+/* Known splice readers by process name: configured, or learned when seen splicing. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, char[BP_COMM_LEN]);
+	__type(value, __u64);
+} bp_splicers SEC(".maps");
+
 /* BPF_F_CLONE: an accepted socket inherits its listener's cgroup and uid. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -332,11 +340,18 @@ int bypass_sock_create(struct bpf_sock *sk)
 
 	if (sk->type != 1 /* SOCK_STREAM */)
 		return 1;
+	char comm[BP_COMM_LEN] = {};
+
 	info = bpf_sk_storage_get(&bp_sk_info, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (info) {
 		info->cgroup_id = bpf_get_current_cgroup_id();
 		info->uid = (__u32)bpf_get_current_uid_gid();
 		info->flags = BP_SK_KNOWN;
+		/* A known splice reader's sockets (and, by BPF_F_CLONE, the ones it accepts)
+		 * never receive redirected data. */
+		bpf_get_current_comm(comm, sizeof(comm));
+		if (bpf_map_lookup_elem(&bp_splicers, comm))
+			info->flags |= BP_SK_NO_REDIRECT_IN;
 	}
 	return 1; /* never refuse a socket */
 }
@@ -392,6 +407,8 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 	rx.copied_seq = tp->copied_seq;
 	rx.rcvbuf = ((struct sock___bp *)tp)->sk_rcvbuf;
 	rx.ready = !control(BP_CTL_RECV_GATE);
+	/* A known splice reader: TCP only, as if it had been seen splicing. */
+	rx.spliced = info && (info->flags & BP_SK_NO_REDIRECT_IN);
 	if (bpf_map_update_elem(&bp_rx, &key, &rx, BPF_NOEXIST)) {
 		count(BP_CTR_INSERT_FAILURES, 1);
 		return 1;
@@ -447,7 +464,14 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	rx = bpf_map_lookup_elem(&bp_rx, &key);
 	if (!rx)
 		goto pass; /* the peer is not accelerated */
-	if (rx->spliced) {
+	if (rx->spliced && !rx->queued) {
+		/*
+		 * A splice reader sees TCP data but never the psock queue: with that queue
+		 * empty, TCP is the only safe path from now on. With bytes already stranded
+		 * there (it read with recvmsg, then switched to splice), no path is safe for
+		 * splice; the rules below keep the stream in order for recvmsg, and
+		 * splice_stranded_sockets counts the case.
+		 */
 		count(BP_CTR_SPLICE_KEPT, 1);
 		goto pass;
 	}
@@ -570,12 +594,22 @@ static __always_inline void splice_seen(struct sock___bp *sk)
 {
 	struct bp_rx_state *rx = rx_of(sk);
 
+	__u32 queued;
+
 	if (!rx || rx->spliced)
 		return;
+	char comm[BP_COMM_LEN] = {};
+	__u64 learned = BP_SPLICER_LEARNED;
+
+	queued = psock_queued(sk);
+	rx->queued = queued;
 	rx->spliced = 1;
 	count(BP_CTR_SPLICE_SEEN, 1);
-	if (psock_queued(sk))
+	if (queued)
 		count(BP_CTR_SPLICE_STRANDED, 1);
+	/* Learn the program: its later sockets are never redirect targets. */
+	bpf_get_current_comm(comm, sizeof(comm));
+	bpf_map_update_elem(&bp_splicers, comm, &learned, BPF_NOEXIST);
 }
 
 /* Where kprobes exist: every TCP splice read, whatever issued it (io_uring too). */

@@ -97,7 +97,14 @@ struct bp_sk_info {
 	__u32 flags; /* BP_SK_* */
 };
 
-#define BP_SK_KNOWN (1u << 0) /* cgroup_id and uid are valid */
+#define BP_SK_KNOWN (1u << 0)      /* cgroup_id and uid are valid */
+#define BP_SK_NO_REDIRECT_IN (1u << 1) /* created by a known splice reader (bp_splicers) */
+
+/* bp_splicers: process names (comm, 16 bytes, NUL padded) whose sockets never get
+ * redirected data. Value: how the name got there. */
+#define BP_COMM_LEN 16
+#define BP_SPLICER_CONFIGURED (1u << 0)
+#define BP_SPLICER_LEARNED (1u << 1)
 
 /*
  * What a sender needs to know about an accelerated receiver, keyed by the receiver's

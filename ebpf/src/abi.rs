@@ -81,6 +81,12 @@ pub const RULE_MATCH_CGROUP: u8 = 1 << 0;
 pub const RULE_MATCH_UID: u8 = 1 << 1;
 
 pub const SK_KNOWN: u32 = 1 << 0;
+pub const SK_NO_REDIRECT_IN: u32 = 1 << 1;
+
+/// `bp_splicers` keys: a process name (comm), NUL padded.
+pub const COMM_LEN: usize = 16;
+pub const SPLICER_CONFIGURED: u64 = 1 << 0;
+pub const SPLICER_LEARNED: u64 = 1 << 1;
 
 /// `struct bp_sock_key`: one socket from its own side; IPv4 is IPv4-mapped.
 #[repr(C)]

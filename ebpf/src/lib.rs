@@ -39,6 +39,7 @@ pub mod maps {
     pub const SK_INFO: &str = "bp_sk_info";
     pub const RX: &str = "bp_rx";
     pub const COOKIES: &str = "bp_cookies";
+    pub const SPLICERS: &str = "bp_splicers";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 8] = [SOCKS, COUNTERS, CONTROL, RULES, POLICY, SK_INFO, RX, COOKIES];
+    pub const ALL: [&str; 9] = [SOCKS, COUNTERS, CONTROL, RULES, POLICY, SK_INFO, RX, COOKIES, SPLICERS];
 }

@@ -32,7 +32,8 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_CTR_SPLICE_REFUSED", "BP_CTR_MAX",
         "BP_CTL_POLICY_SEQ", "BP_CTL_PAUSED", "BP_CTL_QUEUE_CAP", "BP_CTL_RECV_GATE", "BP_CTL_MAX",
         "BP_ACTION_KERNEL", "BP_ACTION_ACCELERATE",
-        "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN"] {
+        "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN", "BP_SK_NO_REDIRECT_IN", "BP_COMM_LEN",
+        "BP_SPLICER_CONFIGURED", "BP_SPLICER_LEARNED"] {
         emit(c, c);
     }
     src.push_str("return 0;}\n");
@@ -66,7 +67,7 @@ fn c_and_rust_layouts_agree() {
     rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
     rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags]);
     rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced]);
-    let consts: [(&str, u64); 28] = [
+    let consts: [(&str, u64); 32] = [
         ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
         ("BP_CTR_SOCKETS_INSERTED", Counter::SocketsInserted as u64),
         ("BP_CTR_INSERT_FAILURES", Counter::InsertFailures as u64),
@@ -89,7 +90,9 @@ fn c_and_rust_layouts_agree() {
         ("BP_CTL_MAX", CTL_MAX.into()), ("BP_ACTION_KERNEL", ACTION_KERNEL.into()),
         ("BP_ACTION_ACCELERATE", ACTION_ACCELERATE.into()),
         ("BP_RULE_MATCH_CGROUP", RULE_MATCH_CGROUP.into()), ("BP_RULE_MATCH_UID", RULE_MATCH_UID.into()),
-        ("BP_SK_KNOWN", SK_KNOWN.into()),
+        ("BP_SK_KNOWN", SK_KNOWN.into()), ("BP_SK_NO_REDIRECT_IN", SK_NO_REDIRECT_IN.into()),
+        ("BP_COMM_LEN", COMM_LEN as u64), ("BP_SPLICER_CONFIGURED", SPLICER_CONFIGURED),
+        ("BP_SPLICER_LEARNED", SPLICER_LEARNED),
     ];
     for (k, v) in consts {
         r.insert(k.to_string(), v);
