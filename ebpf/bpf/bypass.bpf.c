@@ -575,8 +575,13 @@ SEC("tp_btf/sock_recv_length")
 int bypass_rx_done(__u64 *ctx)
 {
 	struct sock___bp *sk = (void *)ctx[0];
-	struct bp_rx_state *rx = rx_of(sk);
+	struct bp_rx_state *rx;
 
+	/* Runs for every read on the host: leave at once, with a plain BTF load instead
+	 * of a probe read, when the socket has no psock (is in no sockmap). */
+	if (!sk || !sk->sk_user_data)
+		return 0;
+	rx = rx_of(sk);
 	if (!rx)
 		return 0;
 	publish(sk, rx);
