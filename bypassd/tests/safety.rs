@@ -444,3 +444,25 @@ fn unlisted_recv_then_splice_reader_is_learned() {
     assert!(learned.iter().any(|(n, _, l)| n == "haproxy" && *l), "haproxy was not learned: {learned:?}");
     assert!(results[1] && results[2], "connections after learning must be intact: {results:?}");
 }
+
+#[test]
+fn queue_cap_change_applies_on_reload_without_a_new_generation() {
+    const CAP: u64 = 256 << 10;
+    let env = Env::new();
+    let mut d = env.accelerate_all("");
+    let before = bypassd::datapath::generations(env.pins.path());
+    let cfg = std::fs::read_to_string(&d.config).unwrap().replace("[datapath]\n", &format!("[datapath]\nqueue_cap = {CAP}\n"));
+    std::fs::write(&d.config, cfg).unwrap();
+    d.reload().expect("reload");
+    assert_eq!(bypassd::datapath::generations(env.pins.path()), before, "a queue_cap change keeps the generation");
+    let mut c = env.run(300, python());
+    c.arg(fixture("stall.py")).args(["--conns", "4", "--bytes", &(64 * MIB).to_string(), "--stall", "5"]);
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn stall.py");
+    std::thread::sleep(Duration::from_secs(4));
+    let rx = Datapath::open_pinned(env.pins.path()).and_then(|d| d.rx_states()).expect("receive state");
+    let max_queued = rx.iter().map(|(_, s)| s.queued).max().unwrap_or(0);
+    let v = finish_json(child);
+    eprintln!("after reload to queue_cap {CAP}: max redirect queue {max_queued}: {v}");
+    assert!(max_queued > 0 && max_queued <= CAP + MIB, "redirect queue {max_queued} with cap {CAP}");
+    assert_bounded(&v, CAP);
+}
