@@ -457,6 +457,7 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	struct bp_rx_state *rx;
 	__u32 size = msg->size;
 	__u64 bound, queued;
+	int stranded = 0;
 
 	if (!me)
 		goto pass;
@@ -464,16 +465,21 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	rx = bpf_map_lookup_elem(&bp_rx, &key);
 	if (!rx)
 		goto pass; /* the peer is not accelerated */
-	if (rx->spliced && !rx->queued) {
+	if (rx->spliced) {
 		/*
 		 * A splice reader sees TCP data but never the psock queue: with that queue
 		 * empty, TCP is the only safe path from now on. With bytes already stranded
 		 * there (it read with recvmsg, then switched to splice), no path is safe for
-		 * splice; the rules below keep the stream in order for recvmsg, and
-		 * splice_stranded_sockets counts the case.
+		 * splice: TCP bytes would reach it ahead of the stranded ones (corruption).
+		 * Keep redirecting while the queue has room (the stream stays in order for a
+		 * recvmsg fallback), and refuse sends beyond that (EACCES to the sender)
+		 * instead of passing them: loud, bounded, never reordered.
 		 */
-		count(BP_CTR_SPLICE_KEPT, 1);
-		goto pass;
+		if (!rx->queued) {
+			count(BP_CTR_SPLICE_KEPT, 1);
+			goto pass;
+		}
+		stranded = 1;
 	}
 	if (!rx->ready) {
 		count(BP_CTR_NOT_READY, 1);
@@ -504,6 +510,10 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	return SK_PASS_VERDICT;
 
 pass:
+	if (stranded) {
+		count(BP_CTR_STRANDED_DROPS, 1);
+		return 0; /* SK_DROP */
+	}
 	count(BP_CTR_PASSED_MSGS, 1);
 	count(BP_CTR_PASSED_BYTES, size);
 	return SK_PASS_VERDICT;

@@ -34,7 +34,8 @@ enum bp_counter {
 	BP_CTR_SPLICE_SEEN = 12,   /* accelerated sockets seen reading with splice (once each) */
 	BP_CTR_SPLICE_STRANDED = 13, /* ...of which had redirected bytes queued then (unsafe) */
 	BP_CTR_SPLICE_REFUSED = 14, /* splice/sendfile reads refused by the BPF LSM guard */
-	BP_CTR_MAX = 15,
+	BP_CTR_STRANDED_DROPS = 15, /* sends refused (EACCES): peer splices with bytes stranded */
+	BP_CTR_MAX = 16,
 };
 
 /* Indices in the control array (u64 values). */

@@ -23,11 +23,12 @@ pub enum Counter {
     SpliceSeen = 12,
     SpliceStranded = 13,
     SpliceRefused = 14,
+    StrandedDrops = 15,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
-    pub const ALL: [Counter; 15] = [
+    pub const COUNT: u32 = 16;
+    pub const ALL: [Counter; 16] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -43,6 +44,7 @@ impl Counter {
         Counter::SpliceSeen,
         Counter::SpliceStranded,
         Counter::SpliceRefused,
+        Counter::StrandedDrops,
     ];
 
     /// The stable name used in JSON output and D-Bus.
@@ -63,6 +65,7 @@ impl Counter {
             Counter::SpliceSeen => "splice_sockets",
             Counter::SpliceStranded => "splice_stranded_sockets",
             Counter::SpliceRefused => "splice_refused",
+            Counter::StrandedDrops => "stranded_drops",
         }
     }
 }

@@ -29,7 +29,7 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_CTR_REDIRECTED_MSGS", "BP_CTR_REDIRECTED_BYTES", "BP_CTR_PASSED_MSGS", "BP_CTR_PASSED_BYTES",
         "BP_CTR_POLICY_KERNEL", "BP_CTR_PAUSED_SKIPS", "BP_CTR_ORDER_WAIT", "BP_CTR_BACKPRESSURE",
         "BP_CTR_NOT_READY", "BP_CTR_SPLICE_KEPT", "BP_CTR_SPLICE_SEEN", "BP_CTR_SPLICE_STRANDED",
-        "BP_CTR_SPLICE_REFUSED", "BP_CTR_MAX",
+        "BP_CTR_SPLICE_REFUSED", "BP_CTR_STRANDED_DROPS", "BP_CTR_MAX",
         "BP_CTL_POLICY_SEQ", "BP_CTL_PAUSED", "BP_CTL_QUEUE_CAP", "BP_CTL_RECV_GATE", "BP_CTL_MAX",
         "BP_ACTION_KERNEL", "BP_ACTION_ACCELERATE",
         "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN", "BP_SK_NO_REDIRECT_IN", "BP_COMM_LEN",
@@ -67,7 +67,7 @@ fn c_and_rust_layouts_agree() {
     rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
     rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags]);
     rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced]);
-    let consts: [(&str, u64); 32] = [
+    let consts: [(&str, u64); 33] = [
         ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
         ("BP_CTR_SOCKETS_INSERTED", Counter::SocketsInserted as u64),
         ("BP_CTR_INSERT_FAILURES", Counter::InsertFailures as u64),
@@ -84,6 +84,7 @@ fn c_and_rust_layouts_agree() {
         ("BP_CTR_SPLICE_SEEN", Counter::SpliceSeen as u64),
         ("BP_CTR_SPLICE_STRANDED", Counter::SpliceStranded as u64),
         ("BP_CTR_SPLICE_REFUSED", Counter::SpliceRefused as u64),
+        ("BP_CTR_STRANDED_DROPS", Counter::StrandedDrops as u64),
         ("BP_CTR_MAX", Counter::COUNT.into()),
         ("BP_CTL_POLICY_SEQ", CTL_POLICY_SEQ.into()), ("BP_CTL_PAUSED", CTL_PAUSED.into()),
         ("BP_CTL_QUEUE_CAP", CTL_QUEUE_CAP.into()), ("BP_CTL_RECV_GATE", CTL_RECV_GATE.into()),
