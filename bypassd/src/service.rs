@@ -220,6 +220,9 @@ impl Daemon {
             {
                 datapath::detach(&old.target.pin_dir)?;
             }
+            for p in &dp.protections {
+                tracing::info!("datapath safety: {p}");
+            }
             self.datapath = Some(dp);
         }
         self.log.set_level(cfg.daemon.log_level);
