@@ -466,3 +466,41 @@ fn queue_cap_change_applies_on_reload_without_a_new_generation() {
     assert!(max_queued > 0 && max_queued <= CAP + MIB, "redirect queue {max_queued} with cap {CAP}");
     assert_bounded(&v, CAP);
 }
+
+fn tcp_mem_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let line = s.lines().find(|l| l.starts_with("TCP:")).unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let pages: u64 = f[f.iter().position(|x| *x == "mem").unwrap() + 1].parse().unwrap();
+    pages * 4096
+}
+
+#[test]
+fn reader_asleep_from_the_start_1gib_blocks_the_sender_then_intact() {
+    // The literal case: the server sleeps 10 s before its first read (bypass-traffic).
+    let env = Env::new();
+    let _d = env.accelerate_all("");
+    let pf = env.work.path().join("port");
+    let sent = env.work.path().join("sent");
+    let mut s = env.run(120, bin("bypass-traffic"));
+    s.args(["serve", "--listen", "127.0.0.1:0", "--count", "1", "--delay-read-ms", "10000", "--port-file"]).arg(&pf);
+    let srv = s.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let port = wait_port(&pf);
+    let before = tcp_mem_bytes();
+    let mut c = env.run(120, bin("bypass-traffic"));
+    c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", "1G", "--reply-bytes", "0", "--max-write", "262144", "--sent-file"])
+        .arg(&sent);
+    let cl = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut peak = before;
+    for _ in 0..16 {
+        std::thread::sleep(Duration::from_millis(500));
+        peak = peak.max(tcp_mem_bytes());
+        assert!(!sent.exists(), "the sender pushed all of 1 GiB into a reader that was asleep");
+    }
+    let v = finish_json(cl);
+    let sv = finish_json(srv);
+    eprintln!("reader asleep from the start: TCP mem {before} -> peak {peak}; {v}; counters: {}", env.counters());
+    assert_eq!(v["ok"], Value::Bool(true), "{v}");
+    assert_eq!(sv["ok"], Value::Bool(true), "{sv}");
+    assert!(peak.saturating_sub(before) <= DEFAULT_CAP + 64 * MIB, "TCP memory rose {} bytes", peak - before);
+}
