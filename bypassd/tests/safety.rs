@@ -25,17 +25,23 @@ const DEFAULT_CAP: u64 = 4 * MIB;
 /// TCP sender to a stalled reader had 7.5 MiB in flight on this kernel).
 const SLACK: u64 = 12 * MIB;
 
+/// One test at a time: the memory figures come from host-global counters.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Env {
     cg: TestCgroup,
     pins: PinDir,
     state: TempDir,
     work: TempDir,
+    /// Last: released after everything above is cleaned up.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Env {
     fn new() -> Env {
         require_root();
-        Env { cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new(), work: TempDir::new() }
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        Env { _serial: serial, cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new(), work: TempDir::new() }
     }
 
     fn daemon_keys(&self) -> String {
