@@ -23,9 +23,18 @@ fn main() {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "x86_64-linux-gnu".into());
+    // bpf_tracing.h (kprobe arguments) needs the target architecture.
+    let arch = match env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
+        Ok("aarch64") => "arm64",
+        Ok("riscv64") => "riscv",
+        Ok("powerpc64") => "powerpc",
+        Ok("s390x") => "s390",
+        _ => "x86",
+    };
     let obj = out.join("bypass.bpf.o");
     let status = Command::new(&clang)
         .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+        .arg(format!("-D__TARGET_ARCH_{arch}"))
         .arg(format!("-I{}", include.display()))
         .arg(format!("-I/usr/include/{multiarch}"))
         .arg("-c")

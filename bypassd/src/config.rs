@@ -13,6 +13,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/bypassd";
 pub const DEFAULT_CAPACITY: u32 = 65536;
 pub const MIN_CAPACITY: u32 = 1;
 pub const MAX_CAPACITY: u32 = 1 << 24;
+/// Default bound on the bytes queued for one accelerated receiver (see docs/datapath-safety.md).
+pub const DEFAULT_QUEUE_CAP: u64 = 4 << 20;
+pub const MIN_QUEUE_CAP: u64 = 16 << 10;
+pub const MAX_QUEUE_CAP: u64 = 1 << 30;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -58,11 +62,99 @@ pub struct DatapathConfig {
     /// SOCKHASH entries (one per accelerated socket, two per connection).
     #[serde(default = "default_capacity")]
     pub capacity: Capacity,
+    /// Most bytes queued for one accelerated receiver before its sender is moved to
+    /// the TCP path (where TCP flow control blocks it); 0 = the receiver's SO_RCVBUF.
+    #[serde(default = "default_queue_cap")]
+    pub queue_cap: QueueCap,
+    /// How splice(2) readers of accelerated sockets are kept from hanging.
+    #[serde(default)]
+    pub splice_safety: SpliceSafety,
+    /// Programs (process names) whose sockets never receive redirected data.
+    #[serde(default = "default_splice_readers")]
+    pub splice_readers: Vec<ProcessName>,
 }
 
 impl Default for DatapathConfig {
     fn default() -> Self {
-        Self { capacity: default_capacity() }
+        Self {
+            capacity: default_capacity(),
+            queue_cap: default_queue_cap(),
+            splice_safety: SpliceSafety::default(),
+            splice_readers: default_splice_readers(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "i64", into = "u64")]
+pub struct QueueCap(pub u64);
+
+impl TryFrom<i64> for QueueCap {
+    type Error = String;
+    fn try_from(v: i64) -> Result<Self, String> {
+        if v != 0 && (v < MIN_QUEUE_CAP as i64 || v > MAX_QUEUE_CAP as i64) {
+            return Err(format!("queue_cap {v} is out of range: 0 (the receiver's SO_RCVBUF) or {MIN_QUEUE_CAP}..={MAX_QUEUE_CAP} bytes"));
+        }
+        Ok(QueueCap(v as u64))
+    }
+}
+
+impl From<QueueCap> for u64 {
+    fn from(c: QueueCap) -> u64 {
+        c.0
+    }
+}
+
+/// A process name as in /proc/PID/comm (1..=15 bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ProcessName(pub String);
+
+impl TryFrom<String> for ProcessName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 15 || s.contains('/') || s.contains('\0') {
+            return Err(format!("splice reader `{s}` is not a process name (1..15 bytes, as in /proc/PID/comm)"));
+        }
+        Ok(ProcessName(s))
+    }
+}
+
+impl From<ProcessName> for String {
+    fn from(p: ProcessName) -> String {
+        p.0
+    }
+}
+
+/// HAProxy reads with recv() first and splices later (splice options): keep it off the
+/// receiving end of redirects from the start.
+fn default_splice_readers() -> Vec<ProcessName> {
+    vec![ProcessName("haproxy".into())]
+}
+
+fn default_queue_cap() -> QueueCap {
+    QueueCap(DEFAULT_QUEUE_CAP)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpliceSafety {
+    /// The BPF LSM guard where the kernel runs it, else recvmsg-first gating.
+    #[default]
+    Auto,
+    /// Redirect to a socket only after it has read with recvmsg.
+    RecvFirst,
+    /// No protection (a splice reader of an accelerated socket may hang).
+    Off,
+}
+
+impl From<SpliceSafety> for crate::datapath::SpliceSafety {
+    fn from(s: SpliceSafety) -> Self {
+        match s {
+            SpliceSafety::Auto => Self::Auto,
+            SpliceSafety::RecvFirst => Self::RecvFirst,
+            SpliceSafety::Off => Self::Off,
+        }
     }
 }
 
@@ -276,6 +368,14 @@ mod tests {
         let e = parse("[datapath]\n\ncapacity = 0\n").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
         assert!(e.to_string().contains("capacity 0 is out of range"), "{e}");
+        let e = parse("[datapath]\nqueue_cap = 100\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().contains("queue_cap 100 is out of range"), "{e}");
+        let e = parse("[datapath]\nsplice_safety = \"maybe\"\n").unwrap_err();
+        assert!(e.to_string().contains("maybe"), "{e}");
+        assert_eq!(parse("[datapath]\nqueue_cap = 0\n").unwrap().datapath.queue_cap.0, 0);
+        let e = parse("[datapath]\nsplice_readers = [\"a-very-long-process-name\"]\n").unwrap_err();
+        assert!(e.to_string().contains("not a process name"), "{e}");
         let e = parse("[daemon]\npin_dir = \"relative/dir\"\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.to_string().contains("not an absolute path"), "{e}");

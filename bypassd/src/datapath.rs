@@ -10,8 +10,8 @@
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSock, SkMsg, SockOps, links::FdLink},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
 };
 use bypassd_ebpf::{abi, maps, programs};
 use std::{
@@ -24,6 +24,24 @@ use std::{
 
 const LINK_SOCKOPS: &str = "link_sockops";
 const LINK_SOCK_CREATE: &str = "link_sock_create";
+const LINK_RX_ENTER: &str = "link_rx_enter";
+const LINK_RX_DONE: &str = "link_rx_done";
+const LINK_SPLICE_SEEN: &str = "link_splice_seen";
+const LINK_SPLICE_KPROBE: &str = "link_splice_kprobe";
+const LINK_SENDFILE_SEEN: &str = "link_sendfile_seen";
+const LINK_SPLICE_GUARD: &str = "link_splice_guard";
+
+/// How splice(2) readers are kept safe (see docs/datapath-safety.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpliceSafety {
+    /// The BPF LSM guard where the kernel runs it, else recvmsg-first gating.
+    #[default]
+    Auto,
+    /// Always gate: a receiver gets redirected data only after it read with recvmsg.
+    RecvFirst,
+    /// No protection: a splice reader of an accelerated socket may hang.
+    Off,
+}
 
 /// What the daemon asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +50,11 @@ pub struct Target {
     /// Absolute path of the cgroup v2 directory to attach to.
     pub cgroup: PathBuf,
     pub capacity: u32,
+    /// Most bytes queued on one receiver's redirect queue; 0 = its SO_RCVBUF.
+    pub queue_cap: u64,
+    pub splice: SpliceSafety,
+    /// Process names whose sockets never receive redirected data (configured splice readers).
+    pub splice_readers: Vec<String>,
 }
 
 /// The policy as the kernel sees it: encoded rules and the default action.
@@ -47,11 +70,15 @@ pub struct Datapath {
     pub cgroup_id: u64,
     /// True when this start adopted pins left by an earlier run.
     pub adopted: bool,
+    /// What protects this datapath, for the log and status (e.g. "splice: recvmsg-first").
+    pub protections: Vec<String>,
     counters: PerCpuArray<MapData, u64>,
     control: Array<MapData, u64>,
     rules: Array<MapData, abi::Rule>,
     policy: Array<MapData, abi::PolicyMeta>,
     socks: SockHash<MapData, abi::SockKey>,
+    rx: HashMap<MapData, abi::SockKey, abi::RxState>,
+    splicers: HashMap<MapData, [u8; abi::COMM_LEN], u64>,
 }
 
 fn gen_name(capacity: u32, cgroup_id: u64) -> String {
@@ -122,6 +149,7 @@ impl Datapath {
             dp.apply_policy(policy)?;
             dp.set_paused(paused)?;
         }
+        dp.apply_tuning()?;
         for old in generations(&target.pin_dir).into_iter().filter(|g| *g != gen_dir) {
             tracing::info!("retiring datapath generation {} (its open connections finish on it)", old.display());
             retire(&old)?;
@@ -145,6 +173,9 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             cgroup: PathBuf::new(),
             capacity: field("cap").unwrap_or(0) as u32,
+            queue_cap: 0,
+            splice: SpliceSafety::Auto,
+            splice_readers: Vec::new(),
         };
         Self::open(&target, &gen_dir, field("cg").unwrap_or(0))
     }
@@ -166,11 +197,14 @@ impl Datapath {
             gen_dir: gen_dir.to_path_buf(),
             cgroup_id,
             adopted: true,
+            protections: Vec::new(),
             counters: PerCpuArray::try_from(load(maps::COUNTERS)?)?,
             control: Array::try_from(load(maps::CONTROL)?)?,
             rules: Array::try_from(load(maps::RULES)?)?,
             policy: Array::try_from(load(maps::POLICY)?)?,
             socks: SockHash::try_from(load(maps::SOCKS)?)?,
+            rx: HashMap::try_from(load(maps::RX)?)?,
+            splicers: HashMap::try_from(load(maps::SPLICERS)?)?,
         })
     }
 
@@ -185,6 +219,8 @@ impl Datapath {
         check_kernel()?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::SOCKS, target.capacity)
+            .map_max_entries(maps::RX, target.capacity)
+            .map_max_entries(maps::COOKIES, target.capacity)
             .load(bypassd_ebpf::object())
             .context("loading the BPF object (maps)")?;
 
@@ -195,7 +231,7 @@ impl Datapath {
             retire(&tmp)?;
         }
         std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let result = Self::build_into(&mut ebpf, cg, &tmp, policy, paused);
+        let result = Self::build_into(&mut ebpf, cg, &tmp, target, policy, paused);
         if let Err(e) = result {
             let _ = retire(&tmp);
             return Err(e);
@@ -206,7 +242,7 @@ impl Datapath {
         Ok(dp)
     }
 
-    fn build_into(ebpf: &mut Ebpf, cg: &File, dir: &Path, policy: &PolicyImage, paused: bool) -> Result<()> {
+    fn build_into(ebpf: &mut Ebpf, cg: &File, dir: &Path, target: &Target, policy: &PolicyImage, paused: bool) -> Result<()> {
         for name in maps::ALL {
             let map = ebpf.map(name).ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
             map.pin(map_pin(dir, name)).with_context(|| format!("pinning map {name}"))?;
@@ -215,8 +251,21 @@ impl Datapath {
         {
             let mut control: Array<&mut MapData, u64> = Array::try_from(ebpf.map_mut(maps::CONTROL).context("control map")?)?;
             control.set(abi::CTL_PAUSED, u64::from(paused), 0)?;
+            // Safety settings too (the gate may be lifted by apply_tuning once the LSM guard is known).
+            control.set(abi::CTL_QUEUE_CAP, target.queue_cap, 0)?;
+            control.set(abi::CTL_RECV_GATE, u64::from(target.splice != SpliceSafety::Off), 0)?;
+        }
+        if target.splice != SpliceSafety::Off {
+            let mut sp: HashMap<&mut MapData, [u8; abi::COMM_LEN], u64> =
+                HashMap::try_from(ebpf.map_mut(maps::SPLICERS).context("splicers map")?)?;
+            for n in &target.splice_readers {
+                sp.insert(comm_key(n), abi::SPLICER_CONFIGURED, 0)?;
+            }
         }
         write_policy(ebpf, policy)?;
+
+        // The receive side first: a socket inserted later finds its publication in place.
+        attach_receive_side(ebpf, dir);
 
         let socks: SockHash<&MapData, abi::SockKey> = SockHash::try_from(ebpf.map(maps::SOCKS).context("socks map")?)?;
         let socks_fd = socks.fd().try_clone().context("duplicating the SOCKHASH fd")?;
@@ -243,6 +292,53 @@ impl Datapath {
         let link: FdLink = ops.take_link(id)?.try_into().context("sock_ops link is not a bpf_link")?;
         link.pin(dir.join(LINK_SOCKOPS)).context("pinning sock_ops link")?;
         ops.pin(prog_pin(dir, programs::SOCK_OPS)).context("pinning sock_ops")?;
+        Ok(())
+    }
+
+    /// Write the runtime tuning (queue cap, recvmsg gate) and describe what is active.
+    fn apply_tuning(&mut self) -> Result<()> {
+        let gen_dir = self.gen_dir.clone();
+        let has = |l: &str| gen_dir.join(l).exists();
+        let lsm = has(LINK_SPLICE_GUARD);
+        let gate = match self.target.splice {
+            SpliceSafety::Off => false,
+            SpliceSafety::RecvFirst => true,
+            SpliceSafety::Auto => !lsm,
+        };
+        self.control.set(abi::CTL_QUEUE_CAP, self.target.queue_cap, 0).context("writing queue cap")?;
+        self.set_configured_splicers()?;
+        self.control.set(abi::CTL_RECV_GATE, u64::from(gate), 0).context("writing recvmsg gate")?;
+        let mut p = Vec::new();
+        let publication = match (has(LINK_RX_ENTER), has(LINK_RX_DONE)) {
+            (true, true) => "kprobe tcp_bpf_recvmsg + tp_btf sock_recv_length",
+            (true, false) => "kprobe tcp_bpf_recvmsg only",
+            (false, true) => "tp_btf sock_recv_length (after each read)",
+            (false, false) => "none (a connection that leaves the redirect path stays on TCP)",
+        };
+        p.push(format!(
+            "backpressure: redirect queue cap {} (receive-side publication: {publication})",
+            if self.target.queue_cap == 0 { "= each receiver's SO_RCVBUF".to_string() } else { format!("{} bytes", self.target.queue_cap) }
+        ));
+        let mut splice = Vec::new();
+        if lsm {
+            splice.push("BPF LSM guard (splice/sendfile reads of accelerated sockets get EINVAL)");
+        }
+        if gate {
+            splice.push("recvmsg-first gating (nothing is redirected to a socket before it reads with recvmsg)");
+        }
+        if has(LINK_SPLICE_KPROBE) {
+            splice.push("splice detection (kprobe tcp_splice_read: a splicing socket gets nothing redirected again)");
+        } else if has(LINK_SPLICE_SEEN) {
+            splice.push("splice detection (syscall tracepoints splice/sendfile: a splicing socket gets nothing redirected again)");
+        }
+        if !self.target.splice_readers.is_empty() && self.target.splice != SpliceSafety::Off {
+            splice.push("known splice readers get TCP only (configured, plus learned when seen splicing)");
+        }
+        if splice.is_empty() || self.target.splice == SpliceSafety::Off {
+            splice.push("OFF: a splice(2) reader of an accelerated socket may hang");
+        }
+        p.push(format!("splice: {}", splice.join(" + ")));
+        self.protections = p;
         Ok(())
     }
 
@@ -306,6 +402,50 @@ impl Datapath {
         Ok(PolicyImage { rules, accelerate_by_default: m.default_action == abi::ACTION_ACCELERATE as u32 })
     }
 
+    /// Write the configured splice readers; drop configured names no longer listed
+    /// (learned ones stay until the datapath is rebuilt).
+    fn set_configured_splicers(&mut self) -> Result<()> {
+        let want: Vec<[u8; abi::COMM_LEN]> = if self.target.splice == SpliceSafety::Off {
+            Vec::new()
+        } else {
+            self.target.splice_readers.iter().map(|n| comm_key(n)).collect()
+        };
+        let have: Vec<([u8; abi::COMM_LEN], u64)> = self.splicers.iter().collect::<Result<_, _>>()?;
+        for (k, v) in &have {
+            if *v & abi::SPLICER_CONFIGURED != 0 && !want.contains(k) {
+                let rest = *v & !abi::SPLICER_CONFIGURED;
+                if rest == 0 { self.splicers.remove(k)? } else { self.splicers.insert(k, rest, 0)? }
+            }
+        }
+        for k in &want {
+            let v = have.iter().find(|(h, _)| h == k).map_or(0, |(_, v)| *v);
+            self.splicers.insert(k, v | abi::SPLICER_CONFIGURED, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Known splice readers: (process name, configured, learned).
+    pub fn splice_readers(&self) -> Result<Vec<(String, bool, bool)>> {
+        let mut v: Vec<(String, bool, bool)> = self
+            .splicers
+            .iter()
+            .map(|r| {
+                r.map(|(k, f)| {
+                    let end = k.iter().position(|&b| b == 0).unwrap_or(k.len());
+                    (String::from_utf8_lossy(&k[..end]).into_owned(), f & abi::SPLICER_CONFIGURED != 0, f & abi::SPLICER_LEARNED != 0)
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        v.sort();
+        Ok(v)
+    }
+
+    /// Receive state of every accelerated socket: what its senders see (read copied_seq,
+    /// redirected bytes queued, recvmsg reader, splice reader).
+    pub fn rx_states(&self) -> Result<Vec<(abi::SockKey, abi::RxState)>> {
+        self.rx.iter().collect::<Result<_, _>>().context("listing receive state")
+    }
+
     /// Sockets in the SOCKHASH, paired up into connections.
     pub fn connections(&self) -> Result<Vec<bypassd_api::Connection>> {
         let keys: Vec<abi::SockKey> = self.socks.keys().collect::<Result<_, _>>().context("listing SOCKHASH keys")?;
@@ -352,6 +492,88 @@ fn write_policy(ebpf: &mut Ebpf, p: &PolicyImage) -> Result<()> {
     Ok(())
 }
 
+/// The receive-side programs and the optional LSM guard. Each is optional: where the
+/// kernel refuses one, the datapath stays safe (stale receive state only ever keeps
+/// traffic on TCP) and the loss is logged. Links are pinned so they survive restarts.
+fn attach_receive_side(ebpf: &mut Ebpf, dir: &Path) {
+    let mut try_one = |what: &str, f: &mut dyn FnMut(&mut Ebpf) -> Result<FdLink>, link: &str, name: &str| {
+        match f(ebpf).and_then(|l| {
+            l.pin(dir.join(link)).with_context(|| format!("pinning {link}"))?;
+            Ok(())
+        }) {
+            Ok(()) => {
+                if let Some(p) = ebpf.program_mut(name) {
+                    let _ = p.pin(prog_pin(dir, name));
+                }
+                tracing::debug!("{what}: attached");
+            }
+            Err(e) => tracing::warn!("{what}: not available on this kernel ({e:#})"),
+        }
+    };
+    try_one(
+        "kprobe tcp_bpf_recvmsg (receivers that read with recvmsg)",
+        &mut |ebpf| {
+            let p: &mut KProbe = prog(ebpf, programs::RX_ENTER)?.try_into()?;
+            p.load()?;
+            let id = p.attach("tcp_bpf_recvmsg", 0)?;
+            Ok(FdLink::try_from(p.take_link(id)?)?)
+        },
+        LINK_RX_ENTER,
+        programs::RX_ENTER,
+    );
+    try_one(
+        "tp_btf sock_recv_length (bytes consumed by receivers)",
+        &mut |ebpf| {
+            let btf = aya::Btf::from_sys_fs()?;
+            let p: &mut BtfTracePoint = prog(ebpf, programs::RX_DONE)?.try_into()?;
+            p.load("sock_recv_length", &btf)?;
+            let id = p.attach()?;
+            Ok(FdLink::from(p.take_link(id)?))
+        },
+        LINK_RX_DONE,
+        programs::RX_DONE,
+    );
+    try_one(
+        "kprobe tcp_splice_read (splice readers, io_uring included)",
+        &mut |ebpf| {
+            let p: &mut KProbe = prog(ebpf, programs::SPLICE_KPROBE)?.try_into()?;
+            p.load()?;
+            let id = p.attach("tcp_splice_read", 0)?;
+            Ok(FdLink::try_from(p.take_link(id)?)?)
+        },
+        LINK_SPLICE_KPROBE,
+        programs::SPLICE_KPROBE,
+    );
+    for (what, name, event, link) in [
+        ("tracepoint syscalls:sys_enter_splice (splice readers)", programs::SPLICE_SEEN, "sys_enter_splice", LINK_SPLICE_SEEN),
+        ("tracepoint syscalls:sys_enter_sendfile64 (sendfile readers)", programs::SENDFILE_SEEN, "sys_enter_sendfile64", LINK_SENDFILE_SEEN),
+    ] {
+        try_one(
+            what,
+            &mut |ebpf| {
+                let p: &mut TracePoint = prog(ebpf, name)?.try_into()?;
+                p.load()?;
+                let id = p.attach("syscalls", event)?;
+                Ok(FdLink::try_from(p.take_link(id)?)?)
+            },
+            link,
+            name,
+        );
+    }
+    try_one(
+        "BPF LSM splice guard (lsm/file_permission)",
+        &mut |ebpf| {
+            let btf = aya::Btf::from_sys_fs()?;
+            let p: &mut Lsm = prog(ebpf, programs::SPLICE_GUARD)?.try_into()?;
+            p.load("file_permission", &btf)?;
+            let id = p.attach()?;
+            Ok(FdLink::from(p.take_link(id)?))
+        },
+        LINK_SPLICE_GUARD,
+        programs::SPLICE_GUARD,
+    );
+}
+
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name).ok_or_else(|| anyhow!("BPF object has no program {name}"))
 }
@@ -386,6 +608,15 @@ fn check_kernel() -> Result<()> {
 
 pub fn kernel_release() -> String {
     nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into())
+}
+
+/// A process name as the kernel's comm: at most 15 bytes, NUL padded.
+pub fn comm_key(name: &str) -> [u8; abi::COMM_LEN] {
+    let mut k = [0u8; abi::COMM_LEN];
+    let b = name.as_bytes();
+    let n = b.len().min(abi::COMM_LEN - 1);
+    k[..n].copy_from_slice(&b[..n]);
+    k
 }
 
 pub fn peer_key(k: &abi::SockKey) -> abi::SockKey {

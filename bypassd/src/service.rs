@@ -71,6 +71,9 @@ fn target(cfg: &Config, cgroup_root: &Path) -> Target {
         pin_dir: cfg.daemon.pin_dir.0.clone(),
         cgroup: if rel.is_empty() { cgroup_root.to_path_buf() } else { cgroup_root.join(rel) },
         capacity: cfg.datapath.capacity.0,
+        queue_cap: cfg.datapath.queue_cap.0,
+        splice: cfg.datapath.splice_safety.into(),
+        splice_readers: cfg.datapath.splice_readers.iter().map(|n| n.0.clone()).collect(),
     }
 }
 
@@ -108,6 +111,9 @@ impl Daemon {
             image.rules.len(),
             d.config.policy.default.as_str(),
         );
+        for p in &dp.protections {
+            tracing::info!("datapath safety: {p}");
+        }
         d.last_failures = dp.counter(bypassd_ebpf::abi::Counter::InsertFailures).unwrap_or(0);
         d.datapath = Some(dp);
         Ok(d)
@@ -217,6 +223,9 @@ impl Daemon {
                 && old.target.pin_dir != t.pin_dir
             {
                 datapath::detach(&old.target.pin_dir)?;
+            }
+            for p in &dp.protections {
+                tracing::info!("datapath safety: {p}");
             }
             self.datapath = Some(dp);
         }

@@ -103,8 +103,10 @@ fn kernel_policy_agrees_with_the_reference_matcher() {
     // Clients that run as nobody write their sent-file here too.
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
     let cgroot = bypass_testsupport::cgroup2_mount();
+    // "Accelerated" here means the held receiver gets the 256 KiB redirected before it
+    // reads, so the recvmsg-first splice gate is off for this test (policy is orthogonal).
     let base = format!(
-        "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\n",
+        "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\n[datapath]\nsplice_safety = \"off\"\n",
         pins.path().display(),
         top.rel,
         state.path().display()

@@ -4,14 +4,20 @@
  *
  * sock_ops puts each established TCP socket that the policy admits into a SOCKHASH
  * under its own 4-tuple; sk_msg looks up the peer (the swapped tuple) and hands the
- * message straight to the peer's receive queue. A socket whose send ever took the
- * kernel path is pinned to it from then on: the receiver drains its redirect queue
- * before its TCP queue, so switching a direction back to redirect could reorder bytes.
+ * message straight to the peer's receive queue, as long as three rules hold (see
+ * bypass_sk_msg): bytes stay in order, the peer's redirect queue stays bounded, and
+ * the peer reads with recvmsg (splice(2) never sees redirected data). Otherwise the
+ * message takes the ordinary TCP path, where TCP's own flow control applies.
+ * The receive side publishes what a sender needs (bp_rx) from a kprobe on
+ * tcp_bpf_recvmsg and a tp_btf program on sock:sock_recv_length.
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
+#include <linux/ptrace.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
 
 #include "bypass_abi.h"
 
@@ -57,6 +63,30 @@ struct {
 	__type(key, __u32);
 	__type(value, struct bp_policy_meta);
 } bp_policy SEC(".maps");
+
+/* Receive state of each accelerated socket; capacity follows the SOCKHASH. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct bp_sock_key);
+	__type(value, struct bp_rx_state);
+} bp_rx SEC(".maps");
+
+/* Socket cookie -> SOCKHASH key, for the kprobes (they cannot use socket storage). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct bp_sock_key);
+} bp_cookies SEC(".maps");
+
+/* Known splice readers by process name: configured, or learned when seen splicing. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, char[BP_COMM_LEN]);
+	__type(value, __u64);
+} bp_splicers SEC(".maps");
 
 /* BPF_F_CLONE: an accepted socket inherits its listener's cgroup and uid. */
 struct {
@@ -250,6 +280,59 @@ static __always_inline int policy_admits(struct bp_sock_key *key, struct bp_sk_i
 	return 0; /* rules kept changing under us: stay on the kernel path */
 }
 
+/*
+ * Kernel structures read through CO-RE: only the named fields are used and relocated
+ * to the running kernel's layout (the ___bp suffix is a local flavour, stripped when
+ * matching). Read with bpf_probe_read_kernel (BPF_CORE_READ), so kprobes can use them.
+ */
+#pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
+struct sock_common___bp {
+	struct {
+		long long counter;
+	} skc_cookie;
+};
+
+struct sock___bp {
+	struct sock_common___bp __sk_common;
+	int sk_rcvbuf;
+	void *sk_user_data;
+};
+
+struct tcp_sock___bp {
+	__u32 write_seq;
+	__u32 copied_seq;
+};
+
+struct sk_psock___bp {
+	__u32 msg_tot_len;
+};
+
+struct socket___bp {
+	void *file;
+	struct sock___bp *sk;
+};
+
+struct file___bp {
+	void *private_data;
+};
+
+struct fdtable___bp {
+	unsigned int max_fds;
+	struct file___bp **fd;
+};
+
+struct files_struct___bp {
+	struct fdtable___bp *fdt;
+};
+
+struct task_struct___bp {
+	struct files_struct___bp *files;
+};
+#pragma clang attribute pop
+
+/* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
+#define BP_USER_DATA_PTRMASK (~7UL)
+
 SEC("cgroup/sock_create")
 int bypass_sock_create(struct bpf_sock *sk)
 {
@@ -257,11 +340,18 @@ int bypass_sock_create(struct bpf_sock *sk)
 
 	if (sk->type != 1 /* SOCK_STREAM */)
 		return 1;
+	char comm[BP_COMM_LEN] = {};
+
 	info = bpf_sk_storage_get(&bp_sk_info, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (info) {
 		info->cgroup_id = bpf_get_current_cgroup_id();
 		info->uid = (__u32)bpf_get_current_uid_gid();
 		info->flags = BP_SK_KNOWN;
+		/* A known splice reader's sockets (and, by BPF_F_CLONE, the ones it accepts)
+		 * never receive redirected data. */
+		bpf_get_current_comm(comm, sizeof(comm));
+		if (bpf_map_lookup_elem(&bp_splicers, comm))
+			info->flags |= BP_SK_NO_REDIRECT_IN;
 	}
 	return 1; /* never refuse a socket */
 }
@@ -271,9 +361,22 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 {
 	struct bp_sock_key key;
 	struct bp_sk_info *info = 0;
+	struct bp_rx_state rx = {};
+	struct tcp_sock___bp *tp;
 	struct bpf_sock *sk;
+	__u64 cookie;
 	long err;
 
+	if (ops->op == BPF_SOCK_OPS_STATE_CB) {
+		/* A closing socket's receive state goes; the SOCKHASH drops it by itself. */
+		if (ops->args[1] == BPF_TCP_CLOSE) {
+			key_from_ops(ops, &key);
+			bpf_map_delete_elem(&bp_rx, &key);
+			cookie = bpf_get_socket_cookie(ops);
+			bpf_map_delete_elem(&bp_cookies, &cookie);
+		}
+		return 1;
+	}
 	if (ops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    ops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
@@ -285,53 +388,358 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 	}
 	key_from_ops(ops, &key);
 	sk = ops->sk;
-	if (sk)
-		info = bpf_sk_storage_get(&bp_sk_info, sk, 0, 0);
+	if (!sk)
+		return 1;
+	info = bpf_sk_storage_get(&bp_sk_info, sk, 0, 0);
 	if (!policy_admits(&key, info)) {
 		count(BP_CTR_POLICY_KERNEL, 1);
 		return 1;
 	}
+	tp = (void *)bpf_skc_to_tcp_sock(sk);
+	if (!tp) {
+		count(BP_CTR_INSERT_FAILURES, 1);
+		return 1;
+	}
+	/*
+	 * Receive state before the SOCKHASH entry: a sender that finds us there also finds
+	 * this. BPF_NOEXIST: a live socket with the same key keeps its state (and entry).
+	 */
+	rx.copied_seq = tp->copied_seq;
+	rx.rcvbuf = ((struct sock___bp *)tp)->sk_rcvbuf;
+	rx.ready = !control(BP_CTL_RECV_GATE);
+	/* A known splice reader: TCP only, as if it had been seen splicing. */
+	rx.spliced = info && (info->flags & BP_SK_NO_REDIRECT_IN);
+	if (bpf_map_update_elem(&bp_rx, &key, &rx, BPF_NOEXIST)) {
+		count(BP_CTR_INSERT_FAILURES, 1);
+		return 1;
+	}
+	cookie = bpf_get_socket_cookie(ops);
+	if (bpf_map_update_elem(&bp_cookies, &cookie, &key, BPF_ANY))
+		goto undo;
 	/* BPF_NOEXIST: replacing a live socket's entry would drop its unread data. */
 	err = bpf_sock_hash_update(ops, &bp_socks, &key, BPF_NOEXIST);
-	count(err ? BP_CTR_INSERT_FAILURES : BP_CTR_SOCKETS_INSERTED, 1);
+	if (err) {
+		bpf_map_delete_elem(&bp_cookies, &cookie);
+		goto undo;
+	}
+	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	count(BP_CTR_SOCKETS_INSERTED, 1);
+	return 1;
+undo:
+	bpf_map_delete_elem(&bp_rx, &key);
+	count(BP_CTR_INSERT_FAILURES, 1);
 	return 1;
 }
 
+/*
+ * May this send be redirected to the peer's ingress? Every rule below falls back to
+ * SK_PASS: the message then takes the ordinary TCP path, where nothing is lost and
+ * TCP's own flow control blocks the sender (or gives it EAGAIN).
+ * - recvmsg first: splice(2) reads only the TCP receive queue and never sees the
+ *   psock queue; a receiver that has not read with recvmsg yet (or ever spliced)
+ *   gets nothing redirected, so a splice reader finds all its data on TCP.
+ * - order: every byte we ever sent on the TCP path must already have been read by
+ *   the peer (our write_seq == its copied_seq). The receiver drains its psock queue
+ *   before its TCP queue, so redirecting while our TCP bytes wait would let new bytes
+ *   overtake them. Redirect -> TCP is always safe; TCP -> redirect only once drained.
+ * - backpressure: when the peer's psock queue already holds the cap (default: its
+ *   SO_RCVBUF), the send takes TCP. An empty queue always takes one message.
+ * The peer's figures come from bp_rx: sk_msg cannot hold a reference to the peer.
+ * They may be stale, but only ever in the conservative direction (copied_seq lower,
+ * queued higher), except one message racing a publication (documented bound).
+ */
 SEC("sk_msg")
 int bypass_sk_msg(struct sk_msg_md *msg)
 {
 	struct bp_sock_key key;
-	struct bp_sk_info *info = 0;
+	struct bpf_sock *me = msg->sk;
+	struct tcp_sock___bp *mt;
+	struct bp_rx_state *rx;
 	__u32 size = msg->size;
+	__u64 bound, queued;
+	int stranded = 0;
 
-	if (msg->sk)
-		info = bpf_sk_storage_get(&bp_sk_info, msg->sk, 0, 0);
-	if (info && (info->flags & BP_SK_DEMOTED))
+	if (!me)
 		goto pass;
-
 	peer_key_from_msg(msg, &key);
+	rx = bpf_map_lookup_elem(&bp_rx, &key);
+	if (!rx)
+		goto pass; /* the peer is not accelerated */
+	if (rx->spliced) {
+		/*
+		 * A splice reader sees TCP data but never the psock queue: with that queue
+		 * empty, TCP is the only safe path from now on. With bytes already stranded
+		 * there (it read with recvmsg, then switched to splice), no path is safe for
+		 * splice: TCP bytes would reach it ahead of the stranded ones (corruption).
+		 * Keep redirecting while the queue has room (the stream stays in order for a
+		 * recvmsg fallback), and refuse sends beyond that (EACCES to the sender)
+		 * instead of passing them: loud, bounded, never reordered.
+		 */
+		if (!rx->queued) {
+			count(BP_CTR_SPLICE_KEPT, 1);
+			goto pass;
+		}
+		stranded = 1;
+	}
+	if (!rx->ready) {
+		count(BP_CTR_NOT_READY, 1);
+		goto pass;
+	}
+	mt = (void *)bpf_skc_to_tcp_sock(me);
+	if (!mt || mt->write_seq != rx->copied_seq) {
+		count(BP_CTR_ORDER_WAIT, 1);
+		goto pass;
+	}
+	bound = control(BP_CTL_QUEUE_CAP);
+	if (!bound)
+		bound = rx->rcvbuf;
+	queued = rx->queued;
+	if (queued && queued + size > bound) {
+		count(BP_CTR_BACKPRESSURE, 1);
+		goto pass;
+	}
 	/*
-	 * No peer in the map: the helper returns SK_DROP without redirecting. We then
-	 * return SK_PASS ourselves, so the message takes the kernel path, never dropped.
+	 * A failed redirect (the peer left the map meanwhile) returns SK_DROP without
+	 * redirecting; we return SK_PASS ourselves, so the message takes the TCP path.
 	 */
 	if (bpf_msg_redirect_hash(msg, &bp_socks, &key, BPF_F_INGRESS) != SK_PASS_VERDICT)
-		goto demote;
+		goto pass;
+	__sync_fetch_and_add(&rx->queued, size);
 	count(BP_CTR_REDIRECTED_MSGS, 1);
 	count(BP_CTR_REDIRECTED_BYTES, size);
 	return SK_PASS_VERDICT;
 
-demote:
-	if (msg->sk) {
-		if (!info)
-			info = bpf_sk_storage_get(&bp_sk_info, msg->sk, 0,
-						  BPF_SK_STORAGE_GET_F_CREATE);
-		if (info && !(info->flags & BP_SK_DEMOTED)) {
-			info->flags |= BP_SK_DEMOTED;
-			count(BP_CTR_DEMOTED, 1);
-		}
-	}
 pass:
+	if (stranded) {
+		count(BP_CTR_STRANDED_DROPS, 1);
+		return 0; /* SK_DROP */
+	}
 	count(BP_CTR_PASSED_MSGS, 1);
 	count(BP_CTR_PASSED_BYTES, size);
 	return SK_PASS_VERDICT;
+}
+
+static __always_inline struct bp_rx_state *rx_of(struct sock___bp *sk)
+{
+	struct bp_sock_key *key;
+	__u64 cookie;
+
+	if (!sk || !BPF_CORE_READ(sk, sk_user_data))
+		return 0; /* no psock: not in any sockmap */
+	cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	if (!cookie)
+		return 0;
+	key = bpf_map_lookup_elem(&bp_cookies, &cookie);
+	if (!key)
+		return 0;
+	return bpf_map_lookup_elem(&bp_rx, key);
+}
+
+static __always_inline __u32 psock_queued(struct sock___bp *sk)
+{
+	struct sk_psock___bp *psock;
+	unsigned long ud = (unsigned long)BPF_CORE_READ(sk, sk_user_data);
+
+	psock = (void *)(ud & BP_USER_DATA_PTRMASK);
+	if (!psock)
+		return 0;
+	return BPF_CORE_READ(psock, msg_tot_len);
+}
+
+/* Publish the receiver's consumption: copied_seq, SO_RCVBUF, redirected bytes queued. */
+static __always_inline void publish(struct sock___bp *sk, struct bp_rx_state *rx)
+{
+	struct tcp_sock___bp *tp = (void *)sk;
+
+	rx->copied_seq = BPF_CORE_READ(tp, copied_seq);
+	rx->rcvbuf = BPF_CORE_READ(sk, sk_rcvbuf);
+	rx->queued = psock_queued(sk);
+}
+
+/*
+ * Entry of every recvmsg/read on a socket with a psock (tcp_bpf replaces
+ * sk_prot->recvmsg): the receiver reads with recvmsg, so it becomes a redirect target
+ * (unless it ever spliced), even while it blocks waiting for the first byte.
+ */
+SEC("kprobe/tcp_bpf_recvmsg")
+int bypass_rx_enter(struct pt_regs *ctx)
+{
+	struct sock___bp *sk = (void *)PT_REGS_PARM1(ctx);
+	struct bp_rx_state *rx = rx_of(sk);
+
+	if (!rx)
+		return 0;
+	publish(sk, rx);
+	if (!rx->ready)
+		rx->ready = 1;
+	return 0;
+}
+
+/*
+ * After every recvmsg/read (any socket; filtered by rx_of): publish what was consumed,
+ * and mark the receiver as a recvmsg reader. This alone suffices where kprobes are
+ * unavailable; the receiver then becomes a redirect target after its first read
+ * returns (a non-blocking reader's first EAGAIN counts), not when it starts waiting.
+ */
+SEC("tp_btf/sock_recv_length")
+int bypass_rx_done(__u64 *ctx)
+{
+	struct sock___bp *sk = (void *)ctx[0];
+	struct bp_rx_state *rx;
+
+	/* Runs for every read on the host: leave at once, with a plain BTF load instead
+	 * of a probe read, when the socket has no psock (is in no sockmap). */
+	if (!sk || !sk->sk_user_data)
+		return 0;
+	rx = rx_of(sk);
+	if (!rx)
+		return 0;
+	publish(sk, rx);
+	if (!rx->ready)
+		rx->ready = 1;
+	return 0;
+}
+
+/*
+ * A splice read on an accelerated socket: stop redirecting to it for good. If
+ * redirected bytes are already queued, splice cannot see them (the hazard this whole
+ * rule set exists to avoid); count it so it is never silent.
+ */
+static __always_inline void splice_seen(struct sock___bp *sk)
+{
+	struct bp_rx_state *rx = rx_of(sk);
+
+	__u32 queued;
+
+	if (!rx || rx->spliced)
+		return;
+	char comm[BP_COMM_LEN] = {};
+	__u64 learned = BP_SPLICER_LEARNED;
+
+	queued = psock_queued(sk);
+	rx->queued = queued;
+	rx->spliced = 1;
+	count(BP_CTR_SPLICE_SEEN, 1);
+	if (queued)
+		count(BP_CTR_SPLICE_STRANDED, 1);
+	/* Learn the program: its later sockets are never redirect targets. */
+	bpf_get_current_comm(comm, sizeof(comm));
+	bpf_map_update_elem(&bp_splicers, comm, &learned, BPF_NOEXIST);
+}
+
+/* Where kprobes exist: every TCP splice read, whatever issued it (io_uring too). */
+SEC("kprobe/tcp_splice_read")
+int bypass_splice_kprobe(struct pt_regs *ctx)
+{
+	struct socket___bp *sock = (void *)PT_REGS_PARM1(ctx);
+
+	splice_seen(BPF_CORE_READ(sock, sk));
+	return 0;
+}
+
+/* The socket behind a file descriptor of the current task, or NULL. */
+static __always_inline struct sock___bp *fd_sock(long fd)
+{
+	struct task_struct___bp *task = (void *)bpf_get_current_task();
+	struct fdtable___bp *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file___bp **fds, *file;
+	struct socket___bp *sock;
+
+	if (!fdt || fd < 0 || fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	/* Only a socket's file points at a struct socket that points back at it. */
+	if (!sock || BPF_CORE_READ(sock, file) != file)
+		return 0;
+	return BPF_CORE_READ(sock, sk);
+}
+
+/* syscalls:sys_enter_splice / sys_enter_sendfile64 records (see their format files). */
+struct bp_splice_args {
+	__u64 common;
+	__u64 nr;
+	__u64 fd_in;
+};
+
+struct bp_sendfile_args {
+	__u64 common;
+	__u64 nr;
+	__u64 out_fd;
+	__u64 in_fd;
+};
+
+/* Where only tracepoints exist: splice(2) and sendfile(2) reading a socket. */
+SEC("tracepoint/syscalls/sys_enter_splice")
+int bypass_splice_seen(struct bp_splice_args *args)
+{
+	splice_seen(fd_sock((int)args->fd_in));
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendfile64")
+int bypass_sendfile_seen(struct bp_sendfile_args *args)
+{
+	splice_seen(fd_sock((int)args->in_fd));
+	return 0;
+}
+
+/*
+ * Where the kernel runs BPF LSM programs (trampolines): refuse splice(2)/sendfile(2)
+ * reads of accelerated sockets with EINVAL, the documented "this file does not
+ * support splice" answer, before any data moves. Go's io.Copy and HAProxy then fall
+ * back to read/write. Optional: the loader attaches it only where the kernel accepts it.
+ */
+#if defined(__TARGET_ARCH_arm64)
+struct pt_regs___bp {
+	long long syscallno;
+} __attribute__((preserve_access_index));
+#define BP_SYSCALL_NR(r) BPF_CORE_READ(r, syscallno)
+#define BP_NR_SPLICE 76
+#define BP_NR_SENDFILE 71
+#else
+struct pt_regs___bp {
+	unsigned long orig_ax;
+} __attribute__((preserve_access_index));
+#define BP_SYSCALL_NR(r) BPF_CORE_READ(r, orig_ax)
+#define BP_NR_SPLICE 275
+#define BP_NR_SENDFILE 40
+#endif
+
+#define BP_EINVAL 22
+
+static __always_inline int is_splice_syscall(void)
+{
+	struct pt_regs___bp *regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	long nr;
+
+	if (!regs)
+		return 0;
+	nr = BP_SYSCALL_NR(regs);
+	return nr == BP_NR_SPLICE || nr == BP_NR_SENDFILE;
+}
+
+SEC("lsm/file_permission")
+int bypass_splice_guard(__u64 *ctx)
+{
+	void *file = (void *)ctx[0];
+	int mask = (int)ctx[1];
+	int ret = (int)ctx[2];
+	struct socket___bp *sock;
+
+	if (ret)
+		return ret;
+	if (!(mask & 4 /* MAY_READ */))
+		return 0;
+	sock = (void *)bpf_sock_from_file(file);
+	if (!sock)
+		return 0;
+	if (!rx_of(BPF_CORE_READ(sock, sk)))
+		return 0;
+	if (!is_splice_syscall())
+		return 0;
+	count(BP_CTR_SPLICE_REFUSED, 1);
+	return -BP_EINVAL;
 }

@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 1
+#define BP_ABI_VERSION 2
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -27,15 +27,24 @@ enum bp_counter {
 	BP_CTR_PASSED_BYTES = 5,
 	BP_CTR_POLICY_KERNEL = 6,  /* sockets the policy left on the kernel path */
 	BP_CTR_PAUSED_SKIPS = 7,   /* sockets not inserted while paused */
-	BP_CTR_DEMOTED = 8,        /* sockets pinned to the kernel path after a pass */
-	BP_CTR_MAX = 9,
+	BP_CTR_ORDER_WAIT = 8,     /* sends kept on TCP: the peer had TCP data unread */
+	BP_CTR_BACKPRESSURE = 9,   /* sends kept on TCP: the peer's redirect queue was full */
+	BP_CTR_NOT_READY = 10,     /* sends kept on TCP: the peer never read with recvmsg yet */
+	BP_CTR_SPLICE_KEPT = 11,   /* sends kept on TCP: the peer reads with splice */
+	BP_CTR_SPLICE_SEEN = 12,   /* accelerated sockets seen reading with splice (once each) */
+	BP_CTR_SPLICE_STRANDED = 13, /* ...of which had redirected bytes queued then (unsafe) */
+	BP_CTR_SPLICE_REFUSED = 14, /* splice/sendfile reads refused by the BPF LSM guard */
+	BP_CTR_STRANDED_DROPS = 15, /* sends refused (EACCES): peer splices with bytes stranded */
+	BP_CTR_MAX = 16,
 };
 
 /* Indices in the control array (u64 values). */
 enum bp_control {
 	BP_CTL_POLICY_SEQ = 0, /* active rule buffer = seq & 1; bumped on every swap */
 	BP_CTL_PAUSED = 1,     /* non-zero: do not insert new sockets */
-	BP_CTL_MAX = 2,
+	BP_CTL_QUEUE_CAP = 2,  /* max bytes queued for one receiver; 0 = its SO_RCVBUF */
+	BP_CTL_RECV_GATE = 3,  /* non-zero: a receiver is a redirect target only after a recvmsg */
+	BP_CTL_MAX = 4,
 };
 
 /* Rule actions. */
@@ -89,7 +98,26 @@ struct bp_sk_info {
 	__u32 flags; /* BP_SK_* */
 };
 
-#define BP_SK_KNOWN (1u << 0)   /* cgroup_id and uid are valid */
-#define BP_SK_DEMOTED (1u << 1) /* a send took the kernel path: never redirect again */
+#define BP_SK_KNOWN (1u << 0)      /* cgroup_id and uid are valid */
+#define BP_SK_NO_REDIRECT_IN (1u << 1) /* created by a known splice reader (bp_splicers) */
+
+/* bp_splicers: process names (comm, 16 bytes, NUL padded) whose sockets never get
+ * redirected data. Value: how the name got there. */
+#define BP_COMM_LEN 16
+#define BP_SPLICER_CONFIGURED (1u << 0)
+#define BP_SPLICER_LEARNED (1u << 1)
+
+/*
+ * What a sender needs to know about an accelerated receiver, keyed by the receiver's
+ * SOCKHASH key: written at establishment, published again around each of the
+ * receiver's reads, and bumped by the sender as it queues redirected bytes.
+ */
+struct bp_rx_state {
+	__u32 copied_seq; /* receiver's tcp_sock copied_seq: TCP bytes read so far */
+	__u32 rcvbuf;     /* receiver's SO_RCVBUF */
+	__u64 queued;     /* redirected bytes waiting on the receiver's psock queue */
+	__u32 ready;      /* 1: has read with recvmsg (or the recvmsg gate is off) */
+	__u32 spliced;    /* 1: has read with splice: never a redirect target again */
+};
 
 #endif

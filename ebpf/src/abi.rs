@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -16,12 +16,19 @@ pub enum Counter {
     PassedBytes = 5,
     PolicyKernel = 6,
     PausedSkips = 7,
-    Demoted = 8,
+    OrderWait = 8,
+    Backpressure = 9,
+    NotReady = 10,
+    SpliceKept = 11,
+    SpliceSeen = 12,
+    SpliceStranded = 13,
+    SpliceRefused = 14,
+    StrandedDrops = 15,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 9;
-    pub const ALL: [Counter; 9] = [
+    pub const COUNT: u32 = 16;
+    pub const ALL: [Counter; 16] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -30,7 +37,14 @@ impl Counter {
         Counter::PassedBytes,
         Counter::PolicyKernel,
         Counter::PausedSkips,
-        Counter::Demoted,
+        Counter::OrderWait,
+        Counter::Backpressure,
+        Counter::NotReady,
+        Counter::SpliceKept,
+        Counter::SpliceSeen,
+        Counter::SpliceStranded,
+        Counter::SpliceRefused,
+        Counter::StrandedDrops,
     ];
 
     /// The stable name used in JSON output and D-Bus.
@@ -44,7 +58,14 @@ impl Counter {
             Counter::PassedBytes => "passed_bytes",
             Counter::PolicyKernel => "policy_kernel_sockets",
             Counter::PausedSkips => "paused_skips",
-            Counter::Demoted => "demoted_sockets",
+            Counter::OrderWait => "order_wait_msgs",
+            Counter::Backpressure => "backpressure_msgs",
+            Counter::NotReady => "not_ready_msgs",
+            Counter::SpliceKept => "splice_kept_msgs",
+            Counter::SpliceSeen => "splice_sockets",
+            Counter::SpliceStranded => "splice_stranded_sockets",
+            Counter::SpliceRefused => "splice_refused",
+            Counter::StrandedDrops => "stranded_drops",
         }
     }
 }
@@ -52,7 +73,9 @@ impl Counter {
 /// Control array indices (`enum bp_control`).
 pub const CTL_POLICY_SEQ: u32 = 0;
 pub const CTL_PAUSED: u32 = 1;
-pub const CTL_MAX: u32 = 2;
+pub const CTL_QUEUE_CAP: u32 = 2;
+pub const CTL_RECV_GATE: u32 = 3;
+pub const CTL_MAX: u32 = 4;
 
 pub const ACTION_KERNEL: u8 = 0;
 pub const ACTION_ACCELERATE: u8 = 1;
@@ -61,7 +84,12 @@ pub const RULE_MATCH_CGROUP: u8 = 1 << 0;
 pub const RULE_MATCH_UID: u8 = 1 << 1;
 
 pub const SK_KNOWN: u32 = 1 << 0;
-pub const SK_DEMOTED: u32 = 1 << 1;
+pub const SK_NO_REDIRECT_IN: u32 = 1 << 1;
+
+/// `bp_splicers` keys: a process name (comm), NUL padded.
+pub const COMM_LEN: usize = 16;
+pub const SPLICER_CONFIGURED: u64 = 1 << 0;
+pub const SPLICER_LEARNED: u64 = 1 << 1;
 
 /// `struct bp_sock_key`: one socket from its own side; IPv4 is IPv4-mapped.
 #[repr(C)]
@@ -109,9 +137,21 @@ pub struct SkInfo {
     pub flags: u32,
 }
 
+/// `struct bp_rx_state`: what a sender knows about an accelerated receiver.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RxState {
+    pub copied_seq: u32,
+    pub rcvbuf: u32,
+    pub queued: u64,
+    pub ready: u32,
+    pub spliced: u32,
+}
+
 // SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding
 // (checked against the C layout by tests/layout.rs).
 unsafe impl aya::Pod for SockKey {}
 unsafe impl aya::Pod for Rule {}
 unsafe impl aya::Pod for PolicyMeta {}
 unsafe impl aya::Pod for SkInfo {}
+unsafe impl aya::Pod for RxState {}

@@ -15,6 +15,18 @@ pub mod programs {
     pub const SOCK_OPS: &str = "bypass_sockops";
     pub const SK_MSG: &str = "bypass_sk_msg";
     pub const SOCK_CREATE: &str = "bypass_sock_create";
+    /// kprobe on tcp_bpf_recvmsg: the receiver reads with recvmsg (publishes its state).
+    pub const RX_ENTER: &str = "bypass_rx_enter";
+    /// tp_btf on sock:sock_recv_length: publishes what a read consumed.
+    pub const RX_DONE: &str = "bypass_rx_done";
+    /// kprobe on tcp_splice_read: a receiver splices; never redirect to it again.
+    pub const SPLICE_KPROBE: &str = "bypass_splice_kprobe";
+    /// Tracepoint syscalls:sys_enter_splice: the same where kprobes are unavailable.
+    pub const SPLICE_SEEN: &str = "bypass_splice_seen";
+    /// Tracepoint syscalls:sys_enter_sendfile64: sendfile reading a socket.
+    pub const SENDFILE_SEEN: &str = "bypass_sendfile_seen";
+    /// Optional BPF LSM (file_permission): refuses splice reads of accelerated sockets.
+    pub const SPLICE_GUARD: &str = "bypass_splice_guard";
 }
 
 /// Map names in the object.
@@ -25,6 +37,9 @@ pub mod maps {
     pub const RULES: &str = "bp_rules";
     pub const POLICY: &str = "bp_policy";
     pub const SK_INFO: &str = "bp_sk_info";
+    pub const RX: &str = "bp_rx";
+    pub const COOKIES: &str = "bp_cookies";
+    pub const SPLICERS: &str = "bp_splicers";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 6] = [SOCKS, COUNTERS, CONTROL, RULES, POLICY, SK_INFO];
+    pub const ALL: [&str; 9] = [SOCKS, COUNTERS, CONTROL, RULES, POLICY, SK_INFO, RX, COOKIES, SPLICERS];
 }
