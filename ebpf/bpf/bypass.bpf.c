@@ -587,14 +587,29 @@ int bypass_rx_done(__u64 *ctx)
 	struct sock___bp *sk = (void *)ctx[0];
 	struct bp_rx_state *rx;
 
-	/* Runs for every read on the host: leave at once, with a plain BTF load instead
-	 * of a probe read, when the socket has no psock (is in no sockmap). */
-	if (!sk || !sk->sk_user_data)
+	struct tcp_sock___bp *tp;
+	struct bp_sock_key *key;
+	unsigned long ud;
+	__u64 cookie;
+
+	/* Runs for every read on the host: plain BTF loads (no probe reads), and leave at
+	 * once when the socket has no psock (is in no sockmap). */
+	if (!sk)
 		return 0;
-	rx = rx_of(sk);
-	if (!rx)
+	ud = (unsigned long)sk->sk_user_data;
+	if (!ud)
 		return 0;
-	publish(sk, rx);
+	cookie = sk->__sk_common.skc_cookie.counter;
+	key = cookie ? bpf_map_lookup_elem(&bp_cookies, &cookie) : 0;
+	if (!key)
+		return 0;
+	rx = bpf_map_lookup_elem(&bp_rx, key);
+	tp = (void *)bpf_skc_to_tcp_sock(sk);
+	if (!rx || !tp)
+		return 0;
+	rx->copied_seq = tp->copied_seq;
+	rx->rcvbuf = sk->sk_rcvbuf;
+	rx->queued = BPF_CORE_READ((struct sk_psock___bp *)(ud & BP_USER_DATA_PTRMASK), msg_tot_len);
 	if (!rx->ready)
 		rx->ready = 1;
 	return 0;
