@@ -57,7 +57,7 @@ impl Plan {
             unix_millis: if short { 300 } else { 1000 },
             churn_millis: if short { 1000 } else { 3000 },
             churn_reps: if short { 1 } else { 5 },
-            unaccel_reps: if short { 1 } else { 7 },
+            unaccel_reps: cli.unaccel_reps.unwrap_or(if short { 1 } else { 11 }),
             start_reps: if short { 2 } else { 5 },
             reload_reps: if short { 3 } else { 10 },
             idle_secs: if short { 3 } else { 10 },
@@ -90,8 +90,10 @@ impl Mode {
 /// kills anything left in them), namespaces, pins, temp dirs.
 struct Env {
     servers: Vec<Proc>,
-    daemon: BenchDaemon,
-    counters: Counters,
+    /// The main bypassd, attached to cg_a (started after the unaccelerated section,
+    /// which needs a host without it).
+    daemon: Option<BenchDaemon>,
+    counters: Option<Counters>,
     cg_a: TestCgroup,
     cg_b: TestCgroup,
     ns_server: Netns,
@@ -138,11 +140,33 @@ impl Env {
         let base = 22000 + (std::process::id() % 900) as u16 * 10;
         let state = tmp.path().join("state");
         std::fs::create_dir_all(&state)?;
-        let cfg = config(pin.path(), &cg_a.rel, &state, Some((base, base + 1)), false);
         let bus = SystemBus::start().context("starting a private system bus (dbus-daemon)")?;
-        let (daemon, _) = BenchDaemon::start(&cfg, &[bus.env()])?;
-        let counters = Counters::open(pin.path())?;
-        Ok(Env { servers: Vec::new(), daemon, counters, cg_a, cg_b, ns_server, ns_client, pin, bus, tmp, base })
+        Ok(Env { servers: Vec::new(), daemon: None, counters: None, cg_a, cg_b, ns_server, ns_client, pin, bus, tmp, base })
+    }
+
+    /// The config of the daemons attached to cg_a: accelerate by default, but ports
+    /// base..base+1 stay on the kernel path.
+    fn config_a(&self, pin: &Path) -> Result<String> {
+        let state = self.tmp.path().join(format!("state-{}", pin.file_name().unwrap_or_default().to_string_lossy()));
+        std::fs::create_dir_all(&state)?;
+        Ok(config(pin, &self.cg_a.rel, &state, Some((self.base, self.base + 1)), false))
+    }
+
+    /// Start the main bypassd on cg_a (on its own private system bus).
+    fn start_daemon(&mut self) -> Result<()> {
+        let cfg = self.config_a(self.pin.path())?;
+        let (daemon, _) = BenchDaemon::start(&cfg, &[self.bus.env()])?;
+        self.counters = Some(Counters::open(self.pin.path())?);
+        self.daemon = Some(daemon);
+        Ok(())
+    }
+
+    fn counters(&self) -> &Counters {
+        self.counters.as_ref().expect("the main daemon is started before this")
+    }
+
+    fn daemon(&self) -> &BenchDaemon {
+        self.daemon.as_ref().expect("the main daemon is started before this")
     }
 
     fn cg(&self, m: Mode) -> &TestCgroup {
@@ -180,7 +204,18 @@ impl Env {
 
     /// One qperf run; returns µs (latency) or MB/s (bandwidth) and the counter delta.
     #[allow(clippy::too_many_arguments)]
-    fn qperf(&self, m: Mode, topo: &str, lp: u16, ip: Option<u16>, test: &str, size: u32, secs: u32, cpu: Option<usize>) -> Result<QRun> {
+    fn qperf(
+        &self,
+        counters: Option<&Counters>,
+        m: Mode,
+        topo: &str,
+        lp: u16,
+        ip: Option<u16>,
+        test: &str,
+        size: u32,
+        secs: u32,
+        cpu: Option<usize>,
+    ) -> Result<QRun> {
         let host = if topo == "veth" { VETH_SERVER } else { "127.0.0.1" };
         let mut cmd = self.command(m, topo, false, "qperf");
         cmd.args([host, "-lp", &lp.to_string(), "-t", &secs.to_string(), "-m", &size.to_string(), "-e", "5", "-uu", "-vvs"]);
@@ -196,9 +231,10 @@ impl Env {
         // In the client's own namespace, TCP segment counts are this run's alone.
         let segs = |env: &Env| (topo == "veth").then(|| netns_out_segs(&env.ns_client.name)).flatten();
         let segs0 = segs(self);
-        let before = self.counters.read()?;
+        let read = || counters.map_or(Ok(Snap::default()), |c| c.read());
+        let before = read()?;
         let out = run_timeout(cmd, Duration::from_secs(secs as u64 + 30))?;
-        let after = self.counters.read()?;
+        let after = read()?;
         let segs1 = segs(self);
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
@@ -268,10 +304,21 @@ fn parse_qperf(out: &str) -> Result<f64> {
     bail!("no latency or bw line")
 }
 
+/// 1-minute load averages seen during the run (sampled at most every 10 s).
+static LOAD: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
+
 fn progress(msg: &str) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
     let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
     eprintln!("[bench {t:7.1}s] {msg}");
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if last.is_none_or(|l| l.elapsed() >= Duration::from_secs(10)) {
+        *last = Some(Instant::now());
+        if let Some(l) = std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()) {
+            LOAD.lock().unwrap_or_else(|p| p.into_inner()).push(l);
+        }
+    }
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -342,31 +389,20 @@ pub fn run(cli: &Cli) -> Result<bool> {
         pinned_cpu: plan.cpu,
         started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         duration_secs: 0.0,
+        load_avg_1min: Vec::new(),
     };
     progress(&format!("{} mode: {} reps × {} s, sizes {:?}, output {}", plan.mode, plan.reps, plan.secs, plan.sizes, out.display()));
 
+    // Before anything of ours is loaded: whatever is here belongs to someone else.
+    r.host_tracing_programs_start = fixtures::host_tracing_programs();
+    r.bpf_stats_enabled.0 = fixtures::bpf_stats_enabled();
     let mut env = Env::new()?;
-    // The kernel cgroup must have no socket hooks at all; the bypass cgroup ours.
-    r.verification.bypass_cgroup_programs = fixtures::effective_progs(&env.cg_a.path)?;
-    r.verification.kernel_cgroup_programs = fixtures::effective_progs(&env.cg_b.path)?;
-    let hooks_in_b = r
-        .verification
-        .kernel_cgroup_programs
-        .iter()
-        .any(|(t, _)| t.contains("sock_ops") || t.contains("sock_create") || t.contains("sk_msg") || t.contains("sk_skb"));
-    let ours_in_a = r.verification.bypass_cgroup_programs.iter().any(|(t, n)| t.contains("sock_ops") && n.starts_with("bypass"));
-    r.verification.ok = !hooks_in_b && ours_in_a;
-    progress(&format!(
-        "hooks: bypass cgroup {:?}; kernel cgroup {:?} → {}",
-        r.verification.bypass_cgroup_programs,
-        r.verification.kernel_cgroup_programs,
-        if r.verification.ok { "OK" } else { "NOT OK" }
-    ));
 
     type Section = fn(&mut Env, &Plan, &mut Results) -> Result<()>;
     let sections: [(&str, Section); 5] = [
-        ("daemon", daemon_section),
+        // First, while no bypassd of ours is attached anywhere.
         ("unaccelerated", unaccel_section),
+        ("daemon", daemon_section),
         ("churn", churn_section),
         ("unix", unix_section),
         ("qperf", qperf_section),
@@ -374,6 +410,11 @@ pub fn run(cli: &Cli) -> Result<bool> {
     for (name, f) in sections {
         if !plan.wants(name) {
             continue;
+        }
+        if name != "unaccelerated" && env.daemon.is_none() {
+            env.servers.clear();
+            env.start_daemon()?;
+            verify_hooks(&env, &mut r)?;
         }
         progress(&format!("== {name}"));
         if let Err(e) = f(&mut env, &plan, &mut r) {
@@ -386,14 +427,52 @@ pub fn run(cli: &Cli) -> Result<bool> {
         env.servers.clear();
     }
     drop(env);
+    // Ours are gone with the pins: whatever is left belongs to someone else.
+    std::thread::sleep(Duration::from_millis(200));
+    r.host_tracing_programs_end = fixtures::host_tracing_programs();
+    r.bpf_stats_enabled.1 = fixtures::bpf_stats_enabled();
 
     // An interrupted run writes nothing: it would replace complete results with partial ones.
     check_stop()?;
     r.run.duration_secs = t0.elapsed().as_secs_f64();
+    r.run.load_avg_1min = LOAD.lock().unwrap_or_else(|p| p.into_inner()).clone();
     r.evaluate();
     write_outputs(&r, &out)?;
     let clean = r.errors.is_empty() && r.targets.iter().find(|t| t.name.starts_with("Bypass runs")).is_none_or(|t| t.pass);
     Ok(clean)
+}
+
+/// The kernel cgroup must have no socket hooks at all; the bypass cgroup ours.
+fn verify_hooks(env: &Env, r: &mut Results) -> Result<()> {
+    r.verification.bypass_cgroup_programs = fixtures::effective_progs(&env.cg_a.path)?;
+    r.verification.kernel_cgroup_programs = fixtures::effective_progs(&env.cg_b.path)?;
+    let hooks_in_b = r
+        .verification
+        .kernel_cgroup_programs
+        .iter()
+        .any(|(t, _)| t.contains("sock_ops") || t.contains("sock_create") || t.contains("sk_msg") || t.contains("sk_skb"));
+    let ours_in_a = r.verification.bypass_cgroup_programs.iter().any(|(t, n)| t.contains("sock_ops") && n.starts_with("bypass"));
+    r.verification.ok = !hooks_in_b && ours_in_a;
+    let global = fixtures::global_hooks(env.pin.path())?;
+    progress(&format!(
+        "hooks: bypass cgroup {:?}; kernel cgroup {:?} → {}; bypassd's global hooks: {:?}",
+        r.verification.bypass_cgroup_programs,
+        r.verification.kernel_cgroup_programs,
+        if r.verification.ok { "OK" } else { "NOT OK" },
+        global
+    ));
+    r.global_hooks = Some(global);
+    Ok(())
+}
+
+/// Re-render results.md and the plots from a results.json.
+pub fn render(json: &Path, out: Option<&Path>) -> Result<()> {
+    let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let mut r: Results = serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    let out = out.map(Path::to_path_buf).unwrap_or_else(|| json.parent().unwrap_or(Path::new(".")).to_path_buf());
+    std::fs::create_dir_all(&out)?;
+    r.evaluate();
+    write_outputs(&r, &out)
 }
 
 fn write_outputs(r: &Results, out: &Path) -> Result<()> {
@@ -465,7 +544,7 @@ fn qperf_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
             for m in order {
                 check_stop()?;
                 let lp = ports(&p.topology, m);
-                let q = env.qperf(m, &p.topology, lp, None, qtest, p.size, plan.secs, pinned.then_some(plan.cpu))?;
+                let q = env.qperf(Some(env.counters()), m, &p.topology, lp, None, qtest, p.size, plan.secs, pinned.then_some(plan.cpu))?;
                 let (v, d) = (q.value, q.delta);
                 done += 1;
                 match m {
@@ -612,11 +691,11 @@ fn churn_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
             let port = ports[if m == Mode::Bypass { 0 } else { 1 }];
             let mut cmd = env.cg(m).command(exe()?);
             cmd.args(["helper", "churn-client", "--addr", &format!("127.0.0.1:{port}"), "--millis", &plan.churn_millis.to_string()]);
-            let before = env.counters.read()?;
+            let before = env.counters().read()?;
             let o = run_timeout(cmd, Duration::from_secs(60))?;
             // Let the last connection's server side close before reading counters.
             std::thread::sleep(Duration::from_millis(100));
-            let d = env.counters.read()?.since(&before);
+            let d = env.counters().read()?.since(&before);
             if !o.status.success() {
                 bail!("churn client: {}", String::from_utf8_lossy(&o.stderr));
             }
@@ -648,28 +727,67 @@ fn churn_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
     c.bypass_median = median(&c.bypass);
     c.ratio = c.bypass_median / c.kernel_median;
     c.cost = 1.0 - c.ratio;
-    // Every connection: both sockets inserted, both 1-byte messages redirected.
+    // Every connection: both sockets inserted (sock_ops ran on every connection, which is
+    // the cost measured). Its 1-byte messages go before the receiver's first read, so the
+    // recvmsg-first rule keeps them on TCP: each must carry a counted safety reason.
     let n = c.bypass_connections;
+    let passed = c.bypass_counters.get(Counter::PassedMsgs);
     c.verified = c.kernel_counters.is_zero()
         && c.bypass_counters.get(Counter::SocketsInserted) >= 2 * n
-        && c.bypass_counters.get(Counter::RedirectedMsgs) >= 2 * n * 99 / 100
-        && redirect_ok(&c.bypass_counters);
+        && passed <= report::safety_reasons(&c.bypass_counters) + 16;
     progress(&format!("churn: kernel {:.0}, bypass {:.0} conn/s, cost {:+.1} %", c.kernel_median, c.bypass_median, c.cost * 100.0));
     r.churn = Some(c);
     Ok(())
 }
 
 // ---------------------------------------------------------------------------------
-// Cost to traffic the policy leaves on the kernel path.
+// Cost to traffic the policy leaves on the kernel path: the same qperf pair (in cg_a,
+// on ports the policy sends to the kernel) with a bypassd datapath attached, and with
+// no bypassd datapath anywhere on the host (detached with `bypassd --detach`). Runs
+// before the main daemon starts, so "detached" really means no hooks of ours at all:
+// cgroup programs and any global ones (tracepoints) alike.
+
+/// A bypassd on cg_a that can be attached and detached between runs.
+struct Toggle {
+    daemon: Option<BenchDaemon>,
+    counters: Option<Counters>,
+    pin: PinDir,
+    cfg: String,
+}
+
+impl Toggle {
+    fn attach(&mut self) -> Result<()> {
+        if self.daemon.is_none() {
+            let (d, _) = BenchDaemon::start(&self.cfg, &[])?;
+            self.daemon = Some(d);
+        }
+        self.counters = Some(Counters::open(self.pin.path())?);
+        Ok(())
+    }
+
+    /// Stop bypassd and remove its datapath the way an operator would.
+    fn detach(&mut self) -> Result<()> {
+        self.counters = None;
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+            let o = Command::new(fixtures::bypassd_bin()?).arg("--detach").arg("--config").arg(&d.config).output()?;
+            if !o.status.success() {
+                bail!("bypassd --detach: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        Ok(())
+    }
+}
 
 fn unaccel_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
-    // Hooked cgroup, ports the policy sends to the kernel: control base, data base+1.
-    let (a_lp, a_ip) = (env.base, env.base + 1);
-    let (b_lp, b_ip) = (env.base + 8, env.base + 9);
-    env.qperf_server(Mode::Bypass, "loopback", a_lp)?;
-    env.qperf_server(Mode::Kernel, "loopback", b_lp)?;
+    // Control port base, data port base+1: both in the policy's kernel range.
+    let (lp, ip) = (env.base, env.base + 1);
+    env.qperf_server(Mode::Bypass, "loopback", lp)?;
     std::thread::sleep(Duration::from_millis(300));
     env.servers_alive()?;
+    let pin = PinDir::new();
+    let cfg = env.config_a(pin.path())?;
+    let mut tg = Toggle { daemon: None, counters: None, pin, cfg };
     let cases: [(&str, u32); 3] = [("tcp_lat", 1), ("tcp_bw", 1024), ("tcp_bw", 16384)];
     let mut pts: Vec<UnaccelPoint> = cases
         .iter()
@@ -686,42 +804,68 @@ fn unaccel_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
             verified: false,
         })
         .collect();
+    let mut detached_clean = true;
     for rep in 0..plan.unaccel_reps {
-        for p in pts.iter_mut() {
-            let order = if rep % 2 == 0 { [Mode::Bypass, Mode::Kernel] } else { [Mode::Kernel, Mode::Bypass] };
-            for m in order {
+        // on, off | off, on | on, off …: one attach or detach per repetition.
+        let order = if rep % 2 == 0 { [true, false] } else { [false, true] };
+        for attached in order {
+            check_stop()?;
+            if attached {
+                tg.attach()?;
+                if r.global_hooks.is_none() {
+                    r.global_hooks = Some(fixtures::global_hooks(tg.pin.path())?);
+                }
+            } else {
+                tg.detach()?;
+                let left: Vec<_> = fixtures::effective_progs(&env.cg_a.path)?;
+                if !left.is_empty() {
+                    detached_clean = false;
+                    progress(&format!("  ⚠ programs still effective on the cgroup after detach: {left:?}"));
+                }
+            }
+            for p in pts.iter_mut() {
                 check_stop()?;
-                let (lp, ip) = if m == Mode::Bypass { (a_lp, a_ip) } else { (b_lp, b_ip) };
-                let q = env.qperf(m, "loopback", lp, Some(ip), &p.test, p.size, plan.secs, Some(plan.cpu))?;
-                let (v, d) = (q.value, q.delta);
+                let q = env.qperf(tg.counters.as_ref(), Mode::Bypass, "loopback", lp, Some(ip), &p.test, p.size, plan.secs, Some(plan.cpu))?;
                 progress(&format!(
-                    "unaccelerated {} {} {}: {:.2} {} (policy_kernel +{}, redirected +{})",
+                    "unaccelerated {} {} {}: {:.2} {} (policy_kernel +{}, inserted +{}, redirected +{})",
                     p.test,
                     size_label(p.size),
-                    if m == Mode::Bypass { "hooks" } else { "no hooks" },
-                    v,
+                    if attached { "attached" } else { "detached" },
+                    q.value,
                     p.unit,
-                    d.get(Counter::PolicyKernel),
-                    d.get(Counter::RedirectedMsgs)
+                    q.delta.get(Counter::PolicyKernel),
+                    q.delta.get(Counter::SocketsInserted),
+                    q.delta.get(Counter::RedirectedMsgs)
                 ));
-                if m == Mode::Bypass {
-                    p.hooks.push(v);
-                    p.hooks_counters.add(&d);
+                if attached {
+                    p.hooks.push(q.value);
+                    p.hooks_counters.add(&q.delta);
                 } else {
-                    p.no_hooks.push(v);
+                    p.no_hooks.push(q.value);
                 }
             }
         }
     }
+    tg.detach()?;
     for p in pts.iter_mut() {
         p.hooks_median = median(&p.hooks);
         p.no_hooks_median = median(&p.no_hooks);
         p.cost = if p.unit == "us" { p.hooks_median / p.no_hooks_median - 1.0 } else { 1.0 - p.hooks_median / p.no_hooks_median };
         let c = &p.hooks_counters;
-        p.verified = c.get(Counter::PolicyKernel) > 0
+        p.verified = detached_clean
+            && c.get(Counter::PolicyKernel) > 0
             && c.get(Counter::SocketsInserted) == 0
             && c.get(Counter::RedirectedMsgs) == 0
             && c.get(Counter::PassedMsgs) == 0;
+        progress(&format!(
+            "unaccelerated {} {}: detached {:.2}, attached {:.2} {} → cost {:+.1} %",
+            p.test,
+            size_label(p.size),
+            p.no_hooks_median,
+            p.hooks_median,
+            p.unit,
+            p.cost * 100.0
+        ));
     }
     r.unaccelerated = pts;
     Ok(())
@@ -732,7 +876,7 @@ fn unaccel_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
 
 fn daemon_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
     let mut d = DaemonFigures::default();
-    let pid = env.daemon.pid();
+    let pid = env.daemon().pid();
 
     // Idle CPU first, while nothing else of ours runs.
     let hz = fixtures::clock_ticks_per_sec();
@@ -769,7 +913,7 @@ fn daemon_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while bypassctl(&["status"]).is_err() {
         if Instant::now() > deadline {
-            bail!("bypassd did not answer on D-Bus: {}", env.daemon.log());
+            bail!("bypassd did not answer on D-Bus: {}", env.daemon().log());
         }
         sleep_checked(Duration::from_millis(100))?;
     }
@@ -780,9 +924,9 @@ fn daemon_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
             &["policy", "add", "--action", "kernel", "--remote-ports", "9", "--name", "bench-edit"][..],
             &["policy", "remove", "1"][..],
         ] {
-            let before = env.counters.policy_seq()?;
+            let before = env.counters().policy_seq()?;
             d.policy_edit_ms.push(bypassctl(args)?.as_secs_f64() * 1e3);
-            seqs_ok &= env.counters.policy_seq()? == before.wrapping_add(1);
+            seqs_ok &= env.counters().policy_seq()? == before.wrapping_add(1);
         }
     }
     d.policy_edit_method = "bypassctl policy add / remove over D-Bus".into();
@@ -844,7 +988,7 @@ fn daemon_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
     for m in (0..rounds).flat_map(|_| [Mode::Kernel, Mode::Bypass]) {
         check_stop()?;
         let slab0 = fixtures::meminfo_kib("Slab") as i64;
-        let before = env.counters.read()?;
+        let before = env.counters().read()?;
         let mut cmd = env.cg(m).command(exe()?);
         cmd.args(["helper", "hold-server", "--n", &plan.conns.to_string()]);
         let (mut server, mut sout) = Proc::spawn_piped(cmd, "connection holder (server)")?;
@@ -858,7 +1002,7 @@ fn daemon_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
         let slab = fixtures::meminfo_kib("Slab") as i64 - slab0;
-        let delta = env.counters.read()?.since(&before);
+        let delta = env.counters().read()?.since(&before);
         match m {
             Mode::Kernel => d.slab_plain_samples_kib.push(slab),
             Mode::Bypass => {

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use bypass_testsupport::TempDir;
 use bypassd_ebpf::{abi::Counter, maps};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
@@ -207,6 +207,17 @@ impl Snap {
     }
 }
 
+impl<'de> Deserialize<'de> for Snap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Snap, D::Error> {
+        let m = BTreeMap::<String, u64>::deserialize(d)?;
+        let mut s = Snap::default();
+        for c in Counter::ALL {
+            s.0[c as usize] = m.get(c.name()).copied().unwrap_or(0);
+        }
+        Ok(s)
+    }
+}
+
 impl Serialize for Snap {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.to_map().serialize(s)
@@ -254,6 +265,55 @@ pub fn maps_memlock(pin_dir: &Path) -> Result<BTreeMap<String, u64>> {
         out.insert(m.to_string(), v["bytes_memlock"].as_u64().unwrap_or(0));
     }
     Ok(out)
+}
+
+/// Programs and links of the pinned datapath that are not bound to a cgroup or to the
+/// SOCKHASH, as (type, name): they run for sockets anywhere on the host.
+pub fn global_hooks(pin_dir: &Path) -> Result<Vec<(String, String)>> {
+    let g = gen_dir(pin_dir)?;
+    let local = ["sock_ops", "sk_msg", "cgroup_sock", "cgroup_sock_addr", "cgroup_skb", "sk_skb", "cgroup_sockopt"];
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&g)? {
+        let p = e?.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let kind = if name.starts_with("prog_") {
+            "prog"
+        } else if name.starts_with("link_") {
+            "link"
+        } else {
+            continue;
+        };
+        let o = Command::new("bpftool").args(["-j", kind, "show", "pinned"]).arg(&p).output()?;
+        if !o.status.success() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let t = v["type"].as_str().unwrap_or("?").to_string();
+        if kind == "link" && t == "cgroup" {
+            continue;
+        }
+        if !local.contains(&t.as_str()) {
+            out.push((t, name));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// BPF programs on the host that run outside any cgroup (tracing, tracepoints,
+/// kprobes, LSM …), as "type name (id)": someone else's may slow every socket.
+pub fn host_tracing_programs() -> Vec<String> {
+    let Ok(o) = Command::new("bpftool").args(["-j", "prog", "show"]).output() else { return Vec::new() };
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let global = ["tracing", "tracepoint", "raw_tracepoint", "kprobe", "perf_event", "lsm", "raw_tracepoint_writable"];
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|p| global.contains(&p["type"].as_str().unwrap_or("")))
+                .map(|p| format!("{} {} ({})", p["type"].as_str().unwrap_or("?"), p["name"].as_str().unwrap_or("?"), p["id"]))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// BPF programs effective on a cgroup (own and inherited), as (attach type, name).
@@ -414,4 +474,8 @@ pub fn median(v: &[f64]) -> f64 {
     s.sort_by(|a, b| a.total_cmp(b));
     let n = s.len();
     if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+}
+
+pub fn bpf_stats_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() != "0")
 }

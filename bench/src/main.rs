@@ -39,6 +39,9 @@ pub struct Cli {
     /// Seconds per qperf run (whole seconds; default: 2, short: 1).
     #[arg(long)]
     pub secs: Option<u32>,
+    /// Repetitions of the unaccelerated-traffic section (default: 11, short: 1).
+    #[arg(long)]
+    pub unaccel_reps: Option<usize>,
     /// CPU (0-based) that pinned runs put client and server on.
     #[arg(long, default_value_t = 1)]
     pub cpu: usize,
@@ -48,6 +51,10 @@ pub struct Cli {
     /// Message sizes (default: 1 to 16K in ×4 steps).
     #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<u32>,
+    /// Measure nothing: re-render results.md and the plots from a results.json (into
+    /// --out, default: the JSON's directory), judging the targets again.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    pub render: Option<PathBuf>,
     /// Only these qperf tests (tcp_lat, tcp_lat_pinned, tcp_bw).
     #[arg(long, value_delimiter = ',')]
     pub tests: Vec<String>,
@@ -80,6 +87,15 @@ fn main() -> ExitCode {
         if let Err(e) = r {
             eprintln!("bypass-bench: cannot install signal handler: {e}");
         }
+    }
+    if let Some(json) = &cli.render {
+        return match bench::render(json, cli.out.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bypass-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     match bench::run(&cli) {
         Ok(true) => ExitCode::SUCCESS,

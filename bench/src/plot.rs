@@ -151,9 +151,9 @@ pub fn plots(r: &Results, out: &Path) -> Result<()> {
     let lat = [
         series(r, "loopback", "tcp_lat_pinned", "loopback, pinned", blue, false),
         series(r, "veth", "tcp_lat_pinned", "veth, pinned", orange, false),
-        series(r, "loopback", "tcp_lat", "loopback, unpinned", blue, true),
-        series(r, "veth", "tcp_lat", "veth, unpinned", orange, true),
-        floor(r, "lat_pinned", "tcp_lat_pinned", "AF_UNIX / loopback kernel TCP, pinned (floor)"),
+        series(r, "loopback", "tcp_lat", "loopback, unpinned (dashed)", blue, true),
+        series(r, "veth", "tcp_lat", "veth, unpinned (dashed)", orange, true),
+        floor(r, "lat_pinned", "tcp_lat_pinned", "AF_UNIX / loopback kernel TCP, pinned (floor, dashed)"),
     ];
     draw(
         &out.join("latency.png"),
@@ -166,7 +166,7 @@ pub fn plots(r: &Results, out: &Path) -> Result<()> {
     let bw = [
         series(r, "loopback", "tcp_bw", "loopback", blue, false),
         series(r, "veth", "tcp_bw", "veth", orange, false),
-        floor(r, "bw", "tcp_bw", "AF_UNIX / loopback kernel TCP (floor)"),
+        floor(r, "bw", "tcp_bw", "AF_UNIX / loopback kernel TCP (floor, dashed)"),
     ];
     draw(
         &out.join("bandwidth.png"),
