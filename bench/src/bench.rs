@@ -437,7 +437,7 @@ pub fn run(cli: &Cli) -> Result<bool> {
     r.run.duration_secs = t0.elapsed().as_secs_f64();
     r.run.load_avg_1min = LOAD.lock().unwrap_or_else(|p| p.into_inner()).clone();
     r.evaluate();
-    write_outputs(&r, &out)?;
+    write_outputs(&r, &out, true)?;
     let clean = r.errors.is_empty() && r.targets.iter().find(|t| t.name.starts_with("Bypass runs")).is_none_or(|t| t.pass);
     Ok(clean)
 }
@@ -472,11 +472,14 @@ pub fn render(json: &Path, out: Option<&Path>) -> Result<()> {
     let out = out.map(Path::to_path_buf).unwrap_or_else(|| json.parent().unwrap_or(Path::new(".")).to_path_buf());
     std::fs::create_dir_all(&out)?;
     r.evaluate();
-    write_outputs(&r, &out)
+    // The JSON is the record of what was measured: never rewrite it.
+    write_outputs(&r, &out, false)
 }
 
-fn write_outputs(r: &Results, out: &Path) -> Result<()> {
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(r)? + "\n")?;
+fn write_outputs(r: &Results, out: &Path, json: bool) -> Result<()> {
+    if json {
+        std::fs::write(out.join("results.json"), serde_json::to_string_pretty(r)? + "\n")?;
+    }
     let md = r.markdown();
     std::fs::write(out.join("results.md"), &md)?;
     let plotted = plot::register_font().and_then(|_| plot::plots(r, out));
