@@ -203,8 +203,36 @@ impl Env {
     }
 
     /// One qperf run; returns µs (latency) or MB/s (bandwidth) and the counter delta.
+    /// A run that fails (qperf gives up after 5 s without an answer, which happens
+    /// when the host is starved) is retried twice before the section fails.
     #[allow(clippy::too_many_arguments)]
     fn qperf(
+        &self,
+        counters: Option<&Counters>,
+        m: Mode,
+        topo: &str,
+        lp: u16,
+        ip: Option<u16>,
+        test: &str,
+        size: u32,
+        secs: u32,
+        cpu: Option<usize>,
+    ) -> Result<QRun> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.qperf_once(counters, m, topo, lp, ip, test, size, secs, cpu) {
+                Err(e) if attempt < 3 && !fixtures::STOP.load(std::sync::atomic::Ordering::Relaxed) => {
+                    progress(&format!("  ⚠ qperf failed, retrying: {}", format!("{e:#}").replace('\n', " ")));
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn qperf_once(
         &self,
         counters: Option<&Counters>,
         m: Mode,
@@ -373,6 +401,9 @@ fn preflight() -> Result<()> {
 pub fn run(cli: &Cli) -> Result<bool> {
     preflight()?;
     let plan = Plan::from(cli);
+    // Private copies of bypassd and bypassctl: a build during the run cannot swap them.
+    let bins = TempDir::new();
+    fixtures::freeze_binaries(bins.path())?;
     let out = cli.out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let t0 = Instant::now();
@@ -491,8 +522,10 @@ fn write_outputs(r: &Results, out: &Path, json: bool) -> Result<()> {
     plotted
 }
 
+/// This very program, for the helpers: /proc/self/exe keeps working when a build
+/// replaces target/release/bypass-bench during the run.
 fn exe() -> Result<PathBuf> {
-    Ok(std::env::current_exe()?)
+    Ok(PathBuf::from("/proc/self/exe"))
 }
 
 fn sleep_checked(d: Duration) -> Result<()> {

@@ -29,6 +29,9 @@ pub fn check_stop() -> Result<()> {
 
 /// A workspace binary: $<VAR>, else next to this executable (target/<profile>/).
 fn workspace_bin(name: &str, var: &str) -> Result<PathBuf> {
+    if let Some(dir) = FROZEN.get() {
+        return Ok(dir.join(name));
+    }
     if let Some(p) = std::env::var_os(var) {
         return Ok(PathBuf::from(p));
     }
@@ -38,6 +41,18 @@ fn workspace_bin(name: &str, var: &str) -> Result<PathBuf> {
         bail!("{} is missing: build it first (cargo build --release -p {name}) or set {var}", p.display());
     }
     Ok(p)
+}
+
+static FROZEN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Copy bypassd and bypassctl into `dir` and use those copies from now on.
+pub fn freeze_binaries(dir: &Path) -> Result<()> {
+    for (name, var) in [("bypassd", "BYPASSD_BIN"), ("bypassctl", "BYPASSCTL_BIN")] {
+        let src = workspace_bin(name, var)?;
+        std::fs::copy(&src, dir.join(name)).with_context(|| format!("copying {}", src.display()))?;
+    }
+    let _ = FROZEN.set(dir.to_path_buf());
+    Ok(())
 }
 
 /// The bypassd binary: $BYPASSD_BIN, else target/<profile>/bypassd.

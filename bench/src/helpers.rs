@@ -266,12 +266,15 @@ fn hold_server(n: usize) -> Result<()> {
     while v.len() < n {
         v.push(l.accept()?.0);
     }
-    // One byte each way on every connection: proves the pairs are usable (and, in the
-    // accelerated cgroup, redirected: the counters must show it).
+    // Two rounds of one byte each way on every connection: the first makes both ends
+    // recvmsg readers (bypassd redirects only to a socket that has read once), the
+    // second is redirected in the accelerated cgroup — the counters must show it.
     let mut b = [0u8; 1];
-    for s in v.iter_mut() {
-        s.read_exact(&mut b)?;
-        s.write_all(&b)?;
+    for _ in 0..2 {
+        for s in v.iter_mut() {
+            s.read_exact(&mut b)?;
+            s.write_all(&b)?;
+        }
     }
     wait_stdin_eof();
     Ok(())
@@ -284,11 +287,13 @@ fn hold_client(addr: SocketAddr, n: usize) -> Result<()> {
         v.push(TcpStream::connect(addr).context("connect")?);
     }
     let mut b = [7u8; 1];
-    for c in v.iter_mut() {
-        c.write_all(&b)?;
-    }
-    for c in v.iter_mut() {
-        c.read_exact(&mut b)?;
+    for _ in 0..2 {
+        for c in v.iter_mut() {
+            c.write_all(&b)?;
+        }
+        for c in v.iter_mut() {
+            c.read_exact(&mut b)?;
+        }
     }
     println!("ready {n}");
     std::io::stdout().flush()?;

@@ -30,7 +30,15 @@ struct Series {
     points: Vec<(f64, f64)>,
 }
 
-fn draw(path: &Path, title: &str, y_label: &str, sizes: &[u32], series: &[Series], guides: &[(f64, &str)]) -> Result<()> {
+fn draw(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    sizes: &[u32],
+    series: &[Series],
+    guides: &[(f64, &str)],
+    legend: SeriesLabelPosition,
+) -> Result<()> {
     let root = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
     let xmin = (*sizes.first().unwrap_or(&1) as f64).log2();
@@ -102,7 +110,7 @@ fn draw(path: &Path, title: &str, y_label: &str, sizes: &[u32], series: &[Series
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(legend)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 16))
@@ -162,6 +170,8 @@ pub fn plots(r: &Results, out: &Path) -> Result<()> {
         &r.run.sizes,
         &lat,
         &[(0.6, "target ≤ 0.6"), (1.0, "no change")],
+        // Ratios sit between ~0.45 and 1: the bottom of the chart is free.
+        SeriesLabelPosition::LowerLeft,
     )?;
     let bw = [
         series(r, "loopback", "tcp_bw", "loopback", blue, false),
@@ -175,6 +185,7 @@ pub fn plots(r: &Results, out: &Path) -> Result<()> {
         &r.run.sizes,
         &bw,
         &[(1.0, "no change"), (3.0, "veth target ≥ 3 (≥ 1 KB)")],
+        SeriesLabelPosition::UpperLeft,
     )?;
     Ok(())
 }

@@ -395,14 +395,19 @@ impl Results {
         }
         if !self.unaccelerated.is_empty() {
             let worst = self.unaccelerated.iter().max_by(|a, b| a.cost.total_cmp(&b.cost)).unwrap();
-            // Run-to-run noise: the interquartile range of the detached runs, relative.
-            let noise = self.unaccelerated.iter().map(|u| iqr_rel(&u.no_hooks)).fold(0.0f64, f64::max);
-            let costs_beyond = self.unaccelerated.iter().any(|u| u.cost.abs() > 0.02);
+            // Run-to-run noise per point: the larger relative interquartile range of the
+            // two sides. A cost above the bound and above its noise is real (MISS); a
+            // point whose noise exceeds the bound, or whose "cost" is a gain beyond its
+            // noise (hooks cannot make traffic faster), cannot be judged.
+            let noise_of = |u: &UnaccelPoint| iqr_rel(&u.no_hooks).max(iqr_rel(&u.hooks));
+            let noise = self.unaccelerated.iter().map(noise_of).fold(0.0f64, f64::max);
+            let real_miss = self.unaccelerated.iter().any(|u| u.cost > 0.02 && u.cost > noise_of(u));
+            let unjudgeable = self.unaccelerated.iter().any(|u| noise_of(u) > 0.02 || (u.cost < -0.02 && -u.cost > noise_of(u)) || (u.cost > 0.02 && u.cost <= noise_of(u)));
             t.push(Target {
                 name: "Cost to unaccelerated traffic".into(),
                 target: "≤ 2 % at every measured point".into(),
                 measured: format!(
-                    "worst {} ({} {}); {}; run-to-run noise (IQR of the detached runs) up to {:.1} %",
+                    "worst {} ({} {}); {}; run-to-run noise (IQR) up to {:.1} %",
                     pct(worst.cost),
                     worst.test,
                     size_label(worst.size),
@@ -413,10 +418,8 @@ impl Results {
                         .join(", "),
                     noise * 100.0
                 ),
-                pass: self.unaccelerated.iter().all(|u| u.cost <= 0.02),
-                // Noise above the bound, or "costs" beyond it in either direction (the
-                // hooks making traffic faster is noise by construction): inconclusive.
-                inconclusive: noise > 0.02 || costs_beyond,
+                pass: !real_miss && self.unaccelerated.iter().all(|u| u.cost <= 0.02),
+                inconclusive: !real_miss && unjudgeable,
                 judged: true,
             });
         }
@@ -607,6 +610,16 @@ impl Results {
                 c.bypass_connections,
                 c.bypass_counters.get(Counter::RedirectedMsgs),
             );
+            if c.bypass_counters.get(Counter::RedirectedMsgs) == 0 && c.bypass_connections > 0 {
+                let _ = writeln!(
+                    s,
+                    "None of these messages was redirected: bypassd redirects to a socket only after it has read once \
+                     (the recvmsg-first rule; {} messages counted as not_ready), so a connection with a single \
+                     exchange stays on TCP. The cost measured here is sock_ops, the SOCKHASH insert and the removal \
+                     at close.\n",
+                    c.bypass_counters.get(Counter::NotReady)
+                );
+            }
         }
 
         if !self.unaccelerated.is_empty() {
