@@ -97,6 +97,8 @@ fn main() -> ExitCode {
             }
         };
     }
+    // Measure what a systemd host runs: with tracefs, bypassd's tracepoints attach too.
+    bypass_testsupport::ensure_tracefs();
     match bench::run(&cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),

@@ -27,6 +27,20 @@ pub fn require_root() {
         nix::unistd::Uid::effective().is_root(),
         "this test needs root (BPF, cgroups, network namespaces); run the suite as root, e.g. `sudo .ci/run`"
     );
+    ensure_tracefs();
+}
+
+/// systemd hosts mount tracefs at boot, and with it bypassd can attach tracepoints it
+/// cannot attach without: mount it, so every test exercises what a real host runs.
+pub fn ensure_tracefs() {
+    let t = Path::new("/sys/kernel/tracing");
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(4) == Some("/sys/kernel/tracing")))
+        .unwrap_or(false);
+    if !mounted {
+        let ok = Command::new("mount").args(["-t", "tracefs", "nodev"]).arg(t).status().is_ok_and(|s| s.success());
+        assert!(ok, "cannot mount tracefs at {} (real hosts have it; the tests must see the same hooks)", t.display());
+    }
 }
 
 /// A binary of this workspace, built by `cargo build` next to the test executable.
