@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use bypass_testsupport::TempDir;
+use bypassd::datapath::pins::{self, PinKind};
 use bypassd_ebpf::{abi::Counter, maps};
 use serde::{Deserialize, Serialize};
 use std::{
@@ -174,17 +175,13 @@ impl Drop for BenchDaemon {
     }
 }
 
-/// The generation directory bypassd pinned under `pin_dir` (`v1-cap…-cg…`).
+/// The generation directory bypassd pinned under `pin_dir`.
 pub fn gen_dir(pin_dir: &Path) -> Result<PathBuf> {
-    let rd = std::fs::read_dir(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
-    rd.filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('v')))
-        .with_context(|| format!("no datapath generation under {}", pin_dir.display()))
+    pins::current(pin_dir)
 }
 
 fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
-    let p = dir.join(format!("map_{name}"));
+    let p = pins::map_pin(dir, name);
     let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
     Map::from_map_data(data).with_context(|| format!("pinned map {}", p.display()))
 }
@@ -271,7 +268,7 @@ pub fn maps_memlock(pin_dir: &Path) -> Result<BTreeMap<String, u64>> {
     for e in std::fs::read_dir(&g)? {
         let p = e?.path();
         let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let Some(m) = name.strip_prefix("map_") else { continue };
+        let Some((PinKind::Map, m)) = pins::classify(&name) else { continue };
         let o = Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(&p).output().context("running bpftool")?;
         if !o.status.success() {
             bail!("bpftool map show pinned {}: {}", p.display(), String::from_utf8_lossy(&o.stderr));
@@ -291,12 +288,10 @@ pub fn global_hooks(pin_dir: &Path) -> Result<Vec<(String, String)>> {
     for e in std::fs::read_dir(&g)? {
         let p = e?.path();
         let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let kind = if name.starts_with("prog_") {
-            "prog"
-        } else if name.starts_with("link_") {
-            "link"
-        } else {
-            continue;
+        let kind = match pins::classify(&name) {
+            Some((PinKind::Prog, _)) => "prog",
+            Some((PinKind::Link, _)) => "link",
+            _ => continue,
         };
         let o = Command::new("bpftool").args(["-j", kind, "show", "pinned"]).arg(&p).output()?;
         if !o.status.success() {

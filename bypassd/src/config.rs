@@ -148,16 +148,6 @@ pub enum SpliceSafety {
     Off,
 }
 
-impl From<SpliceSafety> for crate::datapath::SpliceSafety {
-    fn from(s: SpliceSafety) -> Self {
-        match s {
-            SpliceSafety::Auto => Self::Auto,
-            SpliceSafety::RecvFirst => Self::RecvFirst,
-            SpliceSafety::Off => Self::Off,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {

@@ -72,7 +72,7 @@ fn target(cfg: &Config, cgroup_root: &Path) -> Target {
         cgroup: if rel.is_empty() { cgroup_root.to_path_buf() } else { cgroup_root.join(rel) },
         capacity: cfg.datapath.capacity.0,
         queue_cap: cfg.datapath.queue_cap.0,
-        splice: cfg.datapath.splice_safety.into(),
+        splice: cfg.datapath.splice_safety,
         splice_readers: cfg.datapath.splice_readers.iter().map(|n| n.0.clone()).collect(),
     }
 }
@@ -192,7 +192,7 @@ impl Daemon {
 
     pub fn connections(&self) -> Result<Vec<api::Connection>, ControlError> {
         match &self.datapath {
-            Some(dp) => Ok(dp.connections()?),
+            Some(dp) => Ok(dp.connections()?.into_iter().map(wire_connection).collect()),
             None => Ok(Vec::new()),
         }
     }
@@ -361,6 +361,17 @@ impl Daemon {
                 self.last_failures = f;
             }
         }
+    }
+}
+
+/// A datapath connection as the control interface reports it.
+fn wire_connection(c: datapath::Connection) -> api::Connection {
+    api::Connection {
+        family: c.family.into(),
+        local: c.local.to_string(),
+        remote: c.remote.to_string(),
+        netns: c.netns,
+        paired: c.paired,
     }
 }
 

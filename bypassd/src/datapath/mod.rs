@@ -1,0 +1,341 @@
+//! Load, attach, pin and adopt the datapath.
+//!
+//! Everything lives under the pin directory in one *generation* directory (layout and
+//! names in [`pins`]). Restart adopts the generation that matches; a change builds a
+//! new one beside it, attaches it, then retires the old one by unpinning. Unpinning
+//! never evicts a socket: old connections keep their program and map until they
+//! close, so no byte is lost (a deleted or overwritten SOCKHASH entry would drop the
+//! receiver's unread data, which is why nothing here deletes).
+//!
+//! The programs are described once, in a table ([`sock::PROGRAMS`]); building,
+//! adopting and status iterate it ([`hooks`]).
+pub mod hooks;
+pub mod pins;
+pub mod sock;
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash},
+};
+use bypassd_ebpf::{abi, maps};
+use std::{
+    fs::File,
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+pub use crate::config::SpliceSafety;
+pub use hooks::kernel_release;
+pub use pins::{detach, generations};
+pub use sock::{Connection, comm_key, peer_key};
+
+/// What the daemon asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub pin_dir: PathBuf,
+    /// Absolute path of the cgroup v2 directory to attach to.
+    pub cgroup: PathBuf,
+    pub capacity: u32,
+    /// Most bytes queued on one receiver's redirect queue; 0 = its SO_RCVBUF.
+    pub queue_cap: u64,
+    pub splice: SpliceSafety,
+    /// Process names whose sockets never receive redirected data (configured splice readers).
+    pub splice_readers: Vec<String>,
+}
+
+/// The policy as the kernel sees it: encoded rules and the default action.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PolicyImage {
+    pub rules: Vec<abi::Rule>,
+    pub accelerate_by_default: bool,
+}
+
+pub struct Datapath {
+    pub target: Target,
+    pub gen_dir: PathBuf,
+    pub cgroup_id: u64,
+    /// True when this start adopted pins left by an earlier run.
+    pub adopted: bool,
+    /// What protects this datapath, for the log and status (e.g. "splice: recvmsg-first").
+    pub protections: Vec<String>,
+    counters: PerCpuArray<MapData, u64>,
+    control: Array<MapData, u64>,
+    rules: Array<MapData, abi::Rule>,
+    policy: Array<MapData, abi::PolicyMeta>,
+    socks: SockHash<MapData, abi::SockKey>,
+    rx: HashMap<MapData, abi::SockKey, abi::RxState>,
+    splicers: HashMap<MapData, [u8; abi::COMM_LEN], u64>,
+}
+
+impl Datapath {
+    /// Adopt the matching pinned generation, or build and attach a new one; then
+    /// retire every other generation. The new one is attached before the old one
+    /// is detached, so there is no window without acceleration.
+    pub fn attach(target: &Target, policy: &PolicyImage, paused: bool) -> Result<Datapath> {
+        let cg = File::open(&target.cgroup).with_context(|| format!("opening cgroup {}", target.cgroup.display()))?;
+        let cgroup_id = cg.metadata()?.ino();
+        std::fs::create_dir_all(&target.pin_dir)
+            .with_context(|| format!("creating pin directory {}", target.pin_dir.display()))?;
+        let gen_dir = target.pin_dir.join(pins::gen_name(target.capacity, cgroup_id));
+
+        let mut dp = match Self::open(target, &gen_dir, cgroup_id) {
+            Ok(dp) => dp,
+            Err(e) => {
+                if gen_dir.exists() {
+                    tracing::warn!("pinned datapath {} is incomplete ({e:#}); rebuilding it", gen_dir.display());
+                    pins::retire(&gen_dir)?;
+                }
+                Self::build(target, &cg, &gen_dir, cgroup_id, policy, paused)?
+            }
+        };
+        if dp.adopted {
+            dp.apply_policy(policy)?;
+            dp.set_paused(paused)?;
+        }
+        dp.apply_tuning()?;
+        dp.log_hooks();
+        for old in pins::generations(&target.pin_dir).into_iter().filter(|g| *g != gen_dir) {
+            tracing::info!("retiring datapath generation {} (its open connections finish on it)", old.display());
+            pins::retire(&old)?;
+        }
+        Ok(dp)
+    }
+
+    /// Open what is pinned under `pin_dir` without changing anything (tools, tests):
+    /// the newest complete generation.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Datapath> {
+        let gen_dir = pins::current(pin_dir)?;
+        let name = gen_dir.file_name().and_then(|n| n.to_str()).and_then(pins::GenName::parse);
+        let target = Target {
+            pin_dir: pin_dir.to_path_buf(),
+            cgroup: PathBuf::new(),
+            capacity: name.as_ref().map_or(0, |n| n.capacity),
+            queue_cap: 0,
+            splice: SpliceSafety::Auto,
+            splice_readers: Vec::new(),
+        };
+        Self::open(&target, &gen_dir, name.map_or(0, |n| n.cgroup_id))
+    }
+
+    fn open(target: &Target, gen_dir: &Path, cgroup_id: u64) -> Result<Datapath> {
+        if let Some(p) = sock::PROGRAMS.iter().find(|p| p.required && !p.is_pinned(gen_dir)) {
+            bail!("{} ({}) is not pinned in {}", p.name, p.what, gen_dir.display());
+        }
+        let load = |name: &str| -> Result<Map> {
+            let p = pins::map_pin(gen_dir, name);
+            let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
+            Map::from_map_data(data).with_context(|| format!("pinned map {}", p.display()))
+        };
+        Ok(Datapath {
+            target: target.clone(),
+            gen_dir: gen_dir.to_path_buf(),
+            cgroup_id,
+            adopted: true,
+            protections: Vec::new(),
+            counters: PerCpuArray::try_from(load(maps::COUNTERS)?)?,
+            control: Array::try_from(load(maps::CONTROL)?)?,
+            rules: Array::try_from(load(maps::RULES)?)?,
+            policy: Array::try_from(load(maps::POLICY)?)?,
+            socks: SockHash::try_from(load(maps::SOCKS)?)?,
+            rx: HashMap::try_from(load(maps::RX)?)?,
+            splicers: HashMap::try_from(load(maps::SPLICERS)?)?,
+        })
+    }
+
+    fn build(
+        target: &Target,
+        cg: &File,
+        gen_dir: &Path,
+        cgroup_id: u64,
+        policy: &PolicyImage,
+        paused: bool,
+    ) -> Result<Datapath> {
+        hooks::check_kernel()?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::SOCKS, target.capacity)
+            .map_max_entries(maps::RX, target.capacity)
+            .map_max_entries(maps::COOKIES, target.capacity)
+            .load(bypassd_ebpf::object())
+            .context("loading the BPF object (maps)")?;
+
+        let tmp = pins::building_dir(&target.pin_dir);
+        if tmp.exists() {
+            pins::retire(&tmp)?;
+        }
+        std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let result = Self::build_into(&mut ebpf, cg, &tmp, target, policy, paused);
+        if let Err(e) = result {
+            let _ = pins::retire(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, gen_dir).with_context(|| format!("renaming {} to {}", tmp.display(), gen_dir.display()))?;
+        let mut dp = Self::open(target, gen_dir, cgroup_id)?;
+        dp.adopted = false;
+        Ok(dp)
+    }
+
+    fn build_into(ebpf: &mut Ebpf, cg: &File, dir: &Path, target: &Target, policy: &PolicyImage, paused: bool) -> Result<()> {
+        for name in maps::ALL {
+            let map = ebpf.map(name).ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
+            map.pin(pins::map_pin(dir, name)).with_context(|| format!("pinning map {name}"))?;
+        }
+        // Policy and pause state go in before anything is attached.
+        {
+            let mut control: Array<&mut MapData, u64> = Array::try_from(ebpf.map_mut(maps::CONTROL).context("control map")?)?;
+            control.set(abi::CTL_PAUSED, u64::from(paused), 0)?;
+            // Safety settings too (the gate may be lifted by apply_tuning once the LSM guard is known).
+            control.set(abi::CTL_QUEUE_CAP, target.queue_cap, 0)?;
+            control.set(abi::CTL_RECV_GATE, u64::from(target.splice != SpliceSafety::Off), 0)?;
+        }
+        if target.splice != SpliceSafety::Off {
+            let mut sp: HashMap<&mut MapData, [u8; abi::COMM_LEN], u64> =
+                HashMap::try_from(ebpf.map_mut(maps::SPLICERS).context("splicers map")?)?;
+            for n in &target.splice_readers {
+                sp.insert(comm_key(n), abi::SPLICER_CONFIGURED, 0)?;
+            }
+        }
+        write_policy(ebpf, policy)?;
+
+        let socks: SockHash<&MapData, abi::SockKey> = SockHash::try_from(ebpf.map(maps::SOCKS).context("socks map")?)?;
+        let socks_fd = socks.fd().try_clone().context("duplicating the SOCKHASH fd")?;
+        let to = hooks::AttachTo { cgroup: cg, sockhash: socks_fd.as_fd() };
+        hooks::attach_all(sock::PROGRAMS, ebpf, &to, dir)
+    }
+
+    /// Whether a program of the table is attached in this generation.
+    fn has(&self, name: &str) -> bool {
+        sock::program(name).is_some_and(|p| p.is_pinned(&self.gen_dir))
+    }
+
+    /// Log which hooks are attached and which the kernel refused.
+    fn log_hooks(&self) {
+        let (on, off): (Vec<_>, Vec<_>) = sock::PROGRAMS.iter().partition(|p| p.is_pinned(&self.gen_dir));
+        let names = |v: &[&hooks::Program]| v.iter().map(|p| p.name).collect::<Vec<_>>().join(", ");
+        tracing::info!(
+            "datapath hooks attached: {}{}",
+            names(&on),
+            if off.is_empty() { String::new() } else { format!("; not available: {}", names(&off)) }
+        );
+    }
+
+    /// Write the runtime tuning (queue cap, recvmsg gate) and describe what is active.
+    fn apply_tuning(&mut self) -> Result<()> {
+        let gate = match self.target.splice {
+            SpliceSafety::Off => false,
+            SpliceSafety::RecvFirst => true,
+            SpliceSafety::Auto => !self.has(bypassd_ebpf::programs::SPLICE_GUARD),
+        };
+        self.control.set(abi::CTL_QUEUE_CAP, self.target.queue_cap, 0).context("writing queue cap")?;
+        let readers = if self.target.splice == SpliceSafety::Off { &[][..] } else { &self.target.splice_readers[..] };
+        sock::set_configured_splicers(&mut self.splicers, readers)?;
+        self.control.set(abi::CTL_RECV_GATE, u64::from(gate), 0).context("writing recvmsg gate")?;
+        let has = |n: &str| self.has(n);
+        self.protections =
+            sock::protections(&has, gate, self.target.splice, self.target.queue_cap, !self.target.splice_readers.is_empty());
+        Ok(())
+    }
+
+    /// True while this generation's required hooks are pinned (nobody detached it).
+    pub fn is_attached(&self) -> bool {
+        sock::PROGRAMS.iter().filter(|p| p.required).all(|p| p.is_pinned(&self.gen_dir))
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.target.capacity
+    }
+
+    /// Counters summed over CPUs, indexed by `abi::Counter`.
+    pub fn counters(&self) -> Result<Vec<(abi::Counter, u64)>> {
+        abi::Counter::ALL
+            .iter()
+            .map(|&c| {
+                let v = self.counters.get(&(c as u32), 0).with_context(|| format!("reading counter {}", c.name()))?;
+                Ok((c, v.iter().copied().fold(0u64, u64::wrapping_add)))
+            })
+            .collect()
+    }
+
+    pub fn counter(&self, c: abi::Counter) -> Result<u64> {
+        Ok(self.counters()?.into_iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| v))
+    }
+
+    pub fn paused(&self) -> Result<bool> {
+        Ok(self.control.get(&abi::CTL_PAUSED, 0)? != 0)
+    }
+
+    pub fn set_paused(&mut self, paused: bool) -> Result<()> {
+        self.control.set(abi::CTL_PAUSED, u64::from(paused), 0).context("writing pause flag")
+    }
+
+    /// Swap in a new rule set: fill the inactive buffer, then flip the sequence
+    /// number, so sock_ops sees either the whole old or the whole new policy.
+    /// Returns false (and writes nothing) when the active policy is already this one.
+    pub fn apply_policy(&mut self, p: &PolicyImage) -> Result<bool> {
+        if self.active_policy()? == *p {
+            return Ok(false);
+        }
+        check_rules(p)?;
+        let seq = self.control.get(&abi::CTL_POLICY_SEQ, 0)?;
+        let next = seq.wrapping_add(1);
+        let base = (next & 1) as u32 * abi::MAX_RULES;
+        for (i, r) in p.rules.iter().enumerate() {
+            self.rules.set(base + i as u32, r, 0)?;
+        }
+        let buf = (next & 1) as u32;
+        self.policy.set(buf, meta(p), 0)?;
+        self.control.set(abi::CTL_POLICY_SEQ, next, 0)?;
+        Ok(true)
+    }
+
+    pub fn active_policy(&self) -> Result<PolicyImage> {
+        let seq = self.control.get(&abi::CTL_POLICY_SEQ, 0)?;
+        let buf = (seq & 1) as u32;
+        let m = self.policy.get(&buf, 0)?;
+        let n = m.nrules.min(abi::MAX_RULES);
+        let rules = (0..n).map(|i| self.rules.get(&(buf * abi::MAX_RULES + i), 0)).collect::<Result<_, _>>()?;
+        Ok(PolicyImage { rules, accelerate_by_default: m.default_action == abi::ACTION_ACCELERATE as u32 })
+    }
+
+    /// Known splice readers: (process name, configured, learned).
+    pub fn splice_readers(&self) -> Result<Vec<(String, bool, bool)>> {
+        sock::splice_readers(&self.splicers)
+    }
+
+    /// Receive state of every accelerated socket: what its senders see (read copied_seq,
+    /// redirected bytes queued, recvmsg reader, splice reader).
+    pub fn rx_states(&self) -> Result<Vec<(abi::SockKey, abi::RxState)>> {
+        self.rx.iter().collect::<Result<_, _>>().context("listing receive state")
+    }
+
+    /// Sockets in the SOCKHASH, paired up into connections.
+    pub fn connections(&self) -> Result<Vec<Connection>> {
+        sock::connections(&self.socks)
+    }
+}
+
+fn check_rules(p: &PolicyImage) -> Result<()> {
+    if p.rules.len() > abi::MAX_RULES as usize {
+        bail!("{} rules exceed the datapath's {} rule slots", p.rules.len(), abi::MAX_RULES);
+    }
+    Ok(())
+}
+
+fn meta(p: &PolicyImage) -> abi::PolicyMeta {
+    abi::PolicyMeta {
+        nrules: p.rules.len() as u32,
+        default_action: u32::from(if p.accelerate_by_default { abi::ACTION_ACCELERATE } else { abi::ACTION_KERNEL }),
+    }
+}
+
+/// The first policy, written straight into the freshly loaded maps (buffer 0, seq 0).
+fn write_policy(ebpf: &mut Ebpf, p: &PolicyImage) -> Result<()> {
+    check_rules(p)?;
+    let mut rules: Array<&mut MapData, abi::Rule> = Array::try_from(ebpf.map_mut(maps::RULES).context("rules map")?)?;
+    for (i, r) in p.rules.iter().enumerate() {
+        rules.set(i as u32, r, 0)?;
+    }
+    let mut pm: Array<&mut MapData, abi::PolicyMeta> = Array::try_from(ebpf.map_mut(maps::POLICY).context("policy map")?)?;
+    pm.set(0, meta(p), 0)?;
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The socket datapath: its program table, what its maps say (connections, receive
+//! state, splice readers), and how it describes its protections.
+use super::{
+    SpliceSafety,
+    hooks::{Hook, Program},
+};
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, MapData, SockHash};
+use bypassd_ebpf::{abi, programs as p};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+};
+
+/// Every program of the socket datapath, in attach order: the receive side first (a
+/// socket inserted later finds its publication in place), then sk_msg on the
+/// SOCKHASH, then the cgroup hooks that start inserting sockets.
+pub const PROGRAMS: &[Program] = &[
+    Program {
+        name: p::RX_ENTER,
+        hook: Hook::KProbe("tcp_bpf_recvmsg"),
+        link: Some("rx_enter"),
+        required: false,
+        what: "kprobe tcp_bpf_recvmsg (receivers that read with recvmsg)",
+    },
+    Program {
+        name: p::RX_DONE,
+        hook: Hook::TpBtf("sock_recv_length"),
+        link: Some("rx_done"),
+        required: false,
+        what: "tp_btf sock_recv_length (bytes consumed by receivers)",
+    },
+    Program {
+        name: p::SPLICE_KPROBE,
+        hook: Hook::KProbe("tcp_splice_read"),
+        link: Some("splice_kprobe"),
+        required: false,
+        what: "kprobe tcp_splice_read (splice readers, io_uring included)",
+    },
+    Program {
+        name: p::SPLICE_SEEN,
+        hook: Hook::TracePoint("syscalls", "sys_enter_splice"),
+        link: Some("splice_seen"),
+        required: false,
+        what: "tracepoint syscalls:sys_enter_splice (splice readers)",
+    },
+    Program {
+        name: p::SENDFILE_SEEN,
+        hook: Hook::TracePoint("syscalls", "sys_enter_sendfile64"),
+        link: Some("sendfile_seen"),
+        required: false,
+        what: "tracepoint syscalls:sys_enter_sendfile64 (sendfile readers)",
+    },
+    Program {
+        name: p::SPLICE_GUARD,
+        hook: Hook::Lsm("file_permission"),
+        link: Some("splice_guard"),
+        required: false,
+        what: "BPF LSM splice guard (lsm/file_permission)",
+    },
+    Program { name: p::SK_MSG, hook: Hook::SkMsg, link: None, required: true, what: "sk_msg on the SOCKHASH (redirects)" },
+    Program {
+        name: p::SOCK_CREATE,
+        hook: Hook::SockCreate,
+        link: Some("sock_create"),
+        required: true,
+        what: "cgroup/sock_create (socket origin: cgroup, uid, process)",
+    },
+    Program {
+        name: p::SOCK_OPS,
+        hook: Hook::SockOps,
+        link: Some("sockops"),
+        required: true,
+        what: "cgroup sock_ops (inserts established sockets)",
+    },
+];
+
+/// The table entry for a program name.
+pub fn program(name: &str) -> Option<&'static Program> {
+    PROGRAMS.iter().find(|p| p.name == name)
+}
+
+/// What protects a datapath, for the log and status. `has` tells whether a program
+/// of the table is attached; `gate` whether recvmsg-first gating is on.
+pub fn protections(has: &dyn Fn(&str) -> bool, gate: bool, splice: SpliceSafety, queue_cap: u64, readers: bool) -> Vec<String> {
+    let publication = match (has(p::RX_ENTER), has(p::RX_DONE)) {
+        (true, true) => "kprobe tcp_bpf_recvmsg + tp_btf sock_recv_length",
+        (true, false) => "kprobe tcp_bpf_recvmsg only",
+        (false, true) => "tp_btf sock_recv_length (after each read)",
+        (false, false) => "none (a connection that leaves the redirect path stays on TCP)",
+    };
+    let cap = if queue_cap == 0 { "= each receiver's SO_RCVBUF".to_string() } else { format!("{queue_cap} bytes") };
+    let mut s = Vec::new();
+    if has(p::SPLICE_GUARD) {
+        s.push("BPF LSM guard (splice/sendfile reads of accelerated sockets get EINVAL)");
+    }
+    if gate {
+        s.push("recvmsg-first gating (nothing is redirected to a socket before it reads with recvmsg)");
+    }
+    if has(p::SPLICE_KPROBE) {
+        s.push("splice detection (kprobe tcp_splice_read: a splicing socket gets nothing redirected again)");
+    } else if has(p::SPLICE_SEEN) {
+        s.push("splice detection (syscall tracepoints splice/sendfile: a splicing socket gets nothing redirected again)");
+    }
+    if readers && splice != SpliceSafety::Off {
+        s.push("known splice readers get TCP only (configured, plus learned when seen splicing)");
+    }
+    if s.is_empty() || splice == SpliceSafety::Off {
+        s.push("OFF: a splice(2) reader of an accelerated socket may hang");
+    }
+    vec![
+        format!("backpressure: redirect queue cap {cap} (receive-side publication: {publication})"),
+        format!("splice: {}", s.join(" + ")),
+    ]
+}
+
+/// One accelerated connection as the SOCKHASH holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    /// "ipv4" or "ipv6".
+    pub family: &'static str,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub netns: u64,
+    /// Both ends are in the SOCKHASH (data is redirected between them).
+    pub paired: bool,
+}
+
+/// Sockets in the SOCKHASH, paired up into connections (each pair listed once).
+pub fn connections(socks: &SockHash<MapData, abi::SockKey>) -> Result<Vec<Connection>> {
+    let keys: Vec<abi::SockKey> = socks.keys().collect::<Result<_, _>>().context("listing SOCKHASH keys")?;
+    let set: HashSet<abi::SockKey> = keys.iter().copied().collect();
+    let mut out = Vec::new();
+    for k in &keys {
+        let peer = peer_key(k);
+        let paired = set.contains(&peer);
+        // List each pair once, from the side with the smaller key.
+        if paired && (peer.local_ip, peer.local_port) < (k.local_ip, k.local_port) {
+            continue;
+        }
+        out.push(Connection {
+            family: if Ipv6Addr::from(k.local_ip).to_ipv4_mapped().is_some() { "ipv4" } else { "ipv6" },
+            local: sock_addr(&k.local_ip, k.local_port),
+            remote: sock_addr(&k.remote_ip, k.remote_port),
+            netns: k.netns,
+            paired,
+        });
+    }
+    out.sort_by_key(|c| (c.local.to_string(), c.remote.to_string()));
+    Ok(out)
+}
+
+/// Known splice readers: (process name, configured, learned).
+pub fn splice_readers(splicers: &HashMap<MapData, [u8; abi::COMM_LEN], u64>) -> Result<Vec<(String, bool, bool)>> {
+    let mut v: Vec<(String, bool, bool)> = splicers
+        .iter()
+        .map(|r| {
+            r.map(|(k, f)| {
+                let end = k.iter().position(|&b| b == 0).unwrap_or(k.len());
+                (String::from_utf8_lossy(&k[..end]).into_owned(), f & abi::SPLICER_CONFIGURED != 0, f & abi::SPLICER_LEARNED != 0)
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    v.sort();
+    Ok(v)
+}
+
+/// Write the configured splice readers; drop configured names no longer listed
+/// (learned ones stay until the datapath is rebuilt).
+pub fn set_configured_splicers(splicers: &mut HashMap<MapData, [u8; abi::COMM_LEN], u64>, names: &[String]) -> Result<()> {
+    let want: Vec<[u8; abi::COMM_LEN]> = names.iter().map(|n| comm_key(n)).collect();
+    let have: Vec<([u8; abi::COMM_LEN], u64)> = splicers.iter().collect::<Result<_, _>>()?;
+    for (k, v) in &have {
+        if *v & abi::SPLICER_CONFIGURED != 0 && !want.contains(k) {
+            let rest = *v & !abi::SPLICER_CONFIGURED;
+            if rest == 0 { splicers.remove(k)? } else { splicers.insert(k, rest, 0)? }
+        }
+    }
+    for k in &want {
+        let v = have.iter().find(|(h, _)| h == k).map_or(0, |(_, v)| *v);
+        splicers.insert(k, v | abi::SPLICER_CONFIGURED, 0)?;
+    }
+    Ok(())
+}
+
+/// A process name as the kernel's comm: at most 15 bytes, NUL padded.
+pub fn comm_key(name: &str) -> [u8; abi::COMM_LEN] {
+    let mut k = [0u8; abi::COMM_LEN];
+    let b = name.as_bytes();
+    let n = b.len().min(abi::COMM_LEN - 1);
+    k[..n].copy_from_slice(&b[..n]);
+    k
+}
+
+pub fn peer_key(k: &abi::SockKey) -> abi::SockKey {
+    abi::SockKey {
+        local_ip: k.remote_ip,
+        remote_ip: k.local_ip,
+        local_port: k.remote_port,
+        remote_port: k.local_port,
+        netns: k.netns,
+    }
+}
+
+fn sock_addr(ip: &[u8; 16], port: u32) -> SocketAddr {
+    let v6 = Ipv6Addr::from(*ip);
+    SocketAddr::new(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4), port as u16)
+}
