@@ -3,6 +3,7 @@
 pub mod config;
 pub mod datapath;
 pub mod dbus;
+pub mod instance;
 pub mod logging;
 pub mod policy;
 pub mod service;
