@@ -297,6 +297,8 @@ pub struct Daemon {
     pub dir: TempDir,
     notify: UnixDatagram,
     env: Vec<(String, String)>,
+    /// The bypassd binary (this workspace's, or a frozen copy the benchmark made).
+    bin: PathBuf,
 }
 
 impl Daemon {
@@ -306,34 +308,56 @@ impl Daemon {
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Daemon> {
+        Self::start_timed(&bin("bypassd"), config, env).map(|(d, _)| d)
+    }
+
+    /// Start `bypassd` (a path: the benchmark runs its own copy) and return it with
+    /// the time from spawn to READY=1.
+    pub fn start_timed(bypassd: &Path, config: &str, env: &[(&str, &str)]) -> Result<(Daemon, Duration)> {
         let dir = TempDir::new();
         let cfg = dir.path().join("bypassd.toml");
         std::fs::write(&cfg, config)?;
-        let sock = dir.path().join("notify.sock");
-        let notify = UnixDatagram::bind(&sock)?;
+        let notify = UnixDatagram::bind(dir.path().join("notify.sock"))?;
         let mut d = Daemon {
             child: None,
             config: cfg,
             dir,
             notify,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            bin: bypassd.to_path_buf(),
         };
-        d.spawn()?;
-        Ok(d)
+        let t = d.spawn_timed()?;
+        Ok((d, t))
     }
 
     /// Start (again) on the same config and wait for READY=1.
     pub fn spawn(&mut self) -> Result<()> {
+        self.spawn_timed().map(|_| ())
+    }
+
+    /// Start (again) on the same config; returns the time from spawn to READY=1.
+    pub fn spawn_timed(&mut self) -> Result<Duration> {
+        self.drain();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
-        let mut cmd = Command::new(bin("bypassd"));
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--config").arg(&self.config).env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"));
         cmd.env_remove("JOURNAL_STREAM");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        let t0 = Instant::now();
         let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         self.child = Some(child);
-        self.wait_for("READY=1", Duration::from_secs(30))
+        self.wait_for("READY=1", Duration::from_secs(30))?;
+        Ok(t0.elapsed())
+    }
+
+    /// Drop notifications already queued (an earlier instance's READY=1 must not count).
+    fn drain(&self) {
+        let _ = self.notify.set_nonblocking(true);
+        let mut buf = [0u8; 4096];
+        while self.notify.recv(&mut buf).is_ok() {}
+        let _ = self.notify.set_nonblocking(false);
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -347,7 +371,7 @@ impl Daemon {
     /// Wait for a notify datagram containing `what`; fails early if bypassd exits.
     pub fn wait_for(&mut self, what: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        self.notify.set_read_timeout(Some(Duration::from_millis(100)))?;
+        self.notify.set_read_timeout(Some(Duration::from_millis(20)))?;
         let mut buf = [0u8; 4096];
         loop {
             if let Ok(n) = self.notify.recv(&mut buf)
@@ -371,14 +395,26 @@ impl Daemon {
     }
 
     pub fn signal(&self, sig: i32) {
-        unsafe { libc::kill(self.pid(), sig) };
+        // Never pid 0: that would signal this whole process group.
+        if let (Some(_), Ok(s)) = (&self.child, nix::sys::signal::Signal::try_from(sig)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), s);
+        }
     }
 
     /// SIGHUP, then wait for the READY=1 that ends the reload.
     pub fn reload(&mut self) -> Result<()> {
+        self.drain();
         self.signal(libc::SIGHUP);
         self.wait_for("RELOADING=1", Duration::from_secs(10))?;
         self.wait_for("READY=1", Duration::from_secs(30))
+    }
+
+    /// Write a new config, reload, and return the time from SIGHUP to READY=1.
+    pub fn reload_with(&mut self, config: &str) -> Result<Duration> {
+        std::fs::write(&self.config, config)?;
+        let t0 = Instant::now();
+        self.reload()?;
+        Ok(t0.elapsed())
     }
 
     /// kill -9, as a crash would.
@@ -391,14 +427,14 @@ impl Daemon {
 
     /// SIGTERM and wait; returns the exit status code.
     pub fn stop(&mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
         let mut c = self.child.take()?;
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         c.wait().ok().and_then(|s| s.code())
     }
 
     /// Run `bypassd ARGS --config <this config>` to completion.
     pub fn tool(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("bypassd")).args(args).arg("--config").arg(&self.config).output().expect("run bypassd")
+        Command::new(&self.bin).args(args).arg("--config").arg(&self.config).output().expect("run bypassd")
     }
 }
 
