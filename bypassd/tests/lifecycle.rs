@@ -2,7 +2,7 @@
 //! adopts or builds, that rebuilds leave nothing loaded behind, what an idle datapath
 //! costs, and that only one instance runs. Each test has its own cgroup, pin
 //! directory, state directory and daemon, removed on drop.
-use bypass_testsupport::{Daemon, PinDir, TempDir, TestCgroup, bin, dbus::SystemBus, require_root, run_json};
+use bypass_testsupport::{Daemon, Sandbox, TempDir, bin, dbus::SystemBus, run_json};
 use bypassd::datapath::{Datapath, pins};
 use bypassd_ebpf::abi::{self, Counter};
 use serde_json::Value;
@@ -14,45 +14,27 @@ use std::{
 
 const MIB: u64 = 1 << 20;
 
-struct Env {
-    cg: TestCgroup,
-    pins: PinDir,
-    state: TempDir,
+type Env = Sandbox;
+
+/// A config for this test's sandbox whose daemon accelerates everything in it.
+fn config(env: &Env, extra: &str) -> String {
+    env.config(&format!("{extra}\n[policy]\ndefault = \"accelerate\"\n"))
 }
 
-impl Env {
-    fn new() -> Env {
-        require_root();
-        Env { cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new() }
-    }
+fn counter(env: &Env, c: Counter) -> u64 {
+    Datapath::open_pinned(env.pins.path()).and_then(|d| d.counter(c)).expect("read counters")
+}
 
-    fn config(&self, extra: &str) -> String {
-        format!(
-            "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n{extra}\n[policy]\ndefault = \"accelerate\"\n",
-            self.pins.path().display(),
-            self.cg.rel,
-            self.state.path().display()
-        )
-    }
+fn generations(env: &Env) -> Vec<PathBuf> {
+    pins::generations(env.pins.path())
+}
 
-    fn counter(&self, c: Counter) -> u64 {
-        Datapath::open_pinned(self.pins.path()).and_then(|d| d.counter(c)).expect("read counters")
-    }
-
-    fn traffic(&self) -> Command {
-        self.cg.command(bin("bypass-traffic"))
-    }
-
-    fn generations(&self) -> Vec<PathBuf> {
-        pins::generations(self.pins.path())
-    }
-
-    fn pair(&self) {
-        let mut t = self.traffic();
-        t.args(["pair", "--bind", "127.0.0.1", "--bytes", &MIB.to_string()]);
-        let v = run_json(t);
-        assert_eq!(v["ok"], Value::Bool(true), "transfer failed: {v}");
-    }
+/// A 1 MiB transfer each way through the datapath, verified.
+fn pair(env: &Env) {
+    let mut t = env.traffic();
+    t.args(["pair", "--bind", "127.0.0.1", "--bytes", &MIB.to_string()]);
+    let v = run_json(t);
+    assert_eq!(v["ok"], Value::Bool(true), "transfer failed: {v}");
 }
 
 /// `bpftool -j ARGS` as JSON (None when bpftool fails, e.g. the object is gone).
@@ -125,11 +107,11 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>, what: &str) -> T {
 /// with data in flight on the old one finishes intact.
 #[test]
 fn a_changed_bpf_object_builds_a_new_generation_and_the_same_one_is_adopted() {
-    let env = Env::new();
+    let env = Sandbox::new();
     // Unread redirected data needs redirects before the first read (no recvmsg gate).
-    let mut d = Daemon::start(&env.config("[datapath]\ncapacity = 1024\nsplice_safety = \"off\"\nqueue_cap = 67108864\n"))
+    let mut d = Daemon::start(&config(&env, "[datapath]\ncapacity = 1024\nsplice_safety = \"off\"\nqueue_cap = 67108864\n"))
         .expect("start bypassd");
-    let built = env.generations();
+    let built = generations(&env);
     assert_eq!(built.len(), 1, "{built:?}");
     let name = built[0].file_name().unwrap().to_str().unwrap().to_string();
     let g = pins::GenName::parse(&name).expect("generation name parses");
@@ -139,12 +121,12 @@ fn a_changed_bpf_object_builds_a_new_generation_and_the_same_one_is_adopted() {
     d.stop();
     d.spawn().expect("restart");
     assert!(d.log().contains(&format!("datapath adopted at {}", built[0].display())), "{}", d.log());
-    assert_eq!(env.generations(), built);
+    assert_eq!(generations(&env), built);
 
     for planted in [format!("v{}-cap1024-cg{}", g.abi, g.cgroup_id), pins::gen_name_for(g.abi, 1024, g.cgroup_id, "0badc0ffee00")] {
         let dir = TempDir::new();
         let (srv, client, hold) = held_transfer(&env, &dir);
-        let redirected = env.counter(Counter::RedirectedBytes);
+        let redirected = counter(&env, Counter::RedirectedBytes);
         assert!(redirected >= 8 * MIB, "the 8 MiB wait in the redirect queue ({redirected})");
         // What an older package left: the same pins under another object's name.
         d.stop();
@@ -154,12 +136,12 @@ fn a_changed_bpf_object_builds_a_new_generation_and_the_same_one_is_adopted() {
         let log = d.log();
         assert!(log.contains(&format!("datapath attached at {}", built[0].display())), "a new generation is built:\n{log}");
         assert!(log.contains(&format!("retiring datapath generation {}", old.display())), "{log}");
-        assert_eq!(env.generations(), built, "only the new generation stays pinned");
+        assert_eq!(generations(&env), built, "only the new generation stays pinned");
         std::fs::write(&hold, "").unwrap();
         finish(client);
         finish(srv);
-        env.pair();
-        assert_eq!(env.counter(Counter::SocketsInserted), 2, "the new generation accelerates new connections");
+        pair(&env);
+        assert_eq!(counter(&env, Counter::SocketsInserted), 2, "the new generation accelerates new connections");
     }
 }
 
@@ -168,8 +150,8 @@ fn a_changed_bpf_object_builds_a_new_generation_and_the_same_one_is_adopted() {
 /// sock_ops programs remain.
 #[test]
 fn capacity_reloads_leave_no_old_generation_loaded() {
-    let env = Env::new();
-    let mut d = Daemon::start(&env.config("[datapath]\ncapacity = 1024\n")).expect("start bypassd");
+    let env = Sandbox::new();
+    let mut d = Daemon::start(&config(&env, "[datapath]\ncapacity = 1024\n")).expect("start bypassd");
     let mut ids = Vec::new();
     for i in 1..=5u32 {
         let g = pins::current(env.pins.path()).expect("a generation");
@@ -202,8 +184,8 @@ fn capacity_reloads_leave_no_old_generation_loaded() {
     assert!(alive.is_empty(), "5 rebuilds left old generations loaded: {alive:?} (current sk_msg is {current})");
     assert!(bpftool(&["prog", "show", "id", &current.to_string()]).is_some());
     // And the current generation still works.
-    env.pair();
-    assert_eq!(env.counter(Counter::SocketsInserted), 2);
+    pair(&env);
+    assert_eq!(counter(&env, Counter::SocketsInserted), 2);
 }
 
 /// Bytes the pinned maps of the current generation account (bpftool's bytes_memlock).
@@ -227,9 +209,9 @@ fn maps_memlock(env: &Env) -> (u64, Vec<String>) {
 /// bp_cookies alone took 256 bytes a slot: 4 GiB at the maximum).
 #[test]
 fn idle_datapath_pins_no_memory_per_socket_slot() {
-    let env = Env::new();
+    let env = Sandbox::new();
     for capacity in [65_536u64, 16_777_216] {
-        let mut d = Daemon::start(&env.config(&format!("[datapath]\ncapacity = {capacity}\n"))).expect("start bypassd");
+        let mut d = Daemon::start(&config(&env, &format!("[datapath]\ncapacity = {capacity}\n"))).expect("start bypassd");
         let (total, each) = maps_memlock(&env);
         let bound = 3 * 16 * capacity + 2 * MIB;
         assert!(total <= bound, "idle maps pin {} KiB at capacity {capacity} (bound {} KiB): {each:?}", total / 1024, bound / 1024);
@@ -244,8 +226,8 @@ fn idle_datapath_pins_no_memory_per_socket_slot() {
 /// hook; MPTCP does).
 #[test]
 fn sock_create_skips_unix_sockets() {
-    let env = Env::new();
-    let _d = Daemon::start(&env.config("")).expect("start bypassd");
+    let env = Sandbox::new();
+    let _d = Daemon::start(&config(&env, "")).expect("start bypassd");
     let g = pins::current(env.pins.path()).expect("a generation");
     let storage = aya::maps::MapData::from_pin(pins::map_pin(&g, bypassd_ebpf::maps::SK_INFO)).expect("open bp_sk_info");
     let storage: aya::maps::SkStorage<_, abi::SkInfo> =
@@ -285,17 +267,17 @@ fn borrow_fd(pid: i32, fd: i32) -> std::os::fd::OwnedFd {
 /// the daemon runs.
 #[test]
 fn a_second_instance_is_refused_and_the_first_keeps_the_bus_name() {
-    let env = Env::new();
+    let env = Sandbox::new();
     let bus = SystemBus::start().expect("start dbus-daemon");
     let (k, v) = bus.env();
-    let d = Daemon::start_with_env(&env.config(""), &[(k, &v)]).expect("start bypassd");
+    let d = Daemon::start_with_env(&config(&env, ""), &[(k, &v)]).expect("start bypassd");
     let owner = || {
         let o = bus.busctl(&["call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s", "org.bypassd.Bypassd1"]);
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
     let first = format!("u {}", d.pid());
     wait_for(|| (owner() == first).then_some(()), "bypassd to own its bus name");
-    let gens = env.generations();
+    let gens = generations(&env);
 
     // Without the lock the second one would serve: give it 20 s, then kill it.
     let mut second = Command::new(bin("bypassd"));
@@ -315,7 +297,7 @@ fn a_second_instance_is_refused_and_the_first_keeps_the_bus_name() {
     assert!(err.contains(&format!("pid {}", d.pid())), "{err}");
 
     assert_eq!(owner(), first, "the first instance keeps the bus name");
-    assert_eq!(env.generations(), gens, "the pins are intact");
-    env.pair();
-    assert_eq!(env.counter(Counter::SocketsInserted), 2, "the first instance still accelerates");
+    assert_eq!(generations(&env), gens, "the pins are intact");
+    pair(&env);
+    assert_eq!(counter(&env, Counter::SocketsInserted), 2, "the first instance still accelerates");
 }

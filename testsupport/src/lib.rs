@@ -290,6 +290,42 @@ pub fn run_json(mut cmd: Command) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON from {cmd:?}: {e}: {line}"))
 }
 
+/// One root test's own cgroup, pin directory and state directory, and the bypassd
+/// config that points at them; all removed on drop.
+pub struct Sandbox {
+    pub cg: TestCgroup,
+    pub pins: PinDir,
+    pub state: TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        require_root();
+        Sandbox { cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new() }
+    }
+
+    /// The `[daemon]` table for this sandbox (log level debug), then `extra`.
+    pub fn config(&self, extra: &str) -> String {
+        format!(
+            "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n{extra}",
+            self.pins.path().display(),
+            self.cg.rel,
+            self.state.path().display()
+        )
+    }
+
+    /// bypass-traffic, run in this sandbox's cgroup.
+    pub fn traffic(&self) -> Command {
+        self.cg.command(bin("bypass-traffic"))
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A bypassd process with its own config, started and waited on for READY=1.
 pub struct Daemon {
     pub child: Option<Child>,

@@ -139,10 +139,40 @@ impl Env {
         secs: u32,
         cpu: Option<usize>,
     ) -> Result<QRun> {
+        let once = || -> Result<QRun> {
+            let host = if topo == "veth" { VETH_SERVER } else { "127.0.0.1" };
+            let mut cmd = self.command(m, topo, false, "qperf");
+            cmd.args([host, "-lp", &lp.to_string(), "-t", &secs.to_string(), "-m", &size.to_string(), "-e", "5", "-uu", "-vvs"]);
+            if let Some(ip) = ip {
+                cmd.args(["-ip", &ip.to_string()]);
+            }
+            if let Some(c) = cpu {
+                // qperf numbers CPUs from 1 here (-lca 1 pins to CPU 0).
+                let a = (c + 1).to_string();
+                cmd.args(["-lca", &a, "-rca", &a]);
+            }
+            cmd.arg(test);
+            // In the client's own namespace, TCP segment counts are this run's alone.
+            let segs = |env: &Env| (topo == "veth").then(|| netns_out_segs(&env.ns_client.name)).flatten();
+            let segs0 = segs(self);
+            let read = || counters.map_or(Ok(Snap::default()), |c| c.read());
+            let before = read()?;
+            let out = run_timeout(cmd, Duration::from_secs(secs as u64 + 30))?;
+            let after = read()?;
+            let segs1 = segs(self);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                bail!("qperf {topo}/{} {test} {size}: {}{}", m.name(), stdout, String::from_utf8_lossy(&out.stderr));
+            }
+            let value = parse_qperf(&stdout).with_context(|| format!("qperf output: {stdout}"))?;
+            let send_msgs = qperf_field(&stdout, "send_msgs").unwrap_or(0.0) as u64;
+            let out_segs = segs0.zip(segs1).map(|(a, b)| b.saturating_sub(a));
+            Ok(QRun { value, delta: after.since(&before), send_msgs, out_segs })
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.qperf_once(counters, m, topo, lp, ip, test, size, secs, cpu) {
+            match once() {
                 Err(e) if attempt < 3 && !fixtures::STOP.load(std::sync::atomic::Ordering::Relaxed) => {
                     progress(&format!("  ⚠ qperf failed, retrying: {}", format!("{e:#}").replace('\n', " ")));
                     std::thread::sleep(Duration::from_millis(500));
@@ -150,49 +180,6 @@ impl Env {
                 r => return r,
             }
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn qperf_once(
-        &self,
-        counters: Option<&Counters>,
-        m: Mode,
-        topo: &str,
-        lp: u16,
-        ip: Option<u16>,
-        test: &str,
-        size: u32,
-        secs: u32,
-        cpu: Option<usize>,
-    ) -> Result<QRun> {
-        let host = if topo == "veth" { VETH_SERVER } else { "127.0.0.1" };
-        let mut cmd = self.command(m, topo, false, "qperf");
-        cmd.args([host, "-lp", &lp.to_string(), "-t", &secs.to_string(), "-m", &size.to_string(), "-e", "5", "-uu", "-vvs"]);
-        if let Some(ip) = ip {
-            cmd.args(["-ip", &ip.to_string()]);
-        }
-        if let Some(c) = cpu {
-            // qperf numbers CPUs from 1 here (-lca 1 pins to CPU 0).
-            let a = (c + 1).to_string();
-            cmd.args(["-lca", &a, "-rca", &a]);
-        }
-        cmd.arg(test);
-        // In the client's own namespace, TCP segment counts are this run's alone.
-        let segs = |env: &Env| (topo == "veth").then(|| netns_out_segs(&env.ns_client.name)).flatten();
-        let segs0 = segs(self);
-        let read = || counters.map_or(Ok(Snap::default()), |c| c.read());
-        let before = read()?;
-        let out = run_timeout(cmd, Duration::from_secs(secs as u64 + 30))?;
-        let after = read()?;
-        let segs1 = segs(self);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!("qperf {topo}/{} {test} {size}: {}{}", m.name(), stdout, String::from_utf8_lossy(&out.stderr));
-        }
-        let value = parse_qperf(&stdout).with_context(|| format!("qperf output: {stdout}"))?;
-        let send_msgs = qperf_field(&stdout, "send_msgs").unwrap_or(0.0) as u64;
-        let out_segs = segs0.zip(segs1).map(|(a, b)| b.saturating_sub(a));
-        Ok(QRun { value, delta: after.since(&before), send_msgs, out_segs })
     }
 }
 
