@@ -17,7 +17,7 @@ use std::{
 
 const STATS_FIELDS: [&str; 6] =
     ["sockets_inserted", "insert_failures", "redirected_msgs", "redirected_bytes", "passed_msgs", "passed_bytes"];
-const STATUS_FIELDS: [&str; 11] = [
+const STATUS_FIELDS: [&str; 12] = [
     "version",
     "state",
     "reason",
@@ -29,6 +29,7 @@ const STATUS_FIELDS: [&str; 11] = [
     "started_at",
     "abi_version",
     "capacity",
+    "inactive_rules",
 ];
 
 /// Proof 1: every subcommand works as root, human and --json, and the JSON parses.

@@ -1,10 +1,13 @@
 //! bypassd: loads, pins and attaches the eBPF socket datapath and serves its control
 //! interface.
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod datapath;
 pub mod dbus;
 pub mod instance;
 pub mod logging;
+pub mod notify;
 pub mod policy;
 pub mod service;
 pub mod sysfs;

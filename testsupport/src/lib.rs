@@ -116,17 +116,7 @@ impl TestCgroup {
 
     /// Make `cmd` start inside this cgroup (before exec, so every socket it opens is seen).
     pub fn enter(&self, cmd: &mut Command) {
-        let f = std::fs::OpenOptions::new().write(true).open(self.path.join("cgroup.procs")).expect("open cgroup.procs");
-        // The closure owns the file, so the fd stays open until the Command is dropped;
-        // O_CLOEXEC keeps it out of the exec'd program.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        enter_cgroup(&self.path, cmd);
     }
 
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -138,6 +128,22 @@ impl TestCgroup {
     pub fn id(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&self.path).map(|m| m.ino()).unwrap_or(0)
+    }
+}
+
+/// Make `cmd` start inside the cgroup directory `dir` (before exec, so every socket
+/// it opens is seen), also for cgroups a test removes and re-creates itself.
+pub fn enter_cgroup(dir: &Path, cmd: &mut Command) {
+    let f = std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs")).expect("open cgroup.procs");
+    // The closure owns the file, so the fd stays open until the Command is dropped;
+    // O_CLOEXEC keeps it out of the exec'd program.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
