@@ -1,6 +1,7 @@
-//! The control plane under load and across cgroup restarts, over a real bus:
-//! a slow reload must not stall readers, every reload tells systemd, and rules
-//! whose cgroup is missing are shown inactive instead of failing start and reload.
+//! The control plane under load, across cgroup restarts and in its signals, over a
+//! real bus: a slow reload must not stall readers, every reload tells systemd,
+//! rules whose cgroup is missing are shown inactive instead of failing start and
+//! reload, and PropertiesChanged follows every kind of change.
 mod common;
 
 use bypassd_api as api;
@@ -93,10 +94,8 @@ fn a_rule_whose_cgroup_is_missing_is_shown_inactive_and_comes_back() {
     assert_eq!(w.json(&["status"])["inactive_rules"], 1);
     assert!(w.ok(&["status"]).contains("1 rule(s) inactive"));
 
-    // Restart with the persisted rule still naming the missing cgroup (first take
-    // the reload's READY=1, so the restart waits for the new process's own).
+    // Restart with the persisted rule still naming the missing cgroup.
     let d = w.daemon();
-    d.wait_for("READY=1", Duration::from_secs(5)).unwrap();
     d.stop();
     d.spawn().expect("bypassd starts with a runtime rule naming a removed cgroup");
     assert_eq!(w.json(&["policy", "list"])["rules"][0]["active"], false);
@@ -110,4 +109,71 @@ fn a_rule_whose_cgroup_is_missing_is_shown_inactive_and_comes_back() {
     }
     assert_eq!(w.json(&["status"])["inactive_rules"], 0);
     let _ = std::fs::remove_dir(&app);
+}
+
+/// PropertiesChanged follows actions (over D-Bus and SIGHUP); counters are not signalled.
+#[test]
+fn properties_changed_follows_actions() {
+    let mut w = World::new();
+    let conn = zbus::blocking::connection::Builder::address(w.bus.address().as_str()).unwrap().build().unwrap();
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")
+        .unwrap()
+        .member("PropertiesChanged")
+        .unwrap()
+        .path(api::OBJECT_PATH)
+        .unwrap()
+        .build();
+    let signals = zbus::blocking::MessageIterator::for_match_rule(rule, &conn, Some(64)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for m in signals.flatten() {
+            let Ok((iface, changed, _)) = m.body().deserialize::<(
+                String,
+                std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+                Vec<String>,
+            )>() else {
+                continue;
+            };
+            if tx.send((iface, changed)).is_err() {
+                break;
+            }
+        }
+    });
+    let expect = |prop: &str, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok((iface, changed)) => {
+                    assert_eq!(iface, api::INTERFACE);
+                    assert!(!changed.contains_key(api::property::COUNTERS), "counters are never signalled");
+                    if changed.contains_key(prop) {
+                        return changed;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no PropertiesChanged for {prop} after {what}");
+    };
+    w.ok(&["pause"]);
+    let c = expect(api::property::PAUSED, "pause");
+    assert!(bool::try_from(&c[api::property::PAUSED]).unwrap());
+    w.ok(&["resume"]);
+    expect(api::property::PAUSED, "resume");
+    w.ok(&["policy", "add", "--action", "kernel", "--remote-ports", "5000"]);
+    expect(api::property::POLICY_SHA256, "policy add");
+    w.ok(&["detach"]);
+    let c = expect(api::property::STATE, "detach");
+    assert_eq!(<&str>::try_from(&c[api::property::STATE]).unwrap(), api::state::DETACHED);
+    w.ok(&["reload"]);
+    expect(api::property::STATE, "reload");
+    // A change that does not come over D-Bus: edit the config, SIGHUP.
+    let cfg = w.daemon().config.clone();
+    let body = std::fs::read_to_string(&cfg).unwrap().replace("default = \"kernel\"", "default = \"accelerate\"");
+    std::fs::write(&cfg, body).unwrap();
+    w.daemon().reload().unwrap();
+    let c = expect(api::property::CONFIG_SHA256, "SIGHUP reload");
+    assert_eq!(<&str>::try_from(&c[api::property::DEFAULT_ACTION]).unwrap(), "accelerate");
 }

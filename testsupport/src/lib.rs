@@ -4,6 +4,10 @@
 pub mod dbus;
 
 use anyhow::{Context, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use std::{
     io::Read,
     os::{fd::AsRawFd, unix::net::UnixDatagram, unix::process::CommandExt},
@@ -67,28 +71,20 @@ pub fn cgroup2_mount() -> PathBuf {
 }
 
 /// A temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new() -> TempDir {
-        let p = std::env::temp_dir().join(unique("bypassd-test"));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
+        TempDir(tempfile::Builder::new().prefix("bypassd-test-").tempdir().expect("create temp dir"))
     }
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 }
 
 impl Default for TempDir {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -168,7 +164,7 @@ fn kill_and_remove_cgroup(path: &Path) {
             break;
         }
         for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         if Instant::now() > deadline {
             break;
@@ -443,7 +439,7 @@ impl Daemon {
         }
     }
 
-    /// SIGHUP, then wait for the READY=1 that ends the reload.
+    /// SIGHUP, then wait for the READY=1 that ends this reload.
     pub fn reload(&mut self) -> Result<()> {
         self.drain();
         self.signal(libc::SIGHUP);

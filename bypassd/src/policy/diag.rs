@@ -14,47 +14,52 @@ pub fn sha256(default: Action, rules: &[(RuleSource, RuleSpec)]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The readable part of a TOML error: `key `k`: reason` where the key is known,
-/// the line for syntax errors.
-fn toml_reason(text: &str, e: &toml::de::Error) -> String {
-    if let Err(syntax) = toml::from_str::<toml::Table>(text) {
-        let at = syntax.span().map_or(0, |s| s.start.min(text.len()));
-        let line_no = text[..at].matches('\n').count() + 1;
-        let line = text[text[..at].rfind('\n').map_or(0, |i| i + 1)..].lines().next().unwrap_or("").trim();
-        let msg = syntax.message().trim();
-        let msg = if msg.is_empty() { String::new() } else { format!(" ({msg})") };
-        return format!("invalid TOML at line {line_no}: `{line}`{msg}");
-    }
-    let msg = e.message().trim();
-    let span = e.span();
-    let at = span.as_ref().map(|s| s.start.min(text.len())).unwrap_or(0);
-    let line_no = text[..at].matches('\n').count() + 1;
-    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("");
-    // Value errors point at the value of `key = value`; name the key.
-    let key = line
-        .split_once('=')
-        .filter(|(k, _)| at >= line_start + k.len())
-        .map(|(k, _)| k.trim())
-        .filter(|k| !k.is_empty() && !k.starts_with('['));
-    match (msg.is_empty(), key) {
-        (true, _) => format!("invalid TOML at line {line_no}: `{}`", line.trim()),
-        (false, Some(k)) if !msg.contains(&format!("`{k}`")) => format!("key `{k}`: {msg}"),
-        (false, _) => msg.to_string(),
+/// A TOML deserialisation error with the key path it happened at, as operators
+/// write it (`datapath.capacity`, `rules[1].local_ports`; "." for the document).
+pub struct KeyedError {
+    pub key: String,
+    pub error: toml::de::Error,
+}
+
+impl KeyedError {
+    /// `key `k`: reason`, leaving the key out where the reason already names it.
+    pub fn reason(&self) -> String {
+        let msg = self.error.message().trim();
+        if self.key == "." || self.key.is_empty() || msg.contains(&format!("`{}`", self.key)) {
+            msg.to_string()
+        } else {
+            format!("key `{}`: {msg}", self.key)
+        }
     }
 }
 
-/// The `name` of a rule, if the text is TOML at all.
-fn rule_name(table: Option<&toml::Table>) -> Option<String> {
-    table.and_then(|t| t.get("name")).and_then(|n| n.as_str()).map(String::from)
+/// Deserialise TOML text, tracking the key path for errors.
+pub fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, KeyedError> {
+    serde_path_to_error::deserialize(toml::Deserializer::new(text))
+        .map_err(|e| KeyedError { key: e.path().to_string(), error: e.into_inner() })
+}
+
+/// A syntax error (the text is not TOML at all), with the offending line.
+fn syntax_error(text: &str) -> Option<String> {
+    let syntax = toml::from_str::<toml::Table>(text).err()?;
+    let at = syntax.span().map_or(0, |s| s.start.min(text.len()));
+    let line_no = text[..at].matches('\n').count() + 1;
+    let line = text[text[..at].rfind('\n').map_or(0, |i| i + 1)..].lines().next().unwrap_or("").trim();
+    let msg = syntax.message().trim();
+    let msg = if msg.is_empty() { String::new() } else { format!(" ({msg})") };
+    Some(format!("invalid TOML at line {line_no}: `{line}`{msg}"))
+}
+
+fn name_of(t: Option<&toml::Value>) -> Option<&str> {
+    t.and_then(|t| t.get("name")).and_then(|n| n.as_str())
 }
 
 /// Parse one rule (a TOML table body) with the config file's parser.
 pub fn parse_rule(text: &str, what: &str) -> Result<RuleSpec, PolicyError> {
-    toml::from_str::<RuleSpec>(text).map_err(|e| {
-        let name = rule_name(toml::from_str::<toml::Table>(text).ok().as_ref());
-        let label = name.map(|n| format!("{what} ({n})")).unwrap_or_else(|| what.to_string());
-        PolicyError::Text(format!("{label}: {}", toml_reason(text, &e)))
+    from_toml::<RuleSpec>(text).map_err(|e| {
+        let table = toml::from_str::<toml::Value>(text).ok();
+        let label = name_of(table.as_ref()).map_or_else(|| what.to_string(), |n| format!("{what} ({n})"));
+        PolicyError::Text(format!("{label}: {}", syntax_error(text).unwrap_or_else(|| e.reason())))
     })
 }
 
@@ -67,34 +72,26 @@ struct RulesDoc {
 
 /// Parse a policy document (`[[rules]]` tables); errors name the rule by number and name.
 pub fn parse_rules_doc(text: &str) -> Result<Vec<RuleSpec>, PolicyError> {
-    toml::from_str::<RulesDoc>(text).map(|d| d.rules).map_err(|e| {
-        let at = e.span().map_or(0, |s| s.start.min(text.len()));
-        let line_no = text[..at].matches('\n').count() + 1;
-        // Which `[[rules]]` table the error is in.
-        let n = text[..at]
-            .lines()
-            .filter(|l| {
-                l.trim().trim_start_matches("[[").trim_end_matches("]]").trim() == "rules" && l.trim().starts_with("[[")
-            })
-            .count();
-        let table = toml::from_str::<toml::Table>(text).ok();
-        let name = table
-            .as_ref()
-            .and_then(|t| t.get("rules"))
-            .and_then(|r| r.as_array())
-            .and_then(|a| a.get(n.wrapping_sub(1)))
-            .and_then(|r| r.as_table())
-            .and_then(|r| rule_name(Some(r)));
-        let rule = match (n, name) {
-            (0, _) => String::new(),
-            (n, Some(name)) => format!(", rule {n} ({name})"),
-            (n, None) => format!(", rule {n}"),
-        };
-        let reason = toml_reason(text, &e);
-        if reason.starts_with("invalid TOML") {
-            return PolicyError::Text(format!("policy: {reason}"));
+    from_toml::<RulesDoc>(text).map(|d| d.rules).map_err(|mut e| {
+        if let Some(syntax) = syntax_error(text) {
+            return PolicyError::Text(format!("policy: {syntax}"));
         }
-        PolicyError::Text(format!("policy line {line_no}{rule}: {reason}"))
+        let at = e.error.span().map_or(0, |s| s.start.min(text.len()));
+        let line_no = text[..at].matches('\n').count() + 1;
+        // `rules[1].local_ports`: rule 2, key `local_ports`.
+        let mut rule = String::new();
+        if let Some((i, rest)) = e.key.strip_prefix("rules[").and_then(|r| r.split_once(']'))
+            && let Ok(i) = i.parse::<usize>()
+        {
+            let doc = toml::from_str::<toml::Value>(text).ok();
+            let table = doc.as_ref().and_then(|d| d.get("rules")).and_then(|r| r.get(i));
+            rule = match name_of(table) {
+                Some(n) => format!(", rule {} ({n})", i + 1),
+                None => format!(", rule {}", i + 1),
+            };
+            e.key = rest.trim_start_matches('.').to_string();
+        }
+        PolicyError::Text(format!("policy line {line_no}{rule}: {}", e.reason()))
     })
 }
 
