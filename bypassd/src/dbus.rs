@@ -630,6 +630,23 @@ impl Manager {
         .await
     }
 
+    /// What PolicyApply with the same document would do, changing nothing: whether
+    /// the runtime rules would change, the runtime rules now and the ones it would
+    /// set (as ListPolicy shows them). A bad document fails with InvalidArgument,
+    /// as PolicyApply would. Everyone may call it.
+    #[zbus(out_args("changed", "current", "proposed"))]
+    fn policy_diff(&self, rules: &str) -> Result<(bool, Vec<api::PolicyRule>, Vec<api::PolicyRule>), Error> {
+        let proposed = parse_rules_doc(rules)?;
+        let d = lock(&self.daemon);
+        let changed = d.policy_diff(&proposed).map_err(control_error)?;
+        let view = |rules: Vec<&RuleSpec>| -> Vec<api::PolicyRule> {
+            rules.into_iter().enumerate().map(|(i, r)| rule_view(i + 1, RuleSource::Runtime, r)).collect()
+        };
+        let list = d.policy_list();
+        let current = view(list.iter().filter(|(s, _)| *s == RuleSource::Runtime).map(|(_, r)| r).collect());
+        Ok((changed, current, view(proposed.iter().collect())))
+    }
+
     /// Drop the runtime rules; returns whether there were any. Root only.
     #[zbus(out_args("changed"))]
     async fn policy_reset(

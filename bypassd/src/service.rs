@@ -338,6 +338,16 @@ impl Daemon {
         self.set_runtime(Some(rules))
     }
 
+    /// What `policy_apply(rules)` would do, changing nothing: whether the runtime layer
+    /// would change (the same test `set_runtime` makes), after the same validation.
+    pub fn policy_diff(&self, rules: &[RuleSpec]) -> Result<bool, ControlError> {
+        let runtime = rules.iter().map(|r| (RuleSource::Runtime, r.clone()));
+        let config = self.config.policy.rules.iter().map(|r| (RuleSource::Config, r.clone()));
+        let proposed: Vec<_> = runtime.chain(config).collect();
+        self.policy_image(&proposed)?;
+        Ok(self.runtime_rules.as_deref() != Some(rules))
+    }
+
     /// Drop the runtime layer; returns whether there was one.
     pub fn policy_reset(&mut self) -> Result<bool, ControlError> {
         self.set_runtime(None)
