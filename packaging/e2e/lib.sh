@@ -20,6 +20,7 @@ NSPAWN_ARGS=(--register=no --keep-unit --console=passive --resolv-conf=off --tim
   --link-journal=no --system-call-filter=bpf --capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN)
 # (python3 and python3-apt: Ansible's modules run on the nodes; apt needs python3-apt.)
 
+BOOTS=${BOOTS:-0}
 say() { printf '   %s\n' "$*"; }
 secs_since() { python3 -c "import sys,time; print(f'{time.time()-float(sys.argv[1]):.1f}')" "$1"; }
 now() { date +%s.%N; }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what the Ansible proof test needs (idempotent), away from the system's
-# Python: a venv with ansible-core and ansible-lint, and the community.docker
-# collection (its nsenter connection reaches the nspawn nodes), unpacked from the
-# `ansible` wheel on PyPI since ansible-galaxy's server is not reachable.
+# Python: a venv with ansible-core and ansible-lint, and two collections unpacked
+# from the `ansible` wheel on PyPI (ansible-galaxy's server is not reachable):
+# community.docker (its nsenter connection reaches the nspawn nodes) and
+# ansible.posix (its json callback gives the test a report to check).
 #   deps.sh [VENV [COLLECTIONS]]   (default: target/ansible-env/{venv,collections})
 # Versions: ansible >= 13 (ansible-core >= 2.20) needs Python >= 3.12; this is 3.11.
 set -euo pipefail
@@ -28,22 +29,22 @@ if ! "$VENV/bin/python" -c "import ansible.release as r, sys; sys.exit(r.__versi
   "$VENV/bin/pip" install -q --disable-pip-version-check "ansible-core==$ANSIBLE_CORE" "ansible-lint==$ANSIBLE_LINT"
 fi
 
-if [ ! -f "$COLLECTIONS/ansible_collections/community/docker/plugins/connection/nsenter.py" ]; then
-  echo "ansible deps: community.docker from ansible $ANSIBLE into $COLLECTIONS"
+if [ ! -f "$COLLECTIONS/ansible_collections/community/docker/plugins/connection/nsenter.py" ] ||
+   [ ! -f "$COLLECTIONS/ansible_collections/ansible/posix/plugins/callback/json.py" ]; then
+  echo "ansible deps: community.docker and ansible.posix from ansible $ANSIBLE into $COLLECTIONS"
   dl=$(mktemp -d)
   trap 'rm -rf "$dl"' EXIT
   "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps -d "$dl" "ansible==$ANSIBLE"
-  rm -rf "$COLLECTIONS/ansible_collections/community/docker.partial"
   "$VENV/bin/python" - "$dl"/ansible-*.whl "$COLLECTIONS" <<'PY'
 import os, sys, zipfile
 whl, dest = sys.argv[1], sys.argv[2]
-prefix = "ansible_collections/community/docker/"
 with zipfile.ZipFile(whl) as z:
-    names = [n for n in z.namelist() if n.startswith(prefix)]
-    if not names:
-        sys.exit(f"{whl} has no {prefix}")
-    for n in names:
-        z.extract(n, dest)
-print(f"ansible deps: unpacked {len(names)} files of community.docker")
+    for prefix in ("ansible_collections/community/docker/", "ansible_collections/ansible/posix/"):
+        names = [n for n in z.namelist() if n.startswith(prefix)]
+        if not names:
+            sys.exit(f"{whl} has no {prefix}")
+        for n in names:
+            z.extract(n, dest)
+        print(f"ansible deps: unpacked {len(names)} files of {prefix}")
 PY
 fi

@@ -41,7 +41,9 @@ for v in WORK CACHE VENV COLLECTIONS; do
   [ -n "${!v}" ] || { echo "run.sh: --${v,,} is missing" >&2; exit 2; }
 done
 [ -x "$VENV/bin/ansible-playbook" ] || { echo "run.sh: no ansible-playbook in $VENV; run packaging/ansible/test/deps.sh" >&2; exit 2; }
-[ -d "$COLLECTIONS/ansible_collections/community/docker" ] || { echo "run.sh: community.docker is not in $COLLECTIONS" >&2; exit 2; }
+for c in community/docker ansible/posix; do
+  [ -d "$COLLECTIONS/ansible_collections/$c" ] || { echo "run.sh: ${c/\//.} is not in $COLLECTIONS; run packaging/ansible/test/deps.sh" >&2; exit 2; }
+done
 [ "$(id -u)" = 0 ] || { echo "run.sh: run as root (nspawn, cgroups, BPF)" >&2; exit 2; }
 
 mkdir -p "$WORK"
@@ -55,7 +57,7 @@ NODES=(1 2 3)
 declare -A N_PID=() N_CPID=()
 PASSED=0 FAILED=0 NOTES='' REASON='' T_START=$(date +%s)
 export ANSIBLE_COLLECTIONS_PATH=$COLLECTIONS ANSIBLE_CONFIG=$ANSIBLE_DIR/ansible.cfg
-export ANSIBLE_STDOUT_CALLBACK=ansible.builtin.json ANSIBLE_NOCOLOR=1 ANSIBLE_HOST_KEY_CHECKING=0
+export ANSIBLE_STDOUT_CALLBACK=ansible.posix.json ANSIBLE_NOCOLOR=1 ANSIBLE_HOST_KEY_CHECKING=0
 export ANSIBLE_LOCAL_TEMP=$WORK/tmp ANSIBLE_HOME=$WORK/ansible-home
 INV=$WORK/inventory
 
@@ -64,14 +66,22 @@ on() { # on N: make node N the container the lib's functions act on
   NSPAWN_PID=${N_PID[$1]:-} CPID=${N_CPID[$1]:-}
 }
 
+stop_nodes() { # all at once: ask each to power off, then make sure of each
+  local n
+  for n in "${NODES[@]}"; do
+    on "$n"; [ -n "$CPID" ] && alive "$NSPAWN_PID" && CX_TIMEOUT=5 cx systemctl poweroff --no-block >/dev/null 2>&1
+  done
+  for n in "${NODES[@]}"; do on "$n"; stop_container; N_PID[$n]='' N_CPID[$n]=''; done
+}
+
 cleanup() {
   local rc=$? n
   trap - EXIT INT TERM
   [ -n "${SAMPLER:-}" ] && kill "$SAMPLER" 2>/dev/null
   kill_transfers
+  stop_nodes
   for n in "${NODES[@]}"; do
-    on "$n"; stop_container
-    [ "$KEEP" = 0 ] && rm -rf "$ROOT"
+    on "$n"; [ "$KEEP" = 0 ] && rm -rf "$ROOT"
   done
   exit "$rc"
 }
@@ -113,23 +123,23 @@ bypassd_policy_rules:
     remote_cidr: 127.0.0.0/8"
 VARS=$BASE_VARS
 
-set_var() { # set_var KEY YAML: replace (or add) one top-level variable
-  VARS=$(python3 - "$1" "$2" <<<"$VARS" <<'PY'
-import sys
-key, val = sys.argv[1], sys.argv[2]
-lines, out, skip = sys.stdin.read().splitlines(), [], False
-for l in lines:
+# set_var KEY YAML: replace (or add) one top-level variable of VARS.
+SET_VAR_PY='
+import os, sys
+key, val = os.environ["KEY"], os.environ["VAL"]
+out, skip = [], False
+for l in sys.stdin.read().splitlines():
     if l.startswith(key + ":"):
         skip = True
         continue
-    if skip and (l.startswith(" ") or l.startswith("-")):
+    if skip and l.startswith((" ", "-")):
         continue
     skip = False
     out.append(l)
-out.append(key + ": " + val if "\n" not in val else key + ":\n" + val)
-print("\n".join(out))
-PY
-)
+out.append(key + (":\n" if val.startswith((" ", "-")) or "\n" in val else ": ") + val)
+print("\n".join(out))'
+set_var() {
+  VARS=$(KEY=$1 VAL=$2 python3 -c "$SET_VAR_PY" <<<"$VARS")
 }
 
 write_inventory() {
@@ -370,7 +380,7 @@ run_check 6 "--check --diff shows the change and changes nothing" check6_check_m
 run_check 5 "rolling upgrade during transfers; a broken package stops the rollout" check5_rolling_upgrade
 
 t0=$(now)
-for n in "${NODES[@]}"; do on "$n"; stop_container; done
+stop_nodes
 echo "ansible: $RUNS playbook runs; containers stopped and cgroups removed in $(secs_since "$t0") s; total $(( $(date +%s) - T_START )) s; logs in $LOG"
 echo "ansible: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]
