@@ -3,28 +3,10 @@
 //! build three package revisions and the traffic tool, lint the role with
 //! ansible-lint's production profile, then run packaging/ansible/test/run.sh.
 use crate::{e2e, util};
-use anyhow::{Context, Result, bail};
-use std::{path::PathBuf, process::Command, process::ExitCode};
+use anyhow::{Context, Result};
+use std::process::{Command, ExitCode};
 
-pub struct Options {
-    keep: bool,
-    work: Option<PathBuf>,
-}
-
-impl Options {
-    pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { keep: false, work: None };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            match a.as_str() {
-                "--keep" => o.keep = true,
-                "--work" => o.work = Some(it.next().context("--work needs a directory")?.into()),
-                other => bail!("ansible: unknown option `{other}`"),
-            }
-        }
-        Ok(o)
-    }
-}
+pub use e2e::Options;
 
 pub fn run(o: &Options) -> Result<ExitCode> {
     let ws = util::workspace_root();
@@ -44,7 +26,11 @@ pub fn run(o: &Options) -> Result<ExitCode> {
     // broken (run.sh breaks it).
     let pkgs = e2e::prepare(&work, &["1", "2", "3"])?;
 
-    let path = format!("{}:{}", venv.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let mut lint = Command::new(venv.join("bin/ansible-lint"));
     lint.current_dir(ws.join("packaging/ansible"))
         .env("PATH", &path)
@@ -55,7 +41,11 @@ pub fn run(o: &Options) -> Result<ExitCode> {
     println!(
         "{} lint ansible-lint --profile production: {}",
         if lint_ok { "PASS" } else { "FAIL" },
-        if lint_ok { "no failures, no warnings" } else { "see above" }
+        if lint_ok {
+            "no failures, no warnings"
+        } else {
+            "see above"
+        }
     );
 
     let mut cmd = Command::new("bash");
@@ -79,7 +69,16 @@ pub fn run(o: &Options) -> Result<ExitCode> {
         cmd.arg("--keep");
     }
     eprintln!("xtask: $ {}", util::show(&cmd));
-    let st = cmd.status().context("running packaging/ansible/test/run.sh")?;
-    eprintln!("xtask: ansible took {:.0} s in all", started.elapsed().as_secs_f64());
-    Ok(if st.success() && lint_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    let st = cmd
+        .status()
+        .context("running packaging/ansible/test/run.sh")?;
+    eprintln!(
+        "xtask: ansible took {:.0} s in all",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(if st.success() && lint_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

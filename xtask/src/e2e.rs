@@ -12,9 +12,10 @@ use std::{
     process::ExitCode,
 };
 
+/// Options of the tests on booted containers (`e2e`, `ansible`).
 pub struct Options {
-    keep: bool,
-    work: Option<PathBuf>,
+    pub keep: bool,
+    pub work: Option<PathBuf>,
 }
 
 impl Options {
@@ -28,7 +29,7 @@ impl Options {
             match a.as_str() {
                 "--keep" => o.keep = true,
                 "--work" => o.work = Some(it.next().context("--work needs a directory")?.into()),
-                other => bail!("e2e: unknown option `{other}`"),
+                other => bail!("unknown option `{other}` (known: --keep, --work DIR)"),
             }
         }
         Ok(o)
