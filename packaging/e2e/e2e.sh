@@ -69,22 +69,6 @@ trap 'echo "e2e: interrupted"; exit 130' INT TERM
 
 
 
-journal() { # journal SINCE: bypassd's journal since Unix time SINCE, or this boot ("boot")
-  if [ "$1" = boot ]; then
-    cx journalctl -u bypassd -b 0 --no-pager -o cat 2>/dev/null
-  else
-    cx journalctl -u bypassd --since "@$1" --no-pager -o cat 2>/dev/null
-  fi
-}
-
-journal_has() { # journal_has SINCE PATTERN (journald stores lines asynchronously: poll)
-  for _ in $(seq 25); do
-    journal "$1" | grep -q -- "$2" && return 0
-    sleep 0.2
-  done
-  return 1
-}
-
 diagnose() {
   [ -n "$CPID" ] && alive "$CPID" || { say "(container not running)"; return; }
   say "--- systemctl status bypassd"

@@ -220,6 +220,22 @@ finish_held_transfer() { # TAG: release the receiver, wait, check the result is 
   say "transfer $tag intact: ok=true, $HELD_BYTES bytes each way, sha256_sent $(json sha256_sent <<<"$out" | cut -c1-16)…, sha256_received $(json sha256_received <<<"$out" | cut -c1-16)…"
 }
 
+journal() { # journal SINCE: bypassd's journal since Unix time SINCE, or this boot ("boot")
+  if [ "$1" = boot ]; then
+    cx journalctl -u bypassd -b 0 --no-pager -o cat 2>/dev/null
+  else
+    cx journalctl -u bypassd --since "@$1" --no-pager -o cat 2>/dev/null
+  fi
+}
+
+journal_has() { # journal_has SINCE PATTERN (journald stores lines asynchronously: poll)
+  for _ in $(seq 25); do
+    journal "$1" | grep -q -- "$2" && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
 kill_transfers() { # the local ends (systemd-run clients) of transfers still running
   local t
   for t in "${!XFER_PIDS[@]}"; do kill "${XFER_PIDS[$t]}" 2>/dev/null; done

@@ -58,7 +58,7 @@ def diffs(doc, host):
             if before == after:
                 continue
             out.append("--- %s: %s" % (name(t), one.get("before_header", "")))
-            out.extend(difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=1))
+            out.extend(difflib.unified_diff(before.splitlines(), after.splitlines(), "before", "after", lineterm="", n=1))
     return out
 
 
