@@ -15,6 +15,7 @@
 //! | `GetStats` | method | everyone | `() → a(st)` ([`Stats`]) |
 //! | `ListConnections` | method | everyone | `() → a(ssstb)` ([`Connection`]) |
 //! | `ListPolicy` | method | everyone | `() → s default_action, a(ussssbs) rules` ([`PolicyRule`]) |
+//! | `PolicyDiff` | method | everyone | `s rules_toml → b changed, a(ussssbs) current, a(ussssbs) proposed` (a dry run of `PolicyApply`) |
 //! | `Reload` | method | root | `() → ()` |
 //! | `Pause` / `Resume` | method | root | `() → b changed` |
 //! | `Detach` | method | root | `() → ()` |
@@ -90,11 +91,12 @@ pub mod member {
     pub const POLICY_REMOVE: &str = "PolicyRemove";
     pub const POLICY_APPLY: &str = "PolicyApply";
     pub const POLICY_RESET: &str = "PolicyReset";
+    pub const POLICY_DIFF: &str = "PolicyDiff";
 }
 
 /// Methods everyone may call (the bus policy allows them to all users).
 pub const READ_METHODS: &[&str] =
-    &[member::GET_STATUS, member::GET_STATS, member::LIST_CONNECTIONS, member::LIST_POLICY];
+    &[member::GET_STATUS, member::GET_STATS, member::LIST_CONNECTIONS, member::LIST_POLICY, member::POLICY_DIFF];
 
 /// Methods that change state: only root may call them (bus policy and the daemon's
 /// own uid check).

@@ -61,6 +61,10 @@ pub trait Manager {
     /// returns whether anything changed.
     fn policy_apply(&self, rules: &str) -> Result<bool, Error>;
 
+    /// A dry run of `policy_apply`: whether it would change anything, the runtime
+    /// rules now and the ones it would set. Changes nothing.
+    fn policy_diff(&self, rules: &str) -> Result<(bool, Vec<PolicyRule>, Vec<PolicyRule>), Error>;
+
     /// Drop the runtime rules; returns whether there were any.
     fn policy_reset(&self) -> Result<bool, Error>;
 

@@ -41,7 +41,8 @@ pub const EXIT_CODES: &[(u8, &str)] = &[
 
 /// Who may run what.
 pub const PRIVILEGES: &str =
-    "Read commands (status, stats, connections, policy list) work for every user; the others need root.";
+    "Read commands (status, stats, connections, policy list, policy apply --dry-run) work for every user; \
+     the others need root.";
 
 /// What --json prints.
 pub const JSON_NOTE: &str = "With --json, stdout carries exactly one JSON document, also on errors \
@@ -162,10 +163,14 @@ pub enum PolicyCommand {
     },
     /// Replace all runtime rules, atomically, with the [[rules]] tables of a TOML file
     /// (same fields as [[policy.rules]] in the config file). Prints "changed" or
-    /// "unchanged" (root).
+    /// "unchanged" (root; --dry-run: everyone).
     Apply {
         /// The policy file; "-" reads standard input.
         file: PathBuf,
+        /// Change nothing: validate the file as bypassd would and print what would
+        /// change ("would change" with the rules removed and added, or "unchanged").
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Drop all runtime rules; the config file's rules stay (root).
     Reset,

@@ -201,7 +201,13 @@ fn run(cmd: &Command, out: &Out) -> Result<()> {
             p.policy_remove(*index).map_err(|e| classify(e, "policy remove"))?;
             out.changed(true, &format!("removed rule {index}"), "", json!({"index": index}));
         }
-        Command::Policy(PolicyCommand::Apply { file }) => {
+        Command::Policy(PolicyCommand::Apply { file, dry_run: true }) => {
+            let text = read_policy_file(file)?;
+            let (changed, current, proposed) =
+                p.policy_diff(&text).map_err(|e| classify(e, "policy apply --dry-run"))?;
+            out.policy_diff(changed, &current, &proposed);
+        }
+        Command::Policy(PolicyCommand::Apply { file, dry_run: false }) => {
             let text = read_policy_file(file)?;
             let changed = p.policy_apply(&text).map_err(|e| classify(e, "policy apply"))?;
             out.changed(changed, "", "", json!({}));

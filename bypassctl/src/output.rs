@@ -60,6 +60,19 @@ fn ago(t: u64) -> String {
     }
 }
 
+/// A rule as `policy list --json` shows it.
+fn rule_value(r: &api::PolicyRule) -> Value {
+    json!({
+        "index": r.index,
+        "source": r.source,
+        "name": if r.name.is_empty() { Value::Null } else { json!(r.name) },
+        "summary": r.summary,
+        "rule": crate::rule_json(&r.rule),
+        "active": r.active,
+        "inactive_reason": if r.active { Value::Null } else { json!(r.inactive_reason) },
+    })
+}
+
 impl Out {
     pub fn status(&self, s: &api::Status) {
         if self.json {
@@ -128,20 +141,7 @@ impl Out {
 
     pub fn policy(&self, default: &str, rules: &[api::PolicyRule]) {
         if self.json {
-            let rules: Vec<Value> = rules
-                .iter()
-                .map(|r| {
-                    json!({
-                        "index": r.index,
-                        "source": r.source,
-                        "name": if r.name.is_empty() { Value::Null } else { json!(r.name) },
-                        "summary": r.summary,
-                        "rule": crate::rule_json(&r.rule),
-                        "active": r.active,
-                        "inactive_reason": if r.active { Value::Null } else { json!(r.inactive_reason) },
-                    })
-                })
-                .collect();
+            let rules: Vec<Value> = rules.iter().map(rule_value).collect();
             return print_json(&json!({ "default_action": default, "rules": rules }));
         }
         println!("Default action: {default}");
@@ -177,6 +177,32 @@ impl Out {
         }
         let (word, text) = if changed { ("changed", what) } else { ("unchanged", why_not) };
         if text.is_empty() { println!("{word}") } else { println!("{word}: {text}") }
+    }
+
+    /// `policy apply --dry-run`: people get "would change" with the runtime rules
+    /// removed (-) and added (+), or "unchanged"; JSON gets {"changed", "dry_run":
+    /// true, "before", "after"} with rules as `policy list` shows them.
+    pub fn policy_diff(&self, changed: bool, before: &[api::PolicyRule], after: &[api::PolicyRule]) {
+        if self.json {
+            return print_json(&json!({
+                "changed": changed,
+                "dry_run": true,
+                "before": before.iter().map(rule_value).collect::<Vec<_>>(),
+                "after": after.iter().map(rule_value).collect::<Vec<_>>(),
+            }));
+        }
+        if !changed {
+            println!("unchanged");
+            return;
+        }
+        println!("would change: {} runtime rule(s) -> {}", before.len(), after.len());
+        let line = |sign: char, r: &api::PolicyRule| {
+            let name = if r.name.is_empty() { String::new() } else { format!(" ({})", r.name) };
+            println!("{sign} {}{name}: {}", r.index, r.summary);
+        };
+        let same = |a: &api::PolicyRule, b: &api::PolicyRule| a.index == b.index && a.rule == b.rule;
+        before.iter().filter(|r| !after.iter().any(|a| same(a, r))).for_each(|r| line('-', r));
+        after.iter().filter(|r| !before.iter().any(|b| same(b, r))).for_each(|r| line('+', r));
     }
 
     pub fn failure(&self, f: &Failure) {

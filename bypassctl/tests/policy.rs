@@ -16,6 +16,8 @@ use std::{
 const PORT_A: u16 = 19410;
 const PORT_B: u16 = 19420;
 const PORT_C: u16 = 19430;
+const PORT_D: u16 = 19440;
+const PORT_E: u16 = 19450;
 
 fn world(default: &str) -> World {
     ts::require_root();
@@ -210,4 +212,59 @@ fn bad_rules_are_refused_with_the_rule_and_reason_and_change_nothing() {
         assert!(err.contains(needle), "{what}: `{needle}` not in: {err}");
         assert_eq!(w.snapshot(), before, "{what}: a refused edit changed something");
     }
+}
+
+#[test]
+fn dry_run_reports_what_apply_would_change_and_changes_nothing() {
+    let w = world("kernel");
+    let dir = ts::TempDir::new();
+    let d = write(dir.path(), "d.toml", &rules_for(PORT_D));
+    let e = write(dir.path(), "e.toml", &rules_for(PORT_E));
+    let runtime_file = || std::fs::read_to_string(w.state.path().join("policy.toml")).ok();
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array().expect("rules array").iter().map(|r| r["name"].as_str().unwrap_or("").to_string()).collect()
+    };
+
+    // Nothing applied yet: the dry run says what apply would set, and sets nothing.
+    let before = w.snapshot();
+    let v = w.json(&["policy", "apply", "--dry-run", &d]);
+    assert_eq!((v["changed"].clone(), v["dry_run"].clone()), (Value::Bool(true), Value::Bool(true)), "{v}");
+    assert_eq!(names(&v["before"]), Vec::<String>::new(), "{v}");
+    assert_eq!(names(&v["after"]), [format!("server {PORT_D}"), format!("clients of {PORT_D}")], "{v}");
+    assert_eq!(v["after"][0]["rule"]["local_ports"], Value::String(PORT_D.to_string()), "{v}");
+    let t = w.ok(&["policy", "apply", "--dry-run", &d]);
+    assert!(t.starts_with("would change: 0 runtime rule(s) -> 2\n"), "{t}");
+    assert!(t.contains(&format!("+ 1 (server {PORT_D}): accelerate local_ports={PORT_D}")), "{t}");
+    // It changes nothing, so every user may ask.
+    let o = w.ctl_nobody(&["--json", "policy", "apply", "--dry-run", &d]);
+    assert!(o.status.success(), "dry run as nobody: {}", describe(&o));
+    assert_eq!(parse_json(&["--json"], &o)["changed"], Value::Bool(true));
+    assert_eq!(w.snapshot(), before, "a dry run changed something");
+    assert_eq!(runtime_file(), None, "a dry run wrote the runtime policy");
+
+    // Its answer is what apply then reports, and after the apply it says unchanged.
+    assert_eq!(w.json(&["policy", "apply", &d])["changed"], Value::Bool(true));
+    let applied = (w.snapshot(), runtime_file());
+    assert_eq!(w.json(&["policy", "apply", "--dry-run", &d])["changed"], Value::Bool(false));
+    assert_eq!(w.ok(&["policy", "apply", "--dry-run", &d]).trim(), "unchanged");
+
+    // Another rule set: the removed and added rules, and still nothing changes.
+    let t = w.ok(&["policy", "apply", "--dry-run", &e]);
+    assert!(t.starts_with("would change: 2 runtime rule(s) -> 2\n"), "{t}");
+    assert!(t.contains(&format!("- 1 (server {PORT_D}): accelerate local_ports={PORT_D}")), "{t}");
+    assert!(t.contains(&format!("+ 2 (clients of {PORT_E}): accelerate remote_ports={PORT_E}")), "{t}");
+    assert_eq!((w.snapshot(), runtime_file()), applied, "a dry run changed the applied policy");
+
+    // A bad file is refused exactly as apply refuses it (exit 4, rule and reason).
+    let bad = write(dir.path(), "bad.toml", "[[rules]]\nname = \"web\"\naction = \"accelerate\"\nlocal_ports = \"0\"\n");
+    let o = w.ctl(&["policy", "apply", "--dry-run", &bad]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(err.contains("rule 1 (web): key `local_ports`: port 0 is out of range"), "{err}");
+    // Validation the parser cannot do (the cgroup must exist) is made too.
+    let ghost = write(dir.path(), "ghost.toml", "[[rules]]\naction = \"kernel\"\ncgroup = \"/no/such/cgroup\"\n");
+    let o = w.ctl(&["policy", "apply", "--dry-run", &ghost]);
+    assert_eq!(o.status.code(), Some(4), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not found"), "{}", describe(&o));
+    assert_eq!((w.snapshot(), runtime_file()), applied, "a refused dry run changed something");
 }

@@ -197,6 +197,22 @@ impl Control {
         self.edit_runtime(|_| Ok((Some(rules), ()))).map(|(c, _)| c)
     }
 
+    /// What `policy_apply(doc)` would do, changing nothing: whether the runtime layer
+    /// would change (after the same validation `edit_runtime` makes), the runtime rules
+    /// now and the ones it would set. Keep in step with `edit_runtime`.
+    pub fn policy_diff(&self, doc: &str) -> Result<(bool, Vec<PolicyEntry>, Vec<PolicyEntry>), ControlError> {
+        let rules = Some(policy::diag::parse_rules_doc(doc)?);
+        let d = self.state();
+        let runtime = |v: &[PolicyEntry]| v.iter().filter(|e| e.source == RuleSource::Runtime).cloned().collect::<Vec<_>>();
+        let current = runtime(d.policy_list());
+        if rules.as_ref() == d.runtime_rules() {
+            return Ok((false, current.clone(), current));
+        }
+        let built = d.build_with_runtime(rules.as_ref())?;
+        built.refuse_new_inactive(d.runtime_rules())?;
+        Ok((true, current, runtime(&built.entries)))
+    }
+
     /// Drop the runtime layer; returns whether there was one.
     pub fn policy_reset(&self) -> Result<bool, ControlError> {
         self.edit_runtime(|_| Ok((None, ()))).map(|(c, _)| c)

@@ -6,11 +6,16 @@ use crate::{
     util::{self, have},
 };
 use anyhow::{Context, Result, bail};
-use std::{path::PathBuf, process::Command, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    process::ExitCode,
+};
 
+/// Options of the tests on booted containers (`e2e`, `ansible`).
 pub struct Options {
-    keep: bool,
-    work: Option<PathBuf>,
+    pub keep: bool,
+    pub work: Option<PathBuf>,
 }
 
 impl Options {
@@ -24,7 +29,7 @@ impl Options {
             match a.as_str() {
                 "--keep" => o.keep = true,
                 "--work" => o.work = Some(it.next().context("--work needs a directory")?.into()),
-                other => bail!("e2e: unknown option `{other}`"),
+                other => bail!("unknown option `{other}` (known: --keep, --work DIR)"),
             }
         }
         Ok(o)
@@ -42,9 +47,12 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-pub fn run(o: &Options) -> Result<ExitCode> {
+/// What the tests on booted containers share: root and the container tools, the
+/// release build (daemon, CLI, traffic tool), and one package pair per revision
+/// into WORK/pkgREV. Returns [[deb, rpm], ...] in the order of `revisions`.
+pub fn prepare(work: &Path, revisions: &[&str]) -> Result<Vec<Vec<PathBuf>>> {
     if !is_root() {
-        bail!("e2e needs root (systemd-nspawn, cgroups, BPF)");
+        bail!("this test needs root (systemd-nspawn, cgroups, BPF)");
     }
     let missing: Vec<&str> = ["systemd-nspawn", "mmdebstrap", "nsenter", "python3"]
         .into_iter()
@@ -57,10 +65,7 @@ pub fn run(o: &Options) -> Result<ExitCode> {
         );
     }
     let ws = util::workspace_root();
-    let target = util::target_dir(&ws)?;
-    let work = o.work.clone().unwrap_or_else(|| target.join("e2e"));
     let started = std::time::Instant::now();
-
     util::run(
         Command::new(util::cargo())
             .args([
@@ -75,13 +80,12 @@ pub fn run(o: &Options) -> Result<ExitCode> {
             ])
             .current_dir(&ws),
     )?;
-    // Revision 1 is installed first; revision 2 is "a newer build" for the upgrade.
     // Linting is `cargo xtask package`'s job.
     let mut pkgs = Vec::new();
-    for rev in ["1", "2"] {
+    for rev in revisions {
         let opts = package::Options {
             out: Some(work.join(format!("pkg{rev}"))),
-            revision: rev.into(),
+            revision: (*rev).into(),
             lint: false,
             no_build: true,
         };
@@ -91,6 +95,16 @@ pub fn run(o: &Options) -> Result<ExitCode> {
         "xtask: packages and tools built in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    Ok(pkgs)
+}
+
+pub fn run(o: &Options) -> Result<ExitCode> {
+    let ws = util::workspace_root();
+    let target = util::target_dir(&ws)?;
+    let work = o.work.clone().unwrap_or_else(|| target.join("e2e"));
+    let started = std::time::Instant::now();
+    // Revision 1 is installed first; revision 2 is "a newer build" for the upgrade.
+    let pkgs = prepare(&work, &["1", "2"])?;
 
     let mut cmd = Command::new("bash");
     cmd.arg(ws.join("packaging/e2e/e2e.sh"))

@@ -1,5 +1,7 @@
 //! Developer tasks: `cargo xtask package` builds the .deb and the .rpm into dist/,
-//! `cargo xtask e2e` proves them on a booted systemd container (docs/packaging.md).
+//! `cargo xtask e2e` proves them on a booted systemd container (docs/packaging.md),
+//! `cargo xtask ansible` proves the Ansible role on three (packaging/ansible/).
+mod ansible;
 mod e2e;
 mod package;
 mod util;
@@ -21,6 +23,13 @@ commands:
       upgrade/purge/rpm checks inside it, print PASS/FAIL per check and
       `e2e: N passed, M failed`, tear everything down. --keep leaves the unpacked rootfs
       (the container itself is always stopped). Work directory: target/e2e.
+  ansible [--keep] [--work DIR]
+      As root: install the Ansible tools (packaging/ansible/test/deps.sh), build three
+      package revisions, lint the role (ansible-lint, production profile), boot three
+      systemd-nspawn nodes from the e2e rootfs and run the role's checks on them
+      (first run, no-op run, policy change, reload, check mode, rolling upgrade with a
+      broken package); prints PASS/FAIL per check and `ansible: N passed, M failed`.
+      Work directory: target/ansible.
 
 Install the tools both need with: bash packaging/ci-deps.sh";
 
@@ -50,6 +59,7 @@ fn run(args: &[String]) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         "e2e" => e2e::run(&e2e::Options::parse(rest)?),
+        "ansible" => ansible::run(&ansible::Options::parse(rest)?),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -276,6 +276,21 @@ impl Manager {
         self.write(conn, &hdr, member::POLICY_APPLY, move |c| c.policy_apply(&text).map_err(control_error)).await
     }
 
+    /// What PolicyApply with the same document would do, changing nothing: whether
+    /// the runtime rules would change, the runtime rules now and the ones it would
+    /// set (as ListPolicy shows them). A bad document fails with InvalidArgument,
+    /// as PolicyApply would. Everyone may call it.
+    #[zbus(out_args("changed", "current", "proposed"))]
+    async fn policy_diff(&self, rules: &str) -> Result<(bool, Vec<api::PolicyRule>, Vec<api::PolicyRule>), Error> {
+        let text = rules.to_string();
+        self.run(move |c| {
+            let (changed, current, proposed) = c.policy_diff(&text).map_err(control_error)?;
+            let view = |v: Vec<PolicyEntry>| v.iter().enumerate().map(|(i, e)| rule_view(i + 1, e)).collect();
+            Ok((changed, view(current), view(proposed)))
+        })
+        .await
+    }
+
     /// Drop the runtime rules; returns whether there were any. Root only.
     #[zbus(out_args("changed"))]
     async fn policy_reset(
