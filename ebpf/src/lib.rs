@@ -43,3 +43,27 @@ pub mod maps {
     /// Every map, in the order they are pinned.
     pub const ALL: [&str; 9] = [SOCKS, COUNTERS, CONTROL, RULES, POLICY, SK_INFO, RX, COOKIES, SPLICERS];
 }
+
+/// The link datapath (`bpf/link.bpf.c`): tc ingress programs for VM/container links.
+pub mod link {
+    /// The compiled link object, aligned so aya can parse it in place.
+    pub fn object() -> &'static [u8] {
+        #[repr(C, align(8))]
+        struct Aligned<T: ?Sized>(T);
+        static OBJ: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/link.bpf.o")));
+        &OBJ.0
+    }
+
+    /// The tc ingress program (C function name).
+    pub const PROGRAM: &str = "bypass_link_ingress";
+
+    /// Map names in the link object.
+    pub mod maps {
+        pub const PORTS: &str = "bl_ports";
+        pub const FDB: &str = "bl_fdb";
+        pub const STATS: &str = "bl_stats";
+        pub const CONTROL: &str = "bl_control";
+        /// Every map, in the order they are pinned.
+        pub const ALL: [&str; 4] = [PORTS, FDB, STATS, CONTROL];
+    }
+}
