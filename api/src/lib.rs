@@ -14,6 +14,7 @@
 //! | `GetStatus` | method | everyone | `() → (sssbsssstuu)` ([`Status`]) |
 //! | `GetStats` | method | everyone | `() → a(st)` ([`Stats`]) |
 //! | `ListConnections` | method | everyone | `() → a(ssstb)` ([`Connection`]) |
+//! | `ListLinks` | method | everyone | `() → a(sssa(subs))` ([`LinkStatus`]) |
 //! | `ListPolicy` | method | everyone | `() → s default_action, a(ussss) rules` ([`PolicyRule`]) |
 //! | `Reload` | method | root | `() → ()` |
 //! | `Pause` / `Resume` | method | root | `() → b changed` |
@@ -80,6 +81,7 @@ pub mod member {
     pub const GET_STATUS: &str = "GetStatus";
     pub const GET_STATS: &str = "GetStats";
     pub const LIST_CONNECTIONS: &str = "ListConnections";
+    pub const LIST_LINKS: &str = "ListLinks";
     pub const LIST_POLICY: &str = "ListPolicy";
     pub const RELOAD: &str = "Reload";
     pub const PAUSE: &str = "Pause";
@@ -94,7 +96,7 @@ pub mod member {
 
 /// Methods everyone may call (the bus policy allows them to all users).
 pub const READ_METHODS: &[&str] =
-    &[member::GET_STATUS, member::GET_STATS, member::LIST_CONNECTIONS, member::LIST_POLICY];
+    &[member::GET_STATUS, member::GET_STATS, member::LIST_CONNECTIONS, member::LIST_LINKS, member::LIST_POLICY];
 
 /// Methods that change state: only root may call them (bus policy and the daemon's
 /// own uid check).

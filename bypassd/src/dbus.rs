@@ -501,6 +501,14 @@ impl Manager {
         lock(&self.daemon).connections().map_err(control_error)
     }
 
+    /// The link datapath's [[links]] entries: (name, mode "pair"|"bridge", state
+    /// "attached"|"pending"|"degraded", reason, interfaces: (name, ifindex, attached,
+    /// effective offloads)).
+    #[zbus(out_args("links"))]
+    fn list_links(&self) -> Vec<api::LinkStatus> {
+        lock(&self.daemon).links()
+    }
+
     /// The default action ("accelerate" or "kernel") and the effective rules in
     /// evaluation order (runtime rules first, then the config file's): (index,
     /// source "runtime"|"config", name, summary, rule as TOML).

@@ -60,7 +60,8 @@ fn detach(config_path: &std::path::Path) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e).context("cannot tell which pin directory to detach"),
     };
+    let links = datapath::link::retire_all(&pin_dir)?;
     let n = datapath::detach(&pin_dir)?;
-    println!("detached {n} datapath generation(s) from {}", pin_dir.display());
+    println!("detached {n} datapath generation(s) and {links} link entries from {}", pin_dir.display());
     Ok(())
 }

@@ -57,6 +57,8 @@ pub struct Daemon {
     log: crate::logging::Handle,
     last_failures: u64,
     last_full_warning: Option<Instant>,
+    /// The link datapath ([[links]]), independent of the socket datapath.
+    links: datapath::link::Links,
 }
 
 pub type Shared = Arc<Mutex<Daemon>>;
@@ -96,6 +98,7 @@ impl Daemon {
             log,
             last_failures: 0,
             last_full_warning: None,
+            links: Default::default(),
         };
         let image = d.policy_image(&d.effective_rules(&d.config))?;
         let t = target(&d.config, &d.cgroup_root);
@@ -116,7 +119,35 @@ impl Daemon {
         }
         d.last_failures = dp.counter(bypassd_ebpf::abi::Counter::InsertFailures).unwrap_or(0);
         d.datapath = Some(dp);
+        d.configure_links();
         Ok(d)
+    }
+
+    /// Attach, adopt or retire the link datapath's entries for the current config.
+    fn configure_links(&mut self) {
+        let specs: Vec<_> = self.config.links.iter().map(|s| s.get_ref().clone()).collect();
+        if let Err(e) = self.links.configure(&self.config.daemon.pin_dir.0, &specs) {
+            tracing::error!("link datapath: {e:#}");
+        }
+    }
+
+    /// Netlink reported interface or FDB changes.
+    pub fn link_events(&mut self, evs: Vec<datapath::link::watch::Event>) {
+        use datapath::link::watch::Event;
+        let mut relink = false;
+        for ev in evs {
+            match ev {
+                Event::Links => relink = true,
+                Event::Fdb { mac, ifindex } => self.links.fdb_update(mac, ifindex),
+            }
+        }
+        if relink {
+            self.links.refresh();
+        }
+    }
+
+    pub fn links(&self) -> Vec<api::LinkStatus> {
+        self.links.status()
     }
 
     /// Runtime rules first, then the config file's.
@@ -153,6 +184,7 @@ impl Daemon {
             }
             _ => format!("detached: {}", self.reason),
         };
+        let s = if self.links.is_empty() { s } else { format!("{s}; {}", self.links.summary()) };
         match crate::dbus::unavailable() {
             Some(why) => format!("{s}; D-Bus control interface unavailable: {why}"),
             None => s,
@@ -187,7 +219,9 @@ impl Daemon {
 
     pub fn stats(&self) -> Result<api::Stats, ControlError> {
         let dp = self.datapath.as_ref().ok_or_else(|| ControlError::Failed(anyhow::anyhow!("datapath is detached")))?;
-        Ok(dp.counters()?.into_iter().map(|(c, v)| (c.name().to_string(), v)).collect())
+        let mut s: api::Stats = dp.counters()?.into_iter().map(|(c, v)| (c.name().to_string(), v)).collect();
+        s.extend(self.links.stats());
+        Ok(s)
     }
 
     pub fn connections(&self) -> Result<Vec<api::Connection>, ControlError> {
@@ -233,6 +267,7 @@ impl Daemon {
         self.config = cfg;
         self.config_sha256 = sha256_hex(&src);
         self.reason.clear();
+        self.configure_links();
         tracing::info!("configuration reloaded from {}", self.config_path.display());
         Ok(())
     }
@@ -345,6 +380,8 @@ impl Daemon {
 
     /// Periodic work: notice detachment and a full SOCKHASH (warn at most once a minute).
     pub fn tick(&mut self) {
+        // Fallback for lost netlink events: interfaces that came or went since.
+        self.links.refresh();
         let Some(dp) = &self.datapath else { return };
         if let Ok(f) = dp.counter(bypassd_ebpf::abi::Counter::InsertFailures)
             && f > self.last_failures
@@ -414,6 +451,10 @@ pub fn run(config_path: &Path, log: crate::logging::Handle) -> Result<()> {
 
     let daemon: Shared = Arc::new(Mutex::new(Daemon::start(config_path, log)?));
     let _bus = crate::dbus::serve(daemon.clone()).context("serving the D-Bus interface")?;
+    let watched = daemon.clone();
+    if let Err(e) = datapath::link::watch::spawn(move |evs| lock(&watched).link_events(evs)) {
+        tracing::warn!("link datapath: no netlink events ({e:#}); interfaces are re-checked every tick");
+    }
 
     let status = lock(&daemon).summary();
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);

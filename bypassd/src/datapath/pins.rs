@@ -98,10 +98,22 @@ pub fn building_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("building-{}", std::process::id()))
 }
 
+/// The link datapath's folder under the pin directory (`links/<entry>/`, see
+/// `link::entry`); it has its own lifecycle and is never a generation.
+pub const LINKS_DIR: &str = "links";
+
+pub fn links_root(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(LINKS_DIR)
+}
+
 /// Generation directories (and interrupted builds) under the pin directory, sorted.
 pub fn generations(pin_dir: &Path) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(pin_dir) else { return Vec::new() };
-    let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && p.file_name().is_none_or(|n| n != LINKS_DIR))
+        .collect();
     v.sort();
     v
 }
@@ -132,7 +144,8 @@ pub fn detach(pin_dir: &Path) -> Result<usize> {
     for g in &gens {
         retire(g)?;
     }
-    if pin_dir.exists() {
+    // The link datapath is retired on its own (link::retire_all): leave its folder.
+    if pin_dir.exists() && !links_root(pin_dir).exists() {
         std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
     }
     Ok(gens.len())
