@@ -138,7 +138,7 @@ impl Daemon {
         for ev in evs {
             match ev {
                 Event::Links => relink = true,
-                Event::Fdb { mac, ifindex } => self.links.fdb_update(mac, ifindex),
+                Event::Fdb { mac, ifindex, gone } => self.links.fdb_update(mac, ifindex, gone),
             }
         }
         if relink {

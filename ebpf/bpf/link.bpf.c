@@ -160,13 +160,11 @@ static __always_inline int bridge(struct __sk_buff *skb, __u32 in, __u32 slot)
 	struct bl_fdb_entry *e = bpf_map_lookup_elem(&bl_fdb, &m.dst);
 	if (!e || e->ifindex == in)
 		goto pass;
-	if (!(e->flags & BL_FDB_STATIC)) {
-		__u32 k = BL_CTL_AGEING_NS;
-		__u64 *ageing = bpf_map_lookup_elem(&bl_control, &k);
-
-		if (ageing && *ageing && now - e->seen_ns > *ageing)
-			goto pass;
-	}
+	/* Not heard from within the bridge's ageing time: let the bridge flood it. */
+	__u32 k = BL_CTL_AGEING_NS;
+	__u64 *ageing = bpf_map_lookup_elem(&bl_control, &k);
+	if (ageing && *ageing && now - e->seen_ns > *ageing)
+		goto pass;
 	return deliver(slot, skb->len, e->ifindex);
 pass:
 	count(slot, skb->len, 0);

@@ -159,11 +159,9 @@ struct bl_mac {
 
 struct bl_fdb_entry {
 	__u32 ifindex;
-	__u32 flags;   /* BL_FDB_* */
-	__u64 seen_ns; /* bpf_ktime_get_ns of the last frame from this MAC */
+	__u32 flags;   /* reserved, 0 */
+	__u64 seen_ns; /* CLOCK_MONOTONIC ns of the last frame from this MAC (or FDB event) */
 };
-
-#define BL_FDB_STATIC (1u << 0) /* from the bridge's FDB (netlink), not learned */
 
 /* bl_stats: per-CPU, one per slot (port). */
 struct bl_stats {

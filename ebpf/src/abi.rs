@@ -173,8 +173,6 @@ pub const BL_OFF_RX_ON: u32 = 1 << 1;
 pub const BL_OFF_TX_SAVED: u32 = 1 << 2;
 pub const BL_OFF_TX_ON: u32 = 1 << 3;
 
-pub const BL_FDB_STATIC: u32 = 1 << 0;
-
 pub const BL_CTL_AGEING_NS: u32 = 0;
 pub const BL_CTL_MAX: u32 = 1;
 

@@ -40,7 +40,7 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN", "BP_SK_NO_REDIRECT_IN", "BP_COMM_LEN",
         "BP_SPLICER_CONFIGURED", "BP_SPLICER_LEARNED",
         "BL_ABI_VERSION", "BL_MAX_PORTS", "BL_MAX_FDB", "BL_PORT_PEER", "BL_PORT_BRIDGE", "BL_OFF_RX_SAVED",
-        "BL_OFF_RX_ON", "BL_OFF_TX_SAVED", "BL_OFF_TX_ON", "BL_FDB_STATIC", "BL_CTL_AGEING_NS", "BL_CTL_MAX"] {
+        "BL_OFF_RX_ON", "BL_OFF_TX_SAVED", "BL_OFF_TX_ON", "BL_CTL_AGEING_NS", "BL_CTL_MAX"] {
         emit(c, c);
     }
     src.push_str("return 0;}\n");
@@ -106,12 +106,12 @@ fn c_and_rust_layouts_agree() {
         ("BP_COMM_LEN", COMM_LEN as u64), ("BP_SPLICER_CONFIGURED", SPLICER_CONFIGURED),
         ("BP_SPLICER_LEARNED", SPLICER_LEARNED),
     ];
-    let link_consts: [(&str, u64); 12] = [
+    let link_consts: [(&str, u64); 11] = [
         ("BL_ABI_VERSION", BL_ABI_VERSION.into()), ("BL_MAX_PORTS", BL_MAX_PORTS.into()),
         ("BL_MAX_FDB", BL_MAX_FDB.into()), ("BL_PORT_PEER", BL_PORT_PEER.into()),
         ("BL_PORT_BRIDGE", BL_PORT_BRIDGE.into()), ("BL_OFF_RX_SAVED", BL_OFF_RX_SAVED.into()),
         ("BL_OFF_RX_ON", BL_OFF_RX_ON.into()), ("BL_OFF_TX_SAVED", BL_OFF_TX_SAVED.into()),
-        ("BL_OFF_TX_ON", BL_OFF_TX_ON.into()), ("BL_FDB_STATIC", BL_FDB_STATIC.into()),
+        ("BL_OFF_TX_ON", BL_OFF_TX_ON.into()),
         ("BL_CTL_AGEING_NS", BL_CTL_AGEING_NS.into()), ("BL_CTL_MAX", BL_CTL_MAX.into()),
     ];
     for (k, v) in consts.into_iter().chain(link_consts) {

@@ -317,15 +317,28 @@ impl Entry {
         Ok(())
     }
 
-    /// Set a MAC's port from the bridge's FDB (netlink), or forget it.
-    pub fn fdb_update(&mut self, mac: [u8; 6], ifindex: Option<u32>) {
+    /// Follow the bridge's FDB (netlink): the bridge just saw `mac` on port `ifindex`
+    /// (it is there now, as fresh as a frame the program learns from), or forgot it
+    /// there. Redirected frames never reach the bridge, so its entries age out while
+    /// ours stay fresh: only an entry pointing at that very port is forgotten.
+    pub fn fdb_update(&mut self, mac: [u8; 6], ifindex: u32, gone: bool) {
         let Some(bpf) = self.bpf.as_mut() else { return };
         let key = abi::LinkMac { addr: mac, pad: 0 };
-        let r = match ifindex {
-            Some(i) if bpf.ports.get(&i, 0).is_ok() => {
-                bpf.fdb.insert(key, abi::LinkFdbEntry { ifindex: i, flags: abi::BL_FDB_STATIC, seen_ns: 0 }, 0)
+        let r = if gone {
+            match bpf.fdb.get(&key, 0) {
+                Ok(e) if e.ifindex == ifindex => bpf.fdb.remove(&key),
+                _ => Ok(()),
             }
-            _ => bpf.fdb.remove(&key),
+        } else if bpf.ports.get(&ifindex, 0).is_ok() {
+            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+                .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
+            bpf.fdb.insert(key, abi::LinkFdbEntry { ifindex, flags: 0, seen_ns: now }, 0)
+        } else {
+            // Not one of our ports (e.g. the bridge itself): frames to it are not ours to move.
+            match bpf.fdb.get(&key, 0) {
+                Ok(_) => bpf.fdb.remove(&key),
+                Err(_) => Ok(()),
+            }
         };
         if let Err(e) = r {
             tracing::debug!("link {}: FDB update: {e}", self.spec.id());
@@ -375,7 +388,12 @@ pub fn retire_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Remember the original offloads once per interface, then apply what is asked. A
+/// feature back at "keep" after bypassd changed it gets its original again.
 fn save_and_apply(name: &str, port: &mut abi::LinkPort, rx: Option<bool>, tx: Option<bool>, problems: &mut Vec<String>) -> Result<()> {
+    let saved = |bit: u32, on: u32| (port.offload & bit != 0).then_some(port.offload & on != 0);
+    let rx = rx.or(saved(abi::BL_OFF_RX_SAVED, abi::BL_OFF_RX_ON));
+    let tx = tx.or(saved(abi::BL_OFF_TX_SAVED, abi::BL_OFF_TX_ON));
     if rx.is_none() && tx.is_none() {
         return Ok(());
     }

@@ -88,7 +88,10 @@ fn set(ifname: &str, cmd: u32, on: bool) -> std::io::Result<()> {
 }
 
 pub fn read(ifname: &str) -> Result<Offloads> {
-    Ok(Offloads { rx: get(ifname, ETHTOOL_GRXCSUM)?, tx: get(ifname, ETHTOOL_GTXCSUM)?, tso: get(ifname, ETHTOOL_GTSO)? })
+    let tx = get(ifname, ETHTOOL_GTXCSUM)?;
+    // GTSO is any TSO bit; without tx checksumming the kernel drops the TCP/TCP6 ones and
+    // keeps only variants such as tx-tcp-accecn-segmentation, which is no TSO for us.
+    Ok(Offloads { rx: get(ifname, ETHTOOL_GRXCSUM)?, tx, tso: tx && get(ifname, ETHTOOL_GTSO)? })
 }
 
 /// Ask for rx/tx checksumming on or off, then read back what the kernel kept (it may

@@ -105,10 +105,11 @@ impl Links {
         }
     }
 
-    /// A bridge FDB change from netlink: the MAC now lives on `ifindex` (None: forget it).
-    pub fn fdb_update(&mut self, mac: [u8; 6], ifindex: Option<u32>) {
+    /// A bridge FDB change from netlink: the MAC was seen on port `ifindex`, or the
+    /// bridge forgot it there.
+    pub fn fdb_update(&mut self, mac: [u8; 6], ifindex: u32, gone: bool) {
         for e in self.entries.iter_mut().filter(|e| e.spec.is_bridge()) {
-            e.fdb_update(mac, ifindex);
+            e.fdb_update(mac, ifindex, gone);
         }
     }
 

@@ -11,8 +11,8 @@ use std::os::fd::AsRawFd;
 pub enum Event {
     /// Some interface appeared, changed or went away: re-check the entries.
     Links,
-    /// A bridge learned (Some(port ifindex)) or forgot (None) a MAC.
-    Fdb { mac: [u8; 6], ifindex: Option<u32> },
+    /// A bridge learned (`gone` false) or forgot a MAC on port `ifindex`.
+    Fdb { mac: [u8; 6], ifindex: u32, gone: bool },
 }
 
 const RTMGRP_LINK: u32 = 1;
@@ -57,7 +57,7 @@ fn fdb(body: &[u8], new: bool) -> Option<Event> {
     if mac[0] & 1 != 0 {
         return None;
     }
-    Some(Event::Fdb { mac, ifindex: (new && ifindex != 0).then_some(ifindex) })
+    (ifindex != 0).then_some(Event::Fdb { mac, ifindex, gone: !new })
 }
 
 /// Start the watcher thread; `on` is called for each event batch.
