@@ -106,6 +106,24 @@ pub fn links_root(pin_dir: &Path) -> PathBuf {
     pin_dir.join(LINKS_DIR)
 }
 
+/// A link entry's folder name: `v1-pair-tap0+veth-vm0-1a2b3c4d` (link ABI version,
+/// mode, interfaces with bpffs's forbidden dots replaced, hash of the exact names).
+pub fn link_entry_name(mode: &str, id: &str) -> String {
+    let hash: String = Sha256::digest(id.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("v{}-{mode}-{}-{hash}", bypassd_ebpf::abi::BL_ABI_VERSION, id.replace('.', "_"))
+}
+
+/// Where an interface's TCX link is pinned in a link entry: `link_tcx_<ifname>`, with
+/// the characters bpffs refuses (`.`) escaped.
+pub fn tcx_pin(entry_dir: &Path, ifname: &str) -> PathBuf {
+    link_pin(entry_dir, &format!("tcx_{}", ifname.replace('%', "%25").replace('.', "%2e")))
+}
+
+/// The interface a `link_tcx_*` pin file stands for.
+pub fn tcx_ifname(file_name: &str) -> Option<String> {
+    file_name.strip_prefix("link_tcx_").map(|n| n.replace("%2e", ".").replace("%25", "%"))
+}
+
 /// Generation directories (and interrupted builds) under the pin directory, sorted.
 pub fn generations(pin_dir: &Path) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(pin_dir) else { return Vec::new() };
@@ -166,5 +184,9 @@ mod tests {
         assert_eq!(GenName::parse("building-12"), None);
         assert_eq!(object_hash().len(), 12);
         assert_eq!(classify("link_sockops"), Some((PinKind::Link, "sockops")));
+        let p = tcx_pin(Path::new("/x"), "eth0.100");
+        assert_eq!(p, Path::new("/x/link_tcx_eth0%2e100"));
+        assert_eq!(tcx_ifname("link_tcx_eth0%2e100").as_deref(), Some("eth0.100"));
+        assert!(!link_entry_name("bridge", "br.0").contains('.'));
     }
 }

@@ -265,13 +265,13 @@ impl Env {
         self.pins.path().join("links")
     }
 
-    /// Pinned TCX links (`tcx_*`) under the link folder.
+    /// Pinned TCX links (`link_tcx_*`) under the link folder.
     pub fn pinned(&self) -> Vec<String> {
         let mut v = Vec::new();
         for d in std::fs::read_dir(self.links_dir()).into_iter().flatten().flatten() {
             for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
                 let n = f.file_name().to_string_lossy().into_owned();
-                if n.starts_with("tcx_") {
+                if n.starts_with("link_tcx_") {
                     v.push(n);
                 }
             }

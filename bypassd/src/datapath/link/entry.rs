@@ -1,6 +1,7 @@
 //! One `[[links]]` entry: its pin folder (program, maps, one TCX link per
 //! interface), and reconciling it with the interfaces the host has right now.
 use super::{ethtool, ifaces, tcx};
+use crate::datapath::pins::{self, map_pin, prog_pin};
 use crate::config_links::{LinkSpec, Redirect};
 use anyhow::{Context, Result, anyhow};
 use aya::{
@@ -9,10 +10,10 @@ use aya::{
     programs::SchedClassifier,
 };
 use bypassd_ebpf::{abi, link as obj};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-const PROG_PIN: &str = "prog_ingress";
+/// The program's pin name (`prog_ingress`).
+const PROG: &str = "ingress";
 
 /// Where one interface of the entry stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,16 +46,9 @@ pub struct Entry {
     pub missing: Vec<String>,
 }
 
-/// `v1-pair-tap0+veth-vm0-1a2b3c4d`: ABI version, mode, names (bpffs refuses dots), hash.
+/// The entry's folder name under `<pin_dir>/links/` (pins.rs).
 pub fn dir_name(spec: &LinkSpec) -> String {
-    let id = spec.id();
-    let hash: String = Sha256::digest(id.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect();
-    let mode = if spec.is_bridge() { "bridge" } else { "pair" };
-    format!("v{}-{mode}-{}-{hash}", abi::BL_ABI_VERSION, id.replace('.', "_"))
-}
-
-fn map_pin(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("map_{name}"))
+    pins::link_entry_name(if spec.is_bridge() { "bridge" } else { "pair" }, &spec.id())
 }
 
 fn open_map(dir: &Path, name: &str) -> Result<Map> {
@@ -64,7 +58,7 @@ fn open_map(dir: &Path, name: &str) -> Result<Map> {
 }
 
 fn open(dir: &Path) -> Result<Bpf> {
-    let prog = SchedClassifier::from_pin(dir.join(PROG_PIN)).with_context(|| format!("opening {}/{PROG_PIN}", dir.display()))?;
+    let prog = SchedClassifier::from_pin(prog_pin(dir, PROG)).with_context(|| format!("opening {}", prog_pin(dir, PROG).display()))?;
     Ok(Bpf {
         prog,
         ports: HashMap::try_from(open_map(dir, obj::maps::PORTS)?)?,
@@ -94,7 +88,7 @@ fn build(dir: &Path) -> Result<()> {
             .ok_or_else(|| anyhow!("link object has no program {}", obj::PROGRAM))?
             .try_into()?;
         prog.load().context("loading the link tc program")?;
-        prog.pin(tmp.join(PROG_PIN)).context("pinning the link tc program")?;
+        prog.pin(prog_pin(&tmp, PROG)).context("pinning the link tc program")?;
         Ok(())
     })();
     if let Err(e) = r {
@@ -111,7 +105,7 @@ pub fn remove_all(dir: &Path) -> Result<()> {
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .collect();
-    files.sort_by_key(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tcx_")));
+    files.sort_by_key(|p| p.file_name().and_then(|n| n.to_str()).and_then(pins::tcx_ifname).is_none());
     for p in files {
         std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
     }
@@ -124,7 +118,7 @@ fn pinned_links(dir: &Path) -> Vec<(String, PathBuf)> {
     rd.filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            Some((tcx::ifname_of(&name)?, e.path()))
+            Some((pins::tcx_ifname(&name)?, e.path()))
         })
         .collect()
 }
@@ -137,7 +131,7 @@ impl Entry {
 
     /// Open the pinned folder, or build it.
     fn ensure_bpf(&mut self) -> Result<()> {
-        if self.bpf.is_some() && self.dir.join(PROG_PIN).exists() {
+        if self.bpf.is_some() && prog_pin(&self.dir, PROG).exists() {
             return Ok(());
         }
         self.bpf = None;
@@ -236,7 +230,7 @@ impl Entry {
                 ifs.push(Iface { name: name.clone(), ifindex: 0, attached: false, offloads: None });
                 continue;
             };
-            let pin = tcx::pin_path(&dir, name);
+            let pin = pins::tcx_pin(&dir, name);
             let mut attached = pin.exists();
             if !attached {
                 match tcx::attach(&mut bpf.prog, name, &pin) {

@@ -10,19 +10,8 @@ use aya::programs::{
 use std::{
     ffi::CString,
     os::fd::{FromRawFd, OwnedFd},
-    path::{Path, PathBuf},
+    path::Path,
 };
-
-/// Pin file of an interface's link: `tcx_<name>`, with the characters bpffs
-/// refuses (`.`) escaped.
-pub fn pin_path(dir: &Path, ifname: &str) -> PathBuf {
-    dir.join(format!("tcx_{}", ifname.replace('%', "%25").replace('.', "%2e")))
-}
-
-/// The interface name a pin file stands for.
-pub fn ifname_of(pin_name: &str) -> Option<String> {
-    pin_name.strip_prefix("tcx_").map(|n| n.replace("%2e", ".").replace("%25", "%"))
-}
 
 /// Attach `prog` at `ifname`'s ingress (after any TCX program already there) and pin it.
 pub fn attach(prog: &mut SchedClassifier, ifname: &str, pin: &Path) -> Result<()> {
