@@ -14,7 +14,7 @@
 //! | `GetStatus` | method | everyone | `() → (sssbsssstuu)` ([`Status`]) |
 //! | `GetStats` | method | everyone | `() → a(st)` ([`Stats`]) |
 //! | `ListConnections` | method | everyone | `() → a(ssstb)` ([`Connection`]) |
-//! | `ListLinks` | method | everyone | `() → a(sssa(subs))` ([`LinkStatus`]) |
+//! | `ListLinks` | method | everyone | `() → a(ssssa(subs))` ([`LinkStatus`]) |
 //! | `ListPolicy` | method | everyone | `() → s default_action, a(ussss) rules` ([`PolicyRule`]) |
 //! | `Reload` | method | root | `() → ()` |
 //! | `Pause` / `Resume` | method | root | `() → b changed` |

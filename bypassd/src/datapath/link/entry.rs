@@ -383,28 +383,40 @@ pub fn retire_dir(dir: &Path) -> Result<()> {
 }
 
 /// Remember the original offloads once per interface, then apply what is asked. A
-/// feature back at "keep" after bypassd changed it gets its original again.
+/// feature back at "keep" after bypassd changed it gets its original again, once;
+/// then bypassd stops managing it.
 fn save_and_apply(name: &str, port: &mut abi::LinkPort, rx: Option<bool>, tx: Option<bool>, problems: &mut Vec<String>) -> Result<()> {
-    let saved = |bit: u32, on: u32| (port.offload & bit != 0).then_some(port.offload & on != 0);
-    let rx = rx.or(saved(abi::BL_OFF_RX_SAVED, abi::BL_OFF_RX_ON));
-    let tx = tx.or(saved(abi::BL_OFF_TX_SAVED, abi::BL_OFF_TX_ON));
-    if rx.is_none() && tx.is_none() {
+    let managed = |bit: u32| port.offload & bit != 0;
+    if rx.is_none() && tx.is_none() && !managed(abi::BL_OFF_RX_SAVED) && !managed(abi::BL_OFF_TX_SAVED) {
         return Ok(());
     }
     let now = ethtool::read(name)?;
-    if rx.is_some() && port.offload & abi::BL_OFF_RX_SAVED == 0 {
-        port.offload |= abi::BL_OFF_RX_SAVED | if now.rx { abi::BL_OFF_RX_ON } else { 0 };
-    }
-    if tx.is_some() && port.offload & abi::BL_OFF_TX_SAVED == 0 {
-        port.offload |= abi::BL_OFF_TX_SAVED | if now.tx { abi::BL_OFF_TX_ON } else { 0 };
-    }
-    let rx = rx.filter(|&w| w != now.rx);
-    let tx = tx.filter(|&w| w != now.tx);
-    if rx.is_none() && tx.is_none() {
+    let mut want = [(rx, abi::BL_OFF_RX_SAVED, abi::BL_OFF_RX_ON, now.rx), (tx, abi::BL_OFF_TX_SAVED, abi::BL_OFF_TX_ON, now.tx)]
+        .map(|(want, saved, on, cur)| match want {
+            Some(w) => {
+                if port.offload & saved == 0 {
+                    port.offload |= saved | if cur { on } else { 0 };
+                }
+                Some(w)
+            }
+            None if port.offload & saved != 0 => {
+                let orig = port.offload & on != 0;
+                port.offload &= !(saved | on);
+                Some(orig)
+            }
+            None => None,
+        });
+    // Only what differs from now.
+    want[0] = want[0].filter(|&w| w != now.rx);
+    want[1] = want[1].filter(|&w| w != now.tx);
+    if want.iter().all(Option::is_none) {
         return Ok(());
     }
-    let (after, why) = ethtool::apply(name, rx, tx)?;
-    tracing::info!("{name}: checksum offloads now {}", after.describe());
+    let (after, why) = ethtool::apply(name, want[0], want[1])?;
+    // A refused change is retried every refresh: log it once, as a change.
+    if after != now {
+        tracing::info!("{name}: checksum offloads now {}", after.describe());
+    }
     problems.extend(why);
     Ok(())
 }

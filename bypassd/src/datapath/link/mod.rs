@@ -82,6 +82,9 @@ impl Links {
 
     /// Re-check every entry against the host's interfaces.
     pub fn refresh(&mut self) {
+        if self.entries.is_empty() {
+            return;
+        }
         let claimed: Vec<String> = self
             .entries
             .iter()
