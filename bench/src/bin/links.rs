@@ -31,7 +31,7 @@ fn ip(ns: &str, args: &[&str]) -> Result<()> {
 }
 
 struct Ep {
-    relay: Option<TapRelay>,
+    _relay: Option<TapRelay>,
     port: String,
     ip: String,
     ns: Netns,
@@ -65,7 +65,7 @@ impl World {
             ip(&ns.name, &["link", "set", "eth0", "up"])?;
             ip(&w.node.name, &["link", "set", &port, "master", &w.br])?;
             ip(&w.node.name, &["link", "set", &port, "up"])?;
-            w.eps.push(Ep { relay, port, ip: addr, ns });
+            w.eps.push(Ep { _relay: relay, port, ip: addr, ns });
         }
         Ok(w)
     }
