@@ -280,6 +280,20 @@ pub fn veth(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) {
     }
 }
 
+/// Wait for a program to write its port number into `p` (e.g. `--port-file`).
+pub fn wait_port_file(p: &Path, timeout: Duration) -> u16 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(p)
+            && let Ok(port) = s.trim().parse()
+        {
+            return port;
+        }
+        assert!(Instant::now() < deadline, "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Run a command that prints one JSON line on success (bypass-traffic); panic with
 /// its output otherwise.
 pub fn run_json(mut cmd: Command) -> serde_json::Value {

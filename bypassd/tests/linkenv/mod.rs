@@ -7,7 +7,6 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::{
     net::UdpSocket,
-    path::Path,
     process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
@@ -126,7 +125,7 @@ impl Topo {
         let mut srv = to.ns.command(None, bin("bypass-traffic"));
         srv.args(["serve", "--listen", &format!("{}:0", to.ip), "--timeout-secs", "120", "--port-file"]).arg(&pf);
         let mut srv = srv.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("serve");
-        let port = wait_port(&pf);
+        let port = bypass_testsupport::wait_port_file(&pf, Duration::from_secs(10));
         let mut c = from.ns.command(None, bin("bypass-traffic"));
         c.args(["send", "--connect", &format!("{}:{port}", to.ip), "--bytes", &bytes.to_string(), "--timeout-secs", "120"]);
         let v = bypass_testsupport::run_json(c);
@@ -158,19 +157,6 @@ pub fn reach(from_ns: &str, to_ns: &str, to_ip: &str) {
             return;
         }
         assert!(Instant::now() < deadline, "{from_ns} cannot reach {to_ip} in {to_ns}");
-    }
-}
-
-pub fn wait_port(p: &Path) -> u16 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(s) = std::fs::read_to_string(p)
-            && let Ok(port) = s.trim().parse()
-        {
-            return port;
-        }
-        assert!(Instant::now() < deadline, "{} did not appear", p.display());
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
