@@ -32,26 +32,40 @@ fn check_skips_bridge(env: &Env, t: &Topo, a: usize, b: usize, max_bridge_frames
     assert!(bridged <= max_bridge_frames, "the bridge still forwarded {bridged} frames");
 }
 
-fn pair_skips_the_bridge(vnet: bool) {
+/// `redirect`: "auto" reaches the pod's veth with bpf_redirect_peer, "egress" with
+/// bpf_redirect (the tap side is always bpf_redirect).
+fn pair_skips_the_bridge(vnet: bool, redirect: &str) {
     let env = Env::new();
     let t = Topo::new(&[Kind::Vm(vnet), Kind::Pod]);
     let fwd = t.bridge_forwarded();
     t.tcp(VM, POD, 1 << 20);
     assert!(t.bridge_forwarded() - fwd > 100, "baseline traffic did not cross the bridge");
 
-    let d = env.daemon(&t, &pair_cfg(&t, VM, POD, ""));
+    let d = env.daemon(&t, &pair_cfg(&t, VM, POD, &format!("redirect = \"{redirect}\"")));
     assert_eq!(env.pinned().len(), 2, "{}", d.log());
+    // Which helper reaches the veth (its peer is in the pod's netns): read the port map.
+    let peer_ports = port_flags(&env).iter().filter(|f| *f & bypassd_ebpf::abi::BL_PORT_PEER != 0).count();
+    assert_eq!(peer_ports, usize::from(redirect == "auto"), "redirect = {redirect}");
     check_skips_bridge(&env, &t, VM, POD, 0);
 }
 
-#[test]
-fn pair_skips_the_bridge_plain_tap() {
-    pair_skips_the_bridge(false);
+/// The flags of every port in the single entry's pinned port map.
+fn port_flags(env: &Env) -> Vec<u32> {
+    use aya::maps::{HashMap, Map, MapData};
+    let dir = std::fs::read_dir(env.links_dir()).expect("links dir").flatten().next().expect("an entry").path();
+    let m = MapData::from_pin(dir.join("map_bl_ports")).expect("ports pin");
+    let ports: HashMap<MapData, u32, bypassd_ebpf::abi::LinkPort> = HashMap::try_from(Map::from_map_data(m).unwrap()).unwrap();
+    ports.iter().map(|r| r.unwrap().1.flags).collect()
 }
 
 #[test]
-fn pair_skips_the_bridge_vnet_hdr_offloads() {
-    pair_skips_the_bridge(true);
+fn pair_skips_the_bridge_plain_tap_plain_redirect() {
+    pair_skips_the_bridge(false, "egress");
+}
+
+#[test]
+fn pair_skips_the_bridge_vnet_hdr_offloads_redirect_peer() {
+    pair_skips_the_bridge(true, "auto");
 }
 
 #[test]
