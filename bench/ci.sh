@@ -7,4 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash bench/deps.sh
 cargo build --release -p bypass-bench -p bypassd -p bypassctl
+mkdir -p target/bench-short
+target/release/bypass-bench-links --short --out target/bench-short/links.md
 exec target/release/bypass-bench --short "$@"

@@ -7,9 +7,7 @@ const HINT: &str = "install them with: apt-get install clang libbpf-dev linux-li
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let src = manifest.join("bpf/bypass.bpf.c");
     let include = manifest.join("include");
-    println!("cargo:rerun-if-changed={}", src.display());
     println!("cargo:rerun-if-changed={}", include.join("bypass_abi.h").display());
     println!("cargo:rerun-if-env-changed=BPF_CLANG");
 
@@ -34,21 +32,26 @@ fn main() {
              add its syscall numbers for splice/sendfile to bpf/bypass.bpf.c first"
         )),
     };
-    let obj = out.join("bypass.bpf.o");
-    let status = Command::new(&clang)
-        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
-        .arg(format!("-D__TARGET_ARCH_{arch}"))
-        .arg(format!("-I{}", include.display()))
-        .arg(format!("-I/usr/include/{multiarch}"))
-        .arg("-c")
-        .arg(&src)
-        .arg("-o")
-        .arg(&obj)
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => fail(&format!("clang failed to compile {} ({s})", src.display())),
-        Err(e) => fail(&format!("cannot run {clang} ({e}); {HINT}")),
+    // The socket datapath and the link datapath are separate objects.
+    for name in ["bypass", "link"] {
+        let src = manifest.join(format!("bpf/{name}.bpf.c"));
+        println!("cargo:rerun-if-changed={}", src.display());
+        let obj = out.join(format!("{name}.bpf.o"));
+        let status = Command::new(&clang)
+            .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+            .arg(format!("-D__TARGET_ARCH_{arch}"))
+            .arg(format!("-I{}", include.display()))
+            .arg(format!("-I/usr/include/{multiarch}"))
+            .arg("-c")
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => fail(&format!("clang failed to compile {} ({s})", src.display())),
+            Err(e) => fail(&format!("cannot run {clang} ({e}); {HINT}")),
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 //! | `GetStatus` | method | everyone | `() → (sssbsssstuuu)` ([`Status`]) |
 //! | `GetStats` | method | everyone | `() → a(st)` ([`Stats`]) |
 //! | `ListConnections` | method | everyone | `() → a(ssstb)` ([`Connection`]) |
+//! | `ListLinks` | method | everyone | `() → a(ssssa(subs))` ([`LinkStatus`]) |
 //! | `ListPolicy` | method | everyone | `() → s default_action, a(ussssbs) rules` ([`PolicyRule`]) |
 //! | `PolicyDiff` | method | everyone | `s rules_toml → b changed, a(ussssbs) current, a(ussssbs) proposed` (a dry run of `PolicyApply`) |
 //! | `Reload` | method | root | `() → ()` |
@@ -81,6 +82,7 @@ pub mod member {
     pub const GET_STATUS: &str = "GetStatus";
     pub const GET_STATS: &str = "GetStats";
     pub const LIST_CONNECTIONS: &str = "ListConnections";
+    pub const LIST_LINKS: &str = "ListLinks";
     pub const LIST_POLICY: &str = "ListPolicy";
     pub const RELOAD: &str = "Reload";
     pub const PAUSE: &str = "Pause";
@@ -96,7 +98,14 @@ pub mod member {
 
 /// Methods everyone may call (the bus policy allows them to all users).
 pub const READ_METHODS: &[&str] =
-    &[member::GET_STATUS, member::GET_STATS, member::LIST_CONNECTIONS, member::LIST_POLICY, member::POLICY_DIFF];
+    &[
+        member::GET_STATUS,
+        member::GET_STATS,
+        member::LIST_CONNECTIONS,
+        member::LIST_LINKS,
+        member::LIST_POLICY,
+        member::POLICY_DIFF,
+    ];
 
 /// Methods that change state: only root may call them (bus policy and the daemon's
 /// own uid check).

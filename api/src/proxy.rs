@@ -12,7 +12,7 @@
 //! println!("{:?}", proxy.get_status()?);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-use crate::{Connection, Error, PolicyRule, Stats, Status};
+use crate::{Connection, Error, LinkStatus, PolicyRule, Stats, Status};
 use zbus::proxy;
 
 #[proxy(
@@ -32,6 +32,9 @@ pub trait Manager {
 
     /// Accelerated sockets (both ends, family, network namespace cookie).
     fn list_connections(&self) -> Result<Vec<Connection>, Error>;
+
+    /// The link datapath's entries ([[links]]): state, why, interfaces, offloads.
+    fn list_links(&self) -> Result<Vec<LinkStatus>, Error>;
 
     /// The default action and the effective rules (runtime first, then config).
     fn list_policy(&self) -> Result<(String, Vec<PolicyRule>), Error>;

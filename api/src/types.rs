@@ -67,3 +67,29 @@ pub struct PolicyRule {
     /// Why the rule is inactive; empty when active.
     pub inactive_reason: String,
 }
+
+/// One `[[links]]` entry of the link datapath, as `ListLinks` returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// "tap0+veth-vm0" (pair) or "br0" (bridge).
+    pub name: String,
+    /// "pair" or "bridge".
+    pub mode: String,
+    /// "attached", "pending" (an interface is missing) or "degraded".
+    pub state: String,
+    /// Why it is pending or degraded (empty when attached).
+    pub reason: String,
+    pub interfaces: Vec<LinkInterface>,
+}
+
+/// One interface of a link entry.
+#[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq, Eq)]
+pub struct LinkInterface {
+    pub name: String,
+    /// 0 while the interface does not exist.
+    pub ifindex: u32,
+    /// The link program is attached (TCX, pinned).
+    pub attached: bool,
+    /// Effective offloads as read back, e.g. "rx-checksum off tx-checksum on tso on".
+    pub offloads: String,
+}

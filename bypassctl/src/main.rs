@@ -172,7 +172,9 @@ fn run(cmd: &Command, out: &Out) -> Result<()> {
     match cmd {
         Command::Status => {
             let s = p.get_status().map_err(|e| classify(e, "status"))?;
-            out.status(&s);
+            // A daemon without the link datapath (older version) has no ListLinks.
+            let links = p.list_links().unwrap_or_default();
+            out.status(&s, &links);
         }
         Command::Stats => {
             let s = p.get_stats().map_err(|e| classify(e, "stats"))?;

@@ -74,9 +74,13 @@ fn rule_value(r: &api::PolicyRule) -> Value {
 }
 
 impl Out {
-    pub fn status(&self, s: &api::Status) {
+    pub fn status(&self, s: &api::Status, links: &[api::LinkStatus]) {
         if self.json {
-            return print_json(&json!(s));
+            let mut v = json!(s);
+            if let Some(m) = v.as_object_mut() {
+                m.insert("links".into(), json!(links));
+            }
+            return print_json(&v);
         }
         let state = match (s.state.as_str(), s.reason.is_empty()) {
             (st, true) => st.to_string(),
@@ -103,6 +107,14 @@ impl Out {
         ];
         for (k, v) in rows {
             println!("{:<14} {v}", format!("{k}:"));
+        }
+        for l in links {
+            let state = if l.reason.is_empty() { l.state.clone() } else { format!("{}: {}", l.state, l.reason) };
+            println!("{:<14} {} {} {state}", "Link:", l.mode, l.name);
+            for i in &l.interfaces {
+                let att = if i.attached { "attached" } else if i.ifindex == 0 { "missing" } else { "not attached" };
+                println!("{:<14}   {} (ifindex {}) {att}; {}", "", i.name, i.ifindex, i.offloads);
+            }
         }
     }
 

@@ -27,6 +27,9 @@ pub struct Config {
     pub datapath: DatapathConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Link datapath entries (config_links.rs).
+    #[serde(default)]
+    pub links: Vec<Spanned<crate::config_links::LinkSpec>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -297,8 +300,10 @@ impl ConfigError {
 impl Config {
     /// Parse config text; `path` is only used to name the file in errors.
     pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
-        crate::policy::diag::from_toml::<Config>(src)
-            .map_err(|e| ConfigError::at(path, src, e.error.span(), e.reason()))
+        let cfg = crate::policy::diag::from_toml::<Config>(src)
+            .map_err(|e| ConfigError::at(path, src, e.error.span(), e.reason()))?;
+        crate::config_links::validate(&cfg.links).map_err(|(span, m)| ConfigError::at(path, src, Some(span), m))?;
+        Ok(cfg)
     }
 
     /// Read and parse a config file.

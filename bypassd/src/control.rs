@@ -73,6 +73,16 @@ impl Control {
         self.state().connections()
     }
 
+    pub fn links(&self) -> Vec<api::LinkStatus> {
+        self.state().links()
+    }
+
+    /// Netlink events for the link datapath (from the watcher thread).
+    pub fn link_events(&self, evs: Vec<crate::datapath::link::watch::Event>) {
+        let _w = self.writer();
+        self.state().link_events(evs);
+    }
+
     pub fn policy_list(&self) -> (Action, Vec<PolicyEntry>) {
         let d = self.state();
         (d.policy_default(), d.policy_list().to_vec())

@@ -189,6 +189,8 @@ pub struct Daemon {
     log: crate::logging::Handle,
     last_failures: u64,
     last_full_warning: Option<Instant>,
+    /// The link datapath ([[links]]), independent of the socket datapath.
+    links: datapath::link::Links,
 }
 
 impl Daemon {
@@ -214,7 +216,7 @@ impl Daemon {
         );
         log_protections(&dp);
         log_inactive(&policy);
-        Ok(Daemon {
+        let mut d = Daemon {
             config_path: config_path.to_path_buf(),
             config_sha256: sha256_hex(&src),
             config,
@@ -227,7 +229,37 @@ impl Daemon {
             policy,
             log,
             last_full_warning: None,
-        })
+            links: Default::default(),
+        };
+        d.configure_links();
+        Ok(d)
+    }
+
+    /// Attach, adopt or retire the link datapath's entries for the current config.
+    fn configure_links(&mut self) {
+        let specs: Vec<_> = self.config.links.iter().map(|s| s.get_ref().clone()).collect();
+        if let Err(e) = self.links.configure(&self.config.daemon.pin_dir.0, &specs) {
+            tracing::error!("link datapath: {e:#}");
+        }
+    }
+
+    /// Netlink reported interface or FDB changes.
+    pub fn link_events(&mut self, evs: Vec<datapath::link::watch::Event>) {
+        use datapath::link::watch::Event;
+        let mut relink = false;
+        for ev in evs {
+            match ev {
+                Event::Links => relink = true,
+                Event::Fdb { mac, ifindex, gone } => self.links.fdb_update(mac, ifindex, gone),
+            }
+        }
+        if relink {
+            self.links.refresh();
+        }
+    }
+
+    pub fn links(&self) -> Vec<api::LinkStatus> {
+        self.links.status()
     }
 
     pub fn reload_inputs(&self) -> ReloadInputs {
@@ -264,11 +296,17 @@ impl Daemon {
         log_inactive(&plan.policy);
         self.policy = plan.policy;
         self.reason.clear();
+        self.configure_links();
         tracing::info!("configuration reloaded from {}", self.config_path.display());
         Ok(())
     }
 
     pub fn summary(&self) -> String {
+        let s = self.datapath_summary();
+        if self.links.is_empty() { s } else { format!("{s}; {}", self.links.summary()) }
+    }
+
+    fn datapath_summary(&self) -> String {
         match &self.datapath {
             Some(dp) if dp.is_attached() => {
                 let c = dp.counters().unwrap_or_default();
@@ -327,7 +365,9 @@ impl Daemon {
     }
 
     pub fn stats(&self) -> Result<api::Stats, ControlError> {
-        Ok(self.attached()?.counters()?.into_iter().map(|(c, v)| (c.name().to_string(), v)).collect())
+        let mut s: api::Stats = self.attached()?.counters()?.into_iter().map(|(c, v)| (c.name().to_string(), v)).collect();
+        s.extend(self.links.stats());
+        Ok(s)
     }
 
     pub fn connections(&self) -> Result<Vec<datapath::Connection>, ControlError> {
@@ -433,6 +473,8 @@ impl Daemon {
     /// Periodic work: follow cgroups, notice a full SOCKHASH (warn at most once a minute).
     pub fn tick(&mut self) {
         self.recheck_cgroups();
+        // Fallback for lost netlink events: interfaces that came or went since.
+        self.links.refresh();
         let Some(dp) = &self.datapath else { return };
         if let Ok(f) = dp.counter(Counter::InsertFailures)
             && f > self.last_failures

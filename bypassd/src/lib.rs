@@ -1,6 +1,7 @@
 //! bypassd: loads, pins and attaches the eBPF socket datapath and serves its control
 //! interface.
 pub mod config;
+pub mod config_links;
 pub mod control;
 pub mod daemon;
 pub mod datapath;

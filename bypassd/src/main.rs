@@ -75,7 +75,8 @@ fn detach(config_path: &Path) -> anyhow::Result<()> {
     };
     // Never while a daemon runs: it may be building a generation right now.
     let _lock = instance::acquire(&state_dir)?;
+    let links = datapath::link::retire_all(&pin_dir)?;
     let n = datapath::detach(&pin_dir)?;
-    println!("detached {n} datapath generation(s) from {}", pin_dir.display());
+    println!("detached {n} datapath generation(s) and {links} link entries from {}", pin_dir.display());
     Ok(())
 }

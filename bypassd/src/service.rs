@@ -36,6 +36,10 @@ pub fn run(config_path: &Path, log: crate::logging::Handle) -> Result<()> {
 
     let control = Control::new(Daemon::start(config_path, log)?);
     let _bus = crate::dbus::serve(control.clone()).context("serving the D-Bus interface")?;
+    let watched = control.clone();
+    if let Err(e) = crate::datapath::link::watch::spawn(move |evs| watched.link_events(evs)) {
+        tracing::warn!("link datapath: no netlink events ({e:#}); interfaces are re-checked every tick");
+    }
 
     let status = control.summary();
     notify::ready(&status);

@@ -59,16 +59,7 @@ fn assert_ok(v: &Value) {
 }
 
 fn wait_file(p: &Path, timeout: Duration) -> u16 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(s) = std::fs::read_to_string(p)
-            && let Ok(port) = s.trim().parse()
-        {
-            return port;
-        }
-        assert!(Instant::now() < deadline, "{} did not appear", p.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    bypass_testsupport::wait_port_file(p, timeout)
 }
 
 fn wait_exists(p: &Path, timeout: Duration) {

@@ -120,4 +120,61 @@ struct bp_rx_state {
 	__u32 spliced;    /* 1: has read with splice: never a redirect target again */
 };
 
+/* ======================================================================== */
+/* Link datapath (ebpf/bpf/link.bpf.c): tc ingress programs on VM/container   */
+/* links. One object is loaded per configured [[links]] entry; its maps are   */
+/* pinned in the entry's folder. Independent of the socket datapath above.    */
+/* ======================================================================== */
+
+#define BL_ABI_VERSION 1
+
+/* Ports (and counter slots) per entry; FDB entries per bridge entry. */
+#define BL_MAX_PORTS 64
+#define BL_MAX_FDB 4096
+
+/* bl_port.flags: how frames are delivered TO this port, and what it is. */
+#define BL_PORT_PEER (1u << 0)   /* veth whose peer is in another netns: bpf_redirect_peer */
+#define BL_PORT_BRIDGE (1u << 1) /* bridge mode: forward by destination MAC (bl_fdb) */
+
+/* bl_ports: key = ifindex (__u32) of an attached interface. */
+struct bl_port {
+	__u32 target;    /* pair mode: ifindex every frame goes to; 0 in bridge mode */
+	__u32 slot;      /* index in bl_stats */
+	__u32 flags;     /* BL_PORT_* */
+	__u32 offload;   /* user space only: original offloads, BL_OFF_* */
+};
+
+/* bl_port.offload: the offloads found before bypassd changed them (restored on detach). */
+#define BL_OFF_RX_SAVED (1u << 0)
+#define BL_OFF_RX_ON (1u << 1)
+#define BL_OFF_TX_SAVED (1u << 2)
+#define BL_OFF_TX_ON (1u << 3)
+
+/* bl_fdb: where a MAC lives, learned from the source MAC of frames arriving on a
+ * port (so a moved MAC is followed at its first frame) and from the bridge FDB. */
+struct bl_mac {
+	__u8 addr[6];
+	__u16 pad;
+};
+
+struct bl_fdb_entry {
+	__u32 ifindex;
+	__u32 flags;   /* reserved, 0 */
+	__u64 seen_ns; /* CLOCK_MONOTONIC ns of the last frame from this MAC (or FDB event) */
+};
+
+/* bl_stats: per-CPU, one per slot (port). */
+struct bl_stats {
+	__u64 redirected_frames;
+	__u64 redirected_bytes;
+	__u64 passed_frames;
+	__u64 passed_bytes;
+};
+
+/* bl_control indices (__u64 values). */
+enum bl_control {
+	BL_CTL_AGEING_NS = 0, /* learned FDB entries older than this are not used */
+	BL_CTL_MAX = 1,
+};
+
 #endif

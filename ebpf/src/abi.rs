@@ -155,3 +155,66 @@ unsafe impl aya::Pod for Rule {}
 unsafe impl aya::Pod for PolicyMeta {}
 unsafe impl aya::Pod for SkInfo {}
 unsafe impl aya::Pod for RxState {}
+
+// ===========================================================================
+// Link datapath (`bpf/link.bpf.c`), the "Link datapath" section of the header.
+// ===========================================================================
+
+/// Version of the link datapath's ABI (`BL_ABI_VERSION`); part of its pin folder names.
+pub const BL_ABI_VERSION: u32 = 1;
+pub const BL_MAX_PORTS: u32 = 64;
+pub const BL_MAX_FDB: u32 = 4096;
+
+pub const BL_PORT_PEER: u32 = 1 << 0;
+pub const BL_PORT_BRIDGE: u32 = 1 << 1;
+
+pub const BL_OFF_RX_SAVED: u32 = 1 << 0;
+pub const BL_OFF_RX_ON: u32 = 1 << 1;
+pub const BL_OFF_TX_SAVED: u32 = 1 << 2;
+pub const BL_OFF_TX_ON: u32 = 1 << 3;
+
+pub const BL_CTL_AGEING_NS: u32 = 0;
+pub const BL_CTL_MAX: u32 = 1;
+
+/// `struct bl_port`: one attached interface (key: its ifindex).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkPort {
+    pub target: u32,
+    pub slot: u32,
+    pub flags: u32,
+    pub offload: u32,
+}
+
+/// `struct bl_mac`: an Ethernet address, padded to 8 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LinkMac {
+    pub addr: [u8; 6],
+    pub pad: u16,
+}
+
+/// `struct bl_fdb_entry`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkFdbEntry {
+    pub ifindex: u32,
+    pub flags: u32,
+    pub seen_ns: u64,
+}
+
+/// `struct bl_stats`: per-CPU frame and byte counters of one port.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkStats {
+    pub redirected_frames: u64,
+    pub redirected_bytes: u64,
+    pub passed_frames: u64,
+    pub passed_bytes: u64,
+}
+
+// SAFETY: as above (plain-old-data, no padding; checked by tests/layout.rs).
+unsafe impl aya::Pod for LinkPort {}
+unsafe impl aya::Pod for LinkMac {}
+unsafe impl aya::Pod for LinkFdbEntry {}
+unsafe impl aya::Pod for LinkStats {}

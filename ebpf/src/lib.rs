@@ -2,12 +2,19 @@
 //! Rust mirror of its ABI (`include/bypass_abi.h`).
 pub mod abi;
 
-/// The compiled BPF object, aligned so aya can parse it in place.
+/// A compiled object from OUT_DIR, aligned so aya can parse it in place.
+macro_rules! aligned_object {
+    ($file:literal) => {{
+        #[repr(C, align(8))]
+        struct Aligned<T: ?Sized>(T);
+        static OBJ: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/", $file)));
+        &OBJ.0
+    }};
+}
+
+/// The compiled socket datapath object.
 pub fn object() -> &'static [u8] {
-    #[repr(C, align(8))]
-    struct Aligned<T: ?Sized>(T);
-    static OBJ: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/bypass.bpf.o")));
-    &OBJ.0
+    aligned_object!("bypass.bpf.o")
 }
 
 /// Program names in the object (the C function names).
@@ -42,4 +49,25 @@ pub mod maps {
     pub const SPLICERS: &str = "bp_splicers";
     /// Every map, in the order they are pinned.
     pub const ALL: [&str; 9] = [SOCKS, COUNTERS, CONTROL, RULES, POLICY, SK_INFO, RX, COOKIES, SPLICERS];
+}
+
+/// The link datapath (`bpf/link.bpf.c`): tc ingress programs for VM/container links.
+pub mod link {
+    /// The compiled link object.
+    pub fn object() -> &'static [u8] {
+        aligned_object!("link.bpf.o")
+    }
+
+    /// The tc ingress program (C function name).
+    pub const PROGRAM: &str = "bypass_link_ingress";
+
+    /// Map names in the link object.
+    pub mod maps {
+        pub const PORTS: &str = "bl_ports";
+        pub const FDB: &str = "bl_fdb";
+        pub const STATS: &str = "bl_stats";
+        pub const CONTROL: &str = "bl_control";
+        /// Every map, in the order they are pinned.
+        pub const ALL: [&str; 4] = [PORTS, FDB, STATS, CONTROL];
+    }
 }

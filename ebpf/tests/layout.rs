@@ -19,6 +19,11 @@ fn c_layout() -> BTreeMap<String, u64> {
         ("bp_policy_meta", &["nrules", "default_action"][..]),
         ("bp_sk_info", &["cgroup_id", "uid", "flags"][..]),
         ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced"][..]),
+        // Link datapath.
+        ("bl_port", &["target", "slot", "flags", "offload"][..]),
+        ("bl_mac", &["addr", "pad"][..]),
+        ("bl_fdb_entry", &["ifindex", "flags", "seen_ns"][..]),
+        ("bl_stats", &["redirected_frames", "redirected_bytes", "passed_frames", "passed_bytes"][..]),
     ] {
         emit(&format!("sizeof.{ty}"), &format!("sizeof(struct {ty})"));
         for f in fields {
@@ -33,7 +38,9 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_CTL_POLICY_SEQ", "BP_CTL_PAUSED", "BP_CTL_QUEUE_CAP", "BP_CTL_RECV_GATE", "BP_CTL_MAX",
         "BP_ACTION_KERNEL", "BP_ACTION_ACCELERATE",
         "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN", "BP_SK_NO_REDIRECT_IN", "BP_COMM_LEN",
-        "BP_SPLICER_CONFIGURED", "BP_SPLICER_LEARNED"] {
+        "BP_SPLICER_CONFIGURED", "BP_SPLICER_LEARNED",
+        "BL_ABI_VERSION", "BL_MAX_PORTS", "BL_MAX_FDB", "BL_PORT_PEER", "BL_PORT_BRIDGE", "BL_OFF_RX_SAVED",
+        "BL_OFF_RX_ON", "BL_OFF_TX_SAVED", "BL_OFF_TX_ON", "BL_CTL_AGEING_NS", "BL_CTL_MAX"] {
         emit(c, c);
     }
     src.push_str("return 0;}\n");
@@ -67,6 +74,10 @@ fn c_and_rust_layouts_agree() {
     rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
     rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags]);
     rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced]);
+    rust_layout!(r, "bl_port", LinkPort, [target, slot, flags, offload]);
+    rust_layout!(r, "bl_mac", LinkMac, [addr, pad]);
+    rust_layout!(r, "bl_fdb_entry", LinkFdbEntry, [ifindex, flags, seen_ns]);
+    rust_layout!(r, "bl_stats", LinkStats, [redirected_frames, redirected_bytes, passed_frames, passed_bytes]);
     let consts: [(&str, u64); 33] = [
         ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
         ("BP_CTR_SOCKETS_INSERTED", Counter::SocketsInserted as u64),
@@ -95,7 +106,15 @@ fn c_and_rust_layouts_agree() {
         ("BP_COMM_LEN", COMM_LEN as u64), ("BP_SPLICER_CONFIGURED", SPLICER_CONFIGURED),
         ("BP_SPLICER_LEARNED", SPLICER_LEARNED),
     ];
-    for (k, v) in consts {
+    let link_consts: [(&str, u64); 11] = [
+        ("BL_ABI_VERSION", BL_ABI_VERSION.into()), ("BL_MAX_PORTS", BL_MAX_PORTS.into()),
+        ("BL_MAX_FDB", BL_MAX_FDB.into()), ("BL_PORT_PEER", BL_PORT_PEER.into()),
+        ("BL_PORT_BRIDGE", BL_PORT_BRIDGE.into()), ("BL_OFF_RX_SAVED", BL_OFF_RX_SAVED.into()),
+        ("BL_OFF_RX_ON", BL_OFF_RX_ON.into()), ("BL_OFF_TX_SAVED", BL_OFF_TX_SAVED.into()),
+        ("BL_OFF_TX_ON", BL_OFF_TX_ON.into()),
+        ("BL_CTL_AGEING_NS", BL_CTL_AGEING_NS.into()), ("BL_CTL_MAX", BL_CTL_MAX.into()),
+    ];
+    for (k, v) in consts.into_iter().chain(link_consts) {
         r.insert(k.to_string(), v);
     }
     assert_eq!(c, r, "C (left) and Rust (right) ABI definitions differ");
@@ -114,5 +133,11 @@ fn object_has_every_program_and_map() {
     }
     for m in bypassd_ebpf::maps::ALL {
         assert!(hay(m), "map {m} missing from the object");
+    }
+    let obj = bypassd_ebpf::link::object();
+    let hay = |needle: &str| obj.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(hay(bypassd_ebpf::link::PROGRAM), "program missing from the link object");
+    for m in bypassd_ebpf::link::maps::ALL {
+        assert!(hay(m), "map {m} missing from the link object");
     }
 }

@@ -2,6 +2,7 @@
 //! to this test (cgroup, pin directory, network namespace, temp dir, daemon) and
 //! removes it on drop, also when the test panics.
 pub mod dbus;
+pub mod tap;
 
 use anyhow::{Context, Result, bail};
 use nix::{
@@ -278,6 +279,20 @@ pub fn veth(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) {
             ip(&args).expect("addr add");
         }
         ip(&["-n", &ns.name, "link", "set", dev, "up"]).expect("veth up");
+    }
+}
+
+/// Wait for a program to write its port number into `p` (e.g. `--port-file`).
+pub fn wait_port_file(p: &Path, timeout: Duration) -> u16 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(p)
+            && let Ok(port) = s.trim().parse()
+        {
+            return port;
+        }
+        assert!(Instant::now() < deadline, "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -10,6 +10,7 @@
 //! The programs are described once, in a table ([`sock::PROGRAMS`]); building,
 //! adopting and status iterate it ([`hooks`]).
 pub mod hooks;
+pub mod link;
 pub mod pins;
 pub mod sock;
 

@@ -98,10 +98,40 @@ pub fn building_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("building-{}", std::process::id()))
 }
 
+/// The link datapath's folder under the pin directory (`links/<entry>/`, see
+/// `link::entry`); it has its own lifecycle and is never a generation.
+pub const LINKS_DIR: &str = "links";
+
+pub fn links_root(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(LINKS_DIR)
+}
+
+/// A link entry's folder name: `v1-pair-tap0+veth-vm0-1a2b3c4d` (link ABI version,
+/// mode, interfaces with bpffs's forbidden dots replaced, hash of the exact names).
+pub fn link_entry_name(mode: &str, id: &str) -> String {
+    let hash: String = Sha256::digest(id.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("v{}-{mode}-{}-{hash}", bypassd_ebpf::abi::BL_ABI_VERSION, id.replace('.', "_"))
+}
+
+/// Where an interface's TCX link is pinned in a link entry: `link_tcx_<ifname>`, with
+/// the characters bpffs refuses (`.`) escaped.
+pub fn tcx_pin(entry_dir: &Path, ifname: &str) -> PathBuf {
+    link_pin(entry_dir, &format!("tcx_{}", ifname.replace('%', "%25").replace('.', "%2e")))
+}
+
+/// The interface a `link_tcx_*` pin file stands for.
+pub fn tcx_ifname(file_name: &str) -> Option<String> {
+    file_name.strip_prefix("link_tcx_").map(|n| n.replace("%2e", ".").replace("%25", "%"))
+}
+
 /// Generation directories (and interrupted builds) under the pin directory, sorted.
 pub fn generations(pin_dir: &Path) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(pin_dir) else { return Vec::new() };
-    let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && p.file_name().is_none_or(|n| n != LINKS_DIR))
+        .collect();
     v.sort();
     v
 }
@@ -132,7 +162,8 @@ pub fn detach(pin_dir: &Path) -> Result<usize> {
     for g in &gens {
         retire(g)?;
     }
-    if pin_dir.exists() {
+    // The link datapath is retired on its own (link::retire_all): leave its folder.
+    if pin_dir.exists() && !links_root(pin_dir).exists() {
         std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
     }
     Ok(gens.len())
@@ -153,5 +184,9 @@ mod tests {
         assert_eq!(GenName::parse("building-12"), None);
         assert_eq!(object_hash().len(), 12);
         assert_eq!(classify("link_sockops"), Some((PinKind::Link, "sockops")));
+        let p = tcx_pin(Path::new("/x"), "eth0.100");
+        assert_eq!(p, Path::new("/x/link_tcx_eth0%2e100"));
+        assert_eq!(tcx_ifname("link_tcx_eth0%2e100").as_deref(), Some("eth0.100"));
+        assert!(!link_entry_name("bridge", "br.0").contains('.'));
     }
 }

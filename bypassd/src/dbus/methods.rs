@@ -155,6 +155,14 @@ impl Manager {
         self.run(|c| Ok(c.connections().map_err(control_error)?.into_iter().map(wire_connection).collect())).await
     }
 
+    /// The link datapath's [[links]] entries: (name, mode "pair"|"bridge", state
+    /// "attached"|"pending"|"degraded", reason, interfaces: (name, ifindex, attached,
+    /// effective offloads)).
+    #[zbus(out_args("links"))]
+    async fn list_links(&self) -> Vec<api::LinkStatus> {
+        self.run(|c| c.links()).await
+    }
+
     /// The default action ("accelerate" or "kernel") and the effective rules in
     /// evaluation order (runtime rules first, then the config file's): (index,
     /// source "runtime"|"config", name, summary, rule as TOML, active, why inactive).

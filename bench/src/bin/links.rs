@@ -1,0 +1,263 @@
+//! bypass-bench-links: the link datapath against the Linux bridge, with qperf
+//! (the seed talk's tool): udp_lat, udp_bw (-m 1400 at most: larger datagrams
+//! fragment; received bandwidth), tcp_lat, tcp_bw, over message sizes.
+//!
+//! Topologies, all in namespaces this program creates (a "node" netns runs bypassd):
+//! - vm-pod: a VM's tap (relayed, virtio-net headers + offloads) and a pod's veth on one
+//!   bridge: `bridge` (baseline) vs `pair`, and `pair` with tx checksum off.
+//! - pod-pod: two pods' veths on one bridge: `bridge` vs bridge mode with plain
+//!   redirect (`redirect = "egress"`) vs bridge mode with bpf_redirect_peer.
+//!
+//! Latency on these paths varies up to 2x between runs on a loaded 2-CPU machine:
+//! short mode is a smoke test, not a measurement.
+//!
+//! `cargo build --release -p bypassd -p bypass-bench && target/release/bypass-bench-links
+//! [--short] [--out FILE]`. Needs root, qperf, iproute2 (scripts/deps-links).
+use anyhow::{Context, Result, bail};
+use bypass_testsupport::{Netns, PinDir, TempDir, TestCgroup, tap::{TapRelay, in_netns}};
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const TESTS: [&str; 4] = ["udp_lat", "udp_bw", "tcp_lat", "tcp_bw"];
+/// The seed talk's figures for the tap <-> veth redirect against the bridge.
+const TALK: &str = "seed talk (KubeVirt, tc redirect vs bridge): UDP latency -4…-30 %, throughput +20…+70 %";
+
+fn ip(ns: &str, args: &[&str]) -> Result<()> {
+    let st = Command::new("ip").arg("-n").arg(ns).args(args).stderr(Stdio::piped()).output()?;
+    if !st.status.success() {
+        bail!("ip -n {ns} {}: {}", args.join(" "), String::from_utf8_lossy(&st.stderr));
+    }
+    Ok(())
+}
+
+struct Ep {
+    _relay: Option<TapRelay>,
+    port: String,
+    ip: String,
+    ns: Netns,
+}
+
+struct World {
+    eps: Vec<Ep>,
+    br: String,
+    node: Netns,
+}
+
+impl World {
+    /// `vms` tap endpoints then `pods` veth endpoints, all ports of one bridge.
+    fn new(vms: usize, pods: usize) -> Result<World> {
+        let node = Netns::new();
+        let br = "bbr0".to_string();
+        ip(&node.name, &["link", "add", &br, "type", "bridge"])?;
+        ip(&node.name, &["link", "set", &br, "up"])?;
+        let mut w = World { eps: Vec::new(), br, node };
+        for i in 0..vms + pods {
+            let ns = Netns::new();
+            let port = format!("bp{i}");
+            let relay = if i < vms {
+                Some(TapRelay::start(Some(&w.node.name), &port, &ns.name, "eth0", true)?)
+            } else {
+                ip(&w.node.name, &["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+                None
+            };
+            let addr = format!("10.78.0.{}", i + 1);
+            ip(&ns.name, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            ip(&ns.name, &["link", "set", "eth0", "up"])?;
+            ip(&w.node.name, &["link", "set", &port, "master", &w.br])?;
+            ip(&w.node.name, &["link", "set", &port, "up"])?;
+            w.eps.push(Ep { _relay: relay, port, ip: addr, ns });
+        }
+        Ok(w)
+    }
+}
+
+/// bypassd in the node netns with `links` as its [[links]] config, until dropped.
+struct Bypassd {
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Bypassd {
+    fn start(w: &World, bin: &Path, pins: &PinDir, cg: &TestCgroup, links: &str, ports: usize) -> Result<Bypassd> {
+        let dir = TempDir::new();
+        let cfg = dir.path().join("bypassd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\n\n{links}",
+                pins.path().display(),
+                cg.rel,
+                dir.path().display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.path().join("log"))?;
+        let child = in_netns(Some(&w.node.name), || {
+            Command::new(bin).arg("--config").arg(&cfg).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()
+        })??;
+        let d = Bypassd { child, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while attached(pins.path()) < ports {
+            if Instant::now() > deadline {
+                bail!("bypassd did not attach {ports} ports; log: {}", std::fs::read_to_string(d._dir.path().join("log")).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(d)
+    }
+}
+
+impl Drop for Bypassd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn attached(pin_dir: &Path) -> usize {
+    let root = bypassd::datapath::pins::links_root(pin_dir);
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter(|f| f.file_name().to_str().and_then(bypassd::datapath::pins::tcx_ifname).is_some())
+        .count()
+}
+
+/// One qperf run from `a` to `b`: µs for *_lat, MB/s (received) for *_bw.
+fn qperf(w: &World, a: usize, b: usize, test: &str, size: u32, secs: u32) -> Result<f64> {
+    let (from, to) = (&w.eps[a], &w.eps[b]);
+    let out = from
+        .ns
+        .command(None, "qperf")
+        .args(["-lp", "19790", "-t", &secs.to_string(), "-m", &size.to_string(), "-vu", &to.ip, test])
+        .output()
+        .context("running qperf (install it: scripts/deps-links)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let key = if test.ends_with("_lat") { "latency" } else if test == "udp_bw" { "recv_bw" } else { "bw" };
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(key) && l.contains('='))
+        .with_context(|| format!("qperf {test} printed no {key}: {text} {}", String::from_utf8_lossy(&out.stderr)))?;
+    let mut it = line.split('=').nth(1).unwrap_or_default().split_whitespace();
+    let v: f64 = it.next().unwrap_or_default().parse().context("qperf number")?;
+    let unit = it.next().unwrap_or_default();
+    Ok(match unit {
+        "ns" => v / 1000.0,
+        "us" => v,
+        "ms" => v * 1000.0,
+        "sec" | "s" => v * 1e6,
+        "KB/sec" => v / 1000.0,
+        "MB/sec" => v,
+        "GB/sec" => v * 1000.0,
+        "bytes/sec" => v / 1e6,
+        _ => bail!("unknown qperf unit {unit} in {line}"),
+    })
+}
+
+struct Row {
+    topo: &'static str,
+    mode: String,
+    test: &'static str,
+    size: u32,
+    value: f64,
+}
+
+fn measure(w: &World, a: usize, b: usize, topo: &'static str, mode: &str, sizes: &[u32], reps: usize, secs: u32, rows: &mut Vec<Row>) -> Result<()> {
+    for test in TESTS {
+        let mut sizes: Vec<u32> = sizes.iter().map(|&s| if test == "udp_bw" { s.min(1400) } else { s }).collect();
+        sizes.dedup();
+        for size in sizes {
+            let mut v = Vec::new();
+            for _ in 0..reps {
+                v.push(qperf(w, a, b, test, size, secs)?);
+            }
+            v.sort_by(f64::total_cmp);
+            let value = v[v.len() / 2];
+            eprintln!("  {topo:7} {mode:22} {test:7} {size:>6} B  {value:10.2} {}", if test.ends_with("_lat") { "µs" } else { "MB/s" });
+            rows.push(Row { topo, mode: mode.to_string(), test, size, value });
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let short = args.iter().any(|a| a == "--short");
+    let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let (sizes, reps, secs): (Vec<u32>, usize, u32) =
+        if short { (vec![1, 1400, 16384], 1, 1) } else { (vec![1, 64, 1024, 1400, 4096, 16384], 3, 1) };
+    let bin = std::env::var_os("BYPASSD_BIN")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("bypassd"))))
+        .context("no bypassd binary")?;
+    let cg = TestCgroup::new();
+    let mut rows = Vec::new();
+
+    // VM <-> pod: bridge, pair, pair with tx checksum off (TSO off with it).
+    {
+        let w = World::new(1, 1)?;
+        let srv = w.eps[1].ns.command(None, "qperf").args(["-lp", "19790"]).stdout(Stdio::null()).spawn()?;
+        let _srv = Kill(srv);
+        std::thread::sleep(Duration::from_millis(300));
+        measure(&w, 0, 1, "vm-pod", "bridge", &sizes, reps, secs, &mut rows)?;
+        let pair = format!("[[links]]\npair = [\"{}\", \"{}\"]\n", w.eps[0].port, w.eps[1].port);
+        for (mode, extra) in [("pair", ""), ("pair tx-csum off", "checksum_offload = { tx = \"off\" }\n")] {
+            let pins = PinDir::new();
+            let _d = Bypassd::start(&w, &bin, &pins, &cg, &format!("{pair}{extra}"), 2)?;
+            measure(&w, 0, 1, "vm-pod", mode, &sizes, reps, secs, &mut rows)?;
+        }
+    }
+    // pod <-> pod on one bridge: bridge, bridge mode (redirect), bridge mode (redirect_peer).
+    {
+        let w = World::new(0, 2)?;
+        let srv = w.eps[1].ns.command(None, "qperf").args(["-lp", "19790"]).stdout(Stdio::null()).spawn()?;
+        let _srv = Kill(srv);
+        std::thread::sleep(Duration::from_millis(300));
+        measure(&w, 0, 1, "pod-pod", "bridge", &sizes, reps, secs, &mut rows)?;
+        for (mode, redirect) in [("bridge mode redirect", "egress"), ("bridge mode redirect_peer", "auto")] {
+            let pins = PinDir::new();
+            let links = format!("[[links]]\nbridge = \"{}\"\nredirect = \"{redirect}\"\n", w.br);
+            let _d = Bypassd::start(&w, &bin, &pins, &cg, &links, 2)?;
+            measure(&w, 0, 1, "pod-pod", mode, &sizes, reps, secs, &mut rows)?;
+        }
+    }
+
+    let md = report(&rows, short);
+    println!("{md}");
+    if let Some(p) = out {
+        std::fs::write(&p, &md).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A table per topology: each mode's value and its ratio to the bridge.
+fn report(rows: &[Row], short: bool) -> String {
+    let mut s = format!(
+        "# Link datapath vs. the Linux bridge (qperf{})\n\n{TALK}.\nRatios: latency = mode / bridge (below 1 is faster), bandwidth = mode / bridge (above 1 is more).\n",
+        if short { ", short mode: 1 run of 1 s per point, not judged" } else { ", median of 3 runs of 1 s" }
+    );
+    for topo in ["vm-pod", "pod-pod"] {
+        s.push_str(&format!("\n## {topo}\n\n| test | size | bridge | mode | value | ratio |\n|---|---|---|---|---|---|\n"));
+        for r in rows.iter().filter(|r| r.topo == topo && r.mode != "bridge") {
+            let Some(base) = rows.iter().find(|b| b.topo == topo && b.mode == "bridge" && b.test == r.test && b.size == r.size) else { continue };
+            let unit = if r.test.ends_with("_lat") { "µs" } else { "MB/s" };
+            s.push_str(&format!(
+                "| {} | {} B | {:.2} {unit} | {} | {:.2} {unit} | {:.2} |\n",
+                r.test, r.size, base.value, r.mode, r.value, r.value / base.value
+            ));
+        }
+    }
+    s
+}
