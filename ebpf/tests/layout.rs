@@ -19,6 +19,7 @@ fn c_layout() -> BTreeMap<String, u64> {
         ("bp_policy_meta", &["nrules", "default_action"][..]),
         ("bp_sk_info", &["cgroup_id", "uid", "flags"][..]),
         ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced"][..]),
+        ("bp_nat_peer", &["peer", "path", "reserved"][..]),
     ] {
         emit(&format!("sizeof.{ty}"), &format!("sizeof(struct {ty})"));
         for f in fields {
@@ -30,6 +31,9 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_CTR_POLICY_KERNEL", "BP_CTR_PAUSED_SKIPS", "BP_CTR_ORDER_WAIT", "BP_CTR_BACKPRESSURE",
         "BP_CTR_NOT_READY", "BP_CTR_SPLICE_KEPT", "BP_CTR_SPLICE_SEEN", "BP_CTR_SPLICE_STRANDED",
         "BP_CTR_SPLICE_REFUSED", "BP_CTR_STRANDED_DROPS", "BP_CTR_MAX",
+        "BP_CTR_ORIGDST_SEEN", "BP_CTR_NAT_PAIRED_LOCAL", "BP_CTR_NAT_PAIRED_INBOUND", "BP_CTR_NAT_UNPAIRED",
+        "BP_CTR_NAT_REDIRECTED_MSGS", "BP_CTR_NAT_REDIRECTED_BYTES", "BP_CTR_NAT_CLEARED",
+        "BP_NAT_PATH_LOCAL", "BP_NAT_PATH_INBOUND",
         "BP_CTL_POLICY_SEQ", "BP_CTL_PAUSED", "BP_CTL_QUEUE_CAP", "BP_CTL_RECV_GATE", "BP_CTL_MAX",
         "BP_ACTION_KERNEL", "BP_ACTION_ACCELERATE",
         "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN", "BP_SK_NO_REDIRECT_IN", "BP_COMM_LEN",
@@ -67,7 +71,8 @@ fn c_and_rust_layouts_agree() {
     rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
     rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags]);
     rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced]);
-    let consts: [(&str, u64); 33] = [
+    rust_layout!(r, "bp_nat_peer", NatPeer, [peer, path, reserved]);
+    let consts: [(&str, u64); 42] = [
         ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
         ("BP_CTR_SOCKETS_INSERTED", Counter::SocketsInserted as u64),
         ("BP_CTR_INSERT_FAILURES", Counter::InsertFailures as u64),
@@ -94,6 +99,14 @@ fn c_and_rust_layouts_agree() {
         ("BP_SK_KNOWN", SK_KNOWN.into()), ("BP_SK_NO_REDIRECT_IN", SK_NO_REDIRECT_IN.into()),
         ("BP_COMM_LEN", COMM_LEN as u64), ("BP_SPLICER_CONFIGURED", SPLICER_CONFIGURED),
         ("BP_SPLICER_LEARNED", SPLICER_LEARNED),
+        ("BP_CTR_ORIGDST_SEEN", Counter::OrigDstSeen as u64),
+        ("BP_CTR_NAT_PAIRED_LOCAL", Counter::NatPairedLocal as u64),
+        ("BP_CTR_NAT_PAIRED_INBOUND", Counter::NatPairedInbound as u64),
+        ("BP_CTR_NAT_UNPAIRED", Counter::NatUnpaired as u64),
+        ("BP_CTR_NAT_REDIRECTED_MSGS", Counter::NatRedirectedMsgs as u64),
+        ("BP_CTR_NAT_REDIRECTED_BYTES", Counter::NatRedirectedBytes as u64),
+        ("BP_CTR_NAT_CLEARED", Counter::NatCleared as u64),
+        ("BP_NAT_PATH_LOCAL", NAT_PATH_LOCAL.into()), ("BP_NAT_PATH_INBOUND", NAT_PATH_INBOUND.into()),
     ];
     for (k, v) in consts {
         r.insert(k.to_string(), v);
@@ -109,7 +122,7 @@ fn object_has_every_program_and_map() {
     for p in [bypassd_ebpf::programs::SOCK_OPS, bypassd_ebpf::programs::SK_MSG, bypassd_ebpf::programs::SOCK_CREATE,
         bypassd_ebpf::programs::RX_ENTER, bypassd_ebpf::programs::RX_DONE, bypassd_ebpf::programs::SPLICE_SEEN,
         bypassd_ebpf::programs::SPLICE_KPROBE, bypassd_ebpf::programs::SENDFILE_SEEN,
-        bypassd_ebpf::programs::SPLICE_GUARD] {
+        bypassd_ebpf::programs::SPLICE_GUARD, bypassd_ebpf::programs::GETSOCKOPT] {
         assert!(hay(p), "program {p} missing from the object");
     }
     for m in bypassd_ebpf::maps::ALL {

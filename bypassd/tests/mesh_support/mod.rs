@@ -1,0 +1,149 @@
+//! Fixtures of the service-mesh tests: pod namespaces joined by a veth, Istio's
+//! capture rules (iptables or native nftables, from Istio's golden files), real
+//! Envoy sidecars as uid 1337, and bypass-traffic apps. Everything is created by the
+//! test and removed on drop (namespaces take their rules, the cgroup its processes).
+#![allow(dead_code)]
+pub mod capture;
+pub mod envoy;
+
+use bypass_testsupport::{Daemon, Netns, PinDir, TempDir, TestCgroup, bin, require_root};
+use bypassd::datapath::Datapath;
+use bypassd_ebpf::abi::Counter;
+use serde_json::Value;
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const MIB: u64 = 1 << 20;
+
+pub struct Env {
+    pub cg: TestCgroup,
+    pub pins: PinDir,
+    pub state: TempDir,
+    pub dir: TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        require_root();
+        Env { cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new(), dir: TempDir::new() }
+    }
+
+    pub fn config(&self, extra: &str) -> String {
+        format!(
+            "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n{extra}",
+            self.pins.path().display(),
+            self.cg.rel,
+            self.state.path().display()
+        )
+    }
+
+    /// A daemon that accelerates everything in this test's cgroup.
+    pub fn daemon(&self) -> Daemon {
+        Daemon::start(&self.config("[policy]\ndefault = \"accelerate\"\n")).expect("start bypassd")
+    }
+
+    pub fn datapath(&self) -> Datapath {
+        Datapath::open_pinned(self.pins.path()).expect("open the pinned datapath")
+    }
+
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.datapath().counter(c).expect("read counters")
+    }
+
+    /// bypass-traffic in `ns`, inside the test's cgroup.
+    pub fn traffic(&self, ns: &Netns) -> Command {
+        ns.command(Some(&self.cg), bin("bypass-traffic"))
+    }
+
+    /// `bypass-traffic serve` in `ns`; returns the child and its port.
+    pub fn serve(&self, ns: &Netns, listen: &str, extra: &[&str]) -> (Child, u16) {
+        let port_file = self.dir.path().join(bypass_testsupport::unique("port"));
+        let mut cmd = self.traffic(ns);
+        cmd.args(["serve", "--listen", listen, "--port-file"]).arg(&port_file).args(extra);
+        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn serve");
+        (child, wait_port(&port_file, Duration::from_secs(10)))
+    }
+
+    /// `bypass-traffic send` in `ns`, started (not waited on).
+    pub fn send(&self, ns: &Netns, connect: &str, args: &[&str]) -> Child {
+        let mut c = self.traffic(ns);
+        c.args(["send", "--connect", connect]).args(args);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn send")
+    }
+
+    /// Every kernel-path message had a safety reason (docs/datapath-safety.md): none
+    /// lacked its peer, so every pairing the test expects really happened.
+    pub fn assert_passes_explained(&self) {
+        let d = self.datapath();
+        let c = |x| d.counter(x).expect("counter");
+        let passed = c(Counter::PassedMsgs);
+        let explained = c(Counter::NotReady) + c(Counter::OrderWait) + c(Counter::Backpressure) + c(Counter::SpliceKept);
+        assert_eq!(passed, explained, "kernel-path messages without a safety reason (a socket whose peer was not found)");
+    }
+}
+
+fn wait_port(p: &Path, timeout: Duration) -> u16 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(p)
+            && let Ok(port) = s.trim().parse()
+        {
+            return port;
+        }
+        assert!(Instant::now() < deadline, "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Wait for a spawned bypass-traffic and return its JSON report (asserting ok).
+pub fn finish(mut child: Child) -> Value {
+    use std::io::Read;
+    let st = child.wait().expect("wait");
+    let out = bypass_testsupport::read_all(&mut child);
+    let mut err = String::new();
+    if let Some(e) = child.stderr.as_mut() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(st.success(), "bypass-traffic failed ({st}): {out} {err}");
+    let line = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON: {out} {err}"));
+    let v: Value = serde_json::from_str(line).expect("JSON");
+    assert_eq!(v["ok"], Value::Bool(true), "transfer failed: {v}");
+    v
+}
+
+/// `ip -n NS args…`, panicking with its stderr.
+pub fn ip(ns: &Netns, args: &[&str]) {
+    let out = Command::new("ip").args(["-n", &ns.name]).args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip -n {} {}: {}", ns.name, args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Two pod namespaces joined by a veth: A = 10.97.0.1 / fd97::1, B = 10.97.0.2 / fd97::2,
+/// each with 127.0.0.6 (in 127/8) and ::6 on lo for the inbound sidecar's source.
+pub struct Pods {
+    pub a: Netns,
+    pub b: Netns,
+}
+
+pub const POD_A4: &str = "10.97.0.1";
+pub const POD_B4: &str = "10.97.0.2";
+pub const POD_A6: &str = "fd97::1";
+pub const POD_B6: &str = "fd97::2";
+
+impl Pods {
+    pub fn new() -> Pods {
+        let (a, b) = (Netns::new(), Netns::new());
+        bypass_testsupport::veth(&a, &[&format!("{POD_A4}/24"), &format!("{POD_A6}/64")], &b, &[&format!("{POD_B4}/24"), &format!("{POD_B6}/64")]);
+        for ns in [&a, &b] {
+            ip(ns, &["addr", "add", "::6/128", "dev", "lo", "nodad"]);
+        }
+        Pods { a, b }
+    }
+}
+
+/// The connections the datapath lists (peers found as sk_msg finds them).
+pub fn connections(env: &Env) -> Vec<bypassd::datapath::Connection> {
+    env.datapath().connections().expect("list connections")
+}
