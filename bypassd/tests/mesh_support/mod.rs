@@ -63,8 +63,15 @@ impl Env {
         let port_file = self.dir.path().join(bypass_testsupport::unique("port"));
         let mut cmd = self.traffic(ns);
         cmd.args(["serve", "--listen", listen, "--port-file"]).arg(&port_file).args(extra);
-        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn serve");
-        (child, wait_port(&port_file, Duration::from_secs(10)))
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn serve");
+        match wait_port(&port_file, Duration::from_secs(20)) {
+            Some(p) => (child, p),
+            None => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait serve");
+                panic!("serve {listen} did not start: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
     }
 
     /// `bypass-traffic send` in `ns`, started (not waited on).
@@ -85,17 +92,17 @@ impl Env {
     }
 }
 
-fn wait_port(p: &Path, timeout: Duration) -> u16 {
+fn wait_port(p: &Path, timeout: Duration) -> Option<u16> {
     let deadline = Instant::now() + timeout;
-    loop {
+    while Instant::now() < deadline {
         if let Ok(s) = std::fs::read_to_string(p)
             && let Ok(port) = s.trim().parse()
         {
-            return port;
+            return Some(port);
         }
-        assert!(Instant::now() < deadline, "{} did not appear", p.display());
         std::thread::sleep(Duration::from_millis(10));
     }
+    None
 }
 
 /// Wait for a spawned bypass-traffic and return its JSON report (asserting ok).
