@@ -51,12 +51,16 @@ fn watch_hops(env: &Env, conns: usize, clients: &mut [std::process::Child]) -> S
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
         let list = connections(env);
-        let n = |f: &dyn Fn(&bypassd_api::Connection) -> bool| list.iter().filter(|c| c.paired && f(c)).count();
-        let is = |c: &bypassd_api::Connection, port: &str| c.local.ends_with(port) || c.peer.starts_with(&format!("{}", "")) && c.peer.split(" <- ").next().is_some_and(|l| l.ends_with(port));
+        let n = |f: &dyn Fn(&bypassd::datapath::Connection) -> bool| list.iter().filter(|c| c.paired && f(c)).count();
+        // A pair is listed once, from either side: look at both sockets.
+        let on_port = |c: &bypassd::datapath::Connection, port: u16| {
+            c.local.port() == port || c.peer.is_some_and(|(l, _)| l.port() == port)
+        };
+        let sidecar_src = |a: std::net::SocketAddr| a.ip().to_string() == "127.0.0.6" || a.ip().to_string() == "::6";
         let seen = Seen {
-            nat_local: n(&|c| c.nat && is(c, ":15001")),
-            nat_inbound: n(&|c| c.nat && is(c, ":15006")),
-            plain_inbound: n(&|c| !c.nat && (c.local.starts_with("127.0.0.6:") || c.remote.starts_with("127.0.0.6:") || c.local.starts_with("[::6]:") || c.remote.starts_with("[::6]:"))),
+            nat_local: n(&|c| c.nat && on_port(c, 15001)),
+            nat_inbound: n(&|c| c.nat && on_port(c, 15006)),
+            plain_inbound: n(&|c| !c.nat && (sidecar_src(c.local) || sidecar_src(c.remote))),
         };
         if seen.nat_local >= best.nat_local && seen.nat_inbound >= best.nat_inbound && seen.plain_inbound >= best.plain_inbound {
             best = seen;
