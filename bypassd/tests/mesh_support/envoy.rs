@@ -30,13 +30,18 @@ fn binary(dir: &TempDir) -> PathBuf {
 }
 
 fn listener(name: &str, addr: &str, port: u16, cluster: &str) -> String {
+    let filter = r#"    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}
+"#;
+    listener_with(name, addr, port, cluster, filter)
+}
+
+fn listener_with(name: &str, addr: &str, port: u16, cluster: &str, filters: &str) -> String {
     format!(
         r#"  - name: {name}
     address: {{socket_address: {{address: "{addr}", port_value: {port}}}}}
-    listener_filters:
-    - name: envoy.filters.listener.original_dst
-      typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}
-    filter_chains:
+{filters}    filter_chains:
     - filters:
       - name: envoy.filters.network.tcp_proxy
         typed_config:
@@ -71,6 +76,23 @@ pub fn config() -> String {
     y
 }
 
+/// A proxy that never asks for the original destination: outbound 15001 forwards to
+/// the fixed `upstream` (ip, port) with no original_dst filter; inbound as usual.
+pub fn config_static(upstream: (&str, u16)) -> String {
+    let mut y = String::from("static_resources:\n  listeners:\n");
+    y += &listener_with("outbound4", "0.0.0.0", 15001, "fixed", "");
+    y += &listener("inbound4", "0.0.0.0", 15006, "inbound4");
+    y += &listener("inbound6", "::", 15006, "inbound6");
+    y += "  clusters:\n";
+    y += &format!(
+        "  - name: fixed\n    type: STATIC\n    connect_timeout: 5s\n    load_assignment:\n      cluster_name: fixed\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}\n",
+        upstream.0, upstream.1
+    );
+    y += &cluster("inbound4", Some("127.0.0.6"));
+    y += &cluster("inbound6", Some("::6"));
+    y
+}
+
 /// A running Envoy; killed on drop (the cgroup would too).
 pub struct Envoy {
     child: Child,
@@ -80,12 +102,17 @@ pub struct Envoy {
 impl Envoy {
     /// Start Envoy in `ns` as uid/gid 1337 inside `cg`, and wait until both listeners accept.
     pub fn start(ns: &Netns, cg: &TestCgroup, dir: &TempDir) -> Envoy {
+        Self::start_with(ns, cg, dir, &config())
+    }
+
+    /// Start with this YAML config.
+    pub fn start_with(ns: &Netns, cg: &TestCgroup, dir: &TempDir, yaml: &str) -> Envoy {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755));
         let bin = binary(dir);
         let id = BASE_ID.fetch_add(1, Ordering::Relaxed) + 1000 * (std::process::id() % 1000);
         let cfg = dir.path().join(format!("envoy-{id}.yaml"));
-        std::fs::write(&cfg, config()).expect("write envoy config");
+        std::fs::write(&cfg, yaml).expect("write envoy config");
         let log = dir.path().join(format!("envoy-{id}.log"));
         let logf = std::fs::File::create(&log).expect("envoy log");
         let _ = std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666));
@@ -104,7 +131,7 @@ impl Envoy {
         loop {
             let out = Command::new("ip").args(["netns", "exec", &ns.name, "ss", "-Htln"]).output().expect("ss");
             let s = String::from_utf8_lossy(&out.stdout);
-            if s.matches(":15001 ").count() >= 2 && s.matches(":15006 ").count() >= 2 {
+            if s.contains(":15001 ") && s.matches(":15006 ").count() >= 2 {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {

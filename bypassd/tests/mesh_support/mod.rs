@@ -154,3 +154,40 @@ impl Pods {
 pub fn connections(env: &Env) -> Vec<bypassd::datapath::Connection> {
     env.datapath().connections().expect("list connections")
 }
+
+/// Two pods with Istio's capture, bypassd, and an Envoy sidecar in each.
+pub struct Mesh {
+    pub daemon: Daemon,
+    pub envoys: Vec<envoy::Envoy>,
+    pub pods: Pods,
+    pub env: Env,
+}
+
+impl Mesh {
+    pub fn new(how: capture::Capture) -> Mesh {
+        let env = Env::new();
+        let pods = Pods::new();
+        capture::install(&pods.a, how);
+        capture::install(&pods.b, how);
+        let daemon = env.daemon();
+        let envoys = vec![envoy::Envoy::start(&pods.a, &env.cg, &env.dir), envoy::Envoy::start(&pods.b, &env.cg, &env.dir)];
+        Mesh { daemon, envoys, pods, env }
+    }
+
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.env.counter(c)
+    }
+
+    /// Wait until the datapath holds no NAT pair (every socket of the run closed).
+    pub fn wait_no_nat_pairs(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.env.datapath().nat_pairs().expect("nat pairs");
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} pairing entries left behind: {left:?}", left.len());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
