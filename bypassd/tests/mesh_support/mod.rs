@@ -3,8 +3,7 @@
 //! Envoy sidecars as uid 1337, and bypass-traffic apps. Everything is created by the
 //! test and removed on drop (namespaces take their rules, the cgroup its processes).
 #![allow(dead_code)]
-pub mod capture;
-pub mod envoy;
+pub use bypass_testsupport::mesh::*;
 
 use bypass_testsupport::{Daemon, Netns, PinDir, TempDir, TestCgroup, bin, require_root};
 use bypassd::datapath::Datapath;
@@ -119,35 +118,6 @@ pub fn finish(mut child: Child) -> Value {
     let v: Value = serde_json::from_str(line).expect("JSON");
     assert_eq!(v["ok"], Value::Bool(true), "transfer failed: {v}");
     v
-}
-
-/// `ip -n NS args…`, panicking with its stderr.
-pub fn ip(ns: &Netns, args: &[&str]) {
-    let out = Command::new("ip").args(["-n", &ns.name]).args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip -n {} {}: {}", ns.name, args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
-
-/// Two pod namespaces joined by a veth: A = 10.97.0.1 / fd97::1, B = 10.97.0.2 / fd97::2,
-/// each with 127.0.0.6 (in 127/8) and ::6 on lo for the inbound sidecar's source.
-pub struct Pods {
-    pub a: Netns,
-    pub b: Netns,
-}
-
-pub const POD_A4: &str = "10.97.0.1";
-pub const POD_B4: &str = "10.97.0.2";
-pub const POD_A6: &str = "fd97::1";
-pub const POD_B6: &str = "fd97::2";
-
-impl Pods {
-    pub fn new() -> Pods {
-        let (a, b) = (Netns::new(), Netns::new());
-        bypass_testsupport::veth(&a, &[&format!("{POD_A4}/24"), &format!("{POD_A6}/64")], &b, &[&format!("{POD_B4}/24"), &format!("{POD_B6}/64")]);
-        for ns in [&a, &b] {
-            ip(ns, &["addr", "add", "::6/128", "dev", "lo", "nodad"]);
-        }
-        Pods { a, b }
-    }
 }
 
 /// The connections the datapath lists (peers found as sk_msg finds them).

@@ -3,7 +3,7 @@
 //! inbound ports, all outbound IP ranges) and, for the nftables mode,
 //! tools/istio-nftables/pkg/capture/testdata/*.golden (table inet istio-proxy-nat).
 //! Applied inside a pod namespace only, so it goes with the namespace.
-use bypass_testsupport::Netns;
+use crate::Netns;
 use std::{io::Write, process::{Command, Stdio}};
 
 /// Which backend builds the capture.

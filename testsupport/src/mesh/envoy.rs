@@ -2,7 +2,7 @@
 //! 1337: outbound listener 15001 and inbound listener 15006, each an original_dst
 //! listener filter with a tcp_proxy to an ORIGINAL_DST cluster; inbound connects to
 //! the app from 127.0.0.6 (::6), as Istio's sidecar does.
-use bypass_testsupport::{Netns, TempDir, TestCgroup};
+use crate::{Netns, TempDir, TestCgroup};
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
