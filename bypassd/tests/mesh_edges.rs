@@ -113,3 +113,49 @@ fn proxy_that_never_asks_stays_on_tcp_and_intact() {
     assert_eq!(env.counter(Counter::NatPairedInbound), 1, "Envoy B asked on 15006");
     assert!(env.counter(Counter::PassedBytes) >= 64 * MIB, "the unpaired hop carried both directions on TCP");
 }
+
+/// Policy applies as usual. The mesh pod's rules: the sidecars by uid 1337, the apps by
+/// their cgroup (README "Service mesh"). An app outside those rules keeps its hop to the
+/// sidecar on TCP (its socket is not admitted), while the sidecar hops still pair.
+#[test]
+fn policy_uid_1337_plus_the_app_cgroup_accelerates_the_mesh_and_nothing_else() {
+    let env = Env::new();
+    let pods = Pods::new();
+    capture::install(&pods.a, capture::Capture::Iptables);
+    capture::install(&pods.b, capture::Capture::Iptables);
+    let (apps, other) = (env.cg.child("apps"), env.cg.child("other"));
+    let policy = format!(
+        "[policy]\ndefault = \"kernel\"\n[[policy.rules]]\nname = \"sidecars\"\naction = \"accelerate\"\nuid = 1337\n\
+         [[policy.rules]]\nname = \"apps\"\naction = \"accelerate\"\ncgroup = \"{}\"\n",
+        apps.rel
+    );
+    let _d = bypass_testsupport::Daemon::start(&env.config(&policy)).expect("start bypassd");
+    let _ea = envoy::Envoy::start(&pods.a, &env.cg, &env.dir);
+    let _eb = envoy::Envoy::start(&pods.b, &env.cg, &env.dir);
+    let traffic = |ns: &bypass_testsupport::Netns, cg| ns.command(Some(cg), bypass_testsupport::bin("bypass-traffic"));
+    let port_file = env.dir.path().join("app.port");
+    let srv = traffic(&pods.b, &apps)
+        .args(["serve", "--listen", "[::]:80", "--count", "2", "--port-file"])
+        .arg(&port_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    while !port_file.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for (cg, want_local) in [(&apps, 1), (&other, 1)] {
+        let before = env.counter(Counter::NatPairedInbound);
+        let c = traffic(&pods.a, cg)
+            .args(["send", "--connect", &format!("{POD_B4}:80"), "--bytes", &(16 * MIB).to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("send");
+        finish(c);
+        assert_eq!(env.counter(Counter::NatPairedLocal), want_local, "app hop pairs only for the admitted app");
+        assert_eq!(env.counter(Counter::NatPairedInbound), before + 1, "the sidecar hop pairs either way");
+    }
+    finish(srv);
+    assert_eq!(env.counter(Counter::NatUnpaired), 1, "the other app's hop: answer seen, one socket not admitted");
+}
