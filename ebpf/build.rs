@@ -10,6 +10,7 @@ fn main() {
     let src = manifest.join("bpf/bypass.bpf.c");
     let include = manifest.join("include");
     println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-changed={}", manifest.join("bpf/mesh_nat.h").display());
     println!("cargo:rerun-if-changed={}", include.join("bypass_abi.h").display());
     println!("cargo:rerun-if-env-changed=BPF_CLANG");
 

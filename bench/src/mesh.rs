@@ -13,7 +13,7 @@ use bypassd_ebpf::abi::Counter;
 use serde::Serialize;
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::Duration,
 };
 

@@ -63,7 +63,8 @@ pub const PROGRAMS: &[Program] = &[
         name: p::GETSOCKOPT,
         hook: Hook::CgroupGetsockopt,
         link: Some("getsockopt"),
-        required: true,
+        // Without it (kernels before 5.3) NAT-ed hops stay on TCP; everything else works.
+        required: false,
         what: "cgroup/getsockopt (NAT pairing from proxies' SO_ORIGINAL_DST answers)",
     },
     Program {
