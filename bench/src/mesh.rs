@@ -3,7 +3,7 @@
 //! stream through the same chain. Each point runs without bypassd (datapath
 //! detached) and with it, interleaved, and is reported as a ratio.
 //! `bypass-bench mesh [--short]`; needs root, wrk, nginx, Envoy (scripts/deps-mesh).
-use crate::fixtures::{BenchDaemon, bypassd_bin};
+use crate::fixtures::{bypassd_bin, check_stop};
 use anyhow::{Context, Result, bail};
 use bypass_testsupport::{
     PinDir, TempDir, TestCgroup,
@@ -13,7 +13,7 @@ use bypassd_ebpf::abi::Counter;
 use serde::Serialize;
 use std::{
     path::Path,
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -159,6 +159,48 @@ fn parse_wrk(s: &str) -> Result<Http> {
     })
 }
 
+/// bypassd for the "with" runs, started without NOTIFY_SOCKET: nobody drains
+/// notifications during a measurement, and a full notify queue would block the daemon.
+/// Ready when its datapath is pinned and attached.
+struct Bypassd(Child);
+
+impl Bypassd {
+    fn start(w: &World) -> Result<Bypassd> {
+        let cfg = w.dir.path().join("bypassd.toml");
+        std::fs::write(&cfg, w.config())?;
+        let log = std::fs::File::create(w.dir.path().join("bypassd.log"))?;
+        let child = Command::new(bypassd_bin()?).arg("--config").arg(&cfg).env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn().context("starting bypassd")?;
+        let mut d = Bypassd(child);
+        for _ in 0..300 {
+            if bypassd::datapath::Datapath::open_pinned(w.pins.path()).is_ok_and(|dp| dp.is_attached()) {
+                return Ok(d);
+            }
+            if let Some(st) = d.0.try_wait()? {
+                bail!("bypassd exited ({st}): {}", std::fs::read_to_string(w.dir.path().join("bypassd.log")).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("bypassd did not attach within 30 s")
+    }
+
+    /// SIGTERM, wait, and detach the datapath so the next "kernel" run has no hooks.
+    fn stop(mut self, pins: &Path) -> Result<()> {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.0.wait()?;
+        bypassd::datapath::detach(pins)?;
+        Ok(())
+    }
+}
+
+impl Drop for Bypassd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
@@ -178,16 +220,17 @@ pub fn run(short: bool, out: &Path) -> Result<bool> {
         // Alternate which mode goes first, so drift (thermal, other load) cancels out.
         let order = if rep % 2 == 0 { [0usize, 1] } else { [1, 0] };
         for mode in order {
-            let daemon = if mode == 1 { Some(BenchDaemon::start(&w.config(), &[])?.0) } else { None };
+            check_stop()?;
+            let daemon = if mode == 1 { Some(Bypassd::start(&w)?) } else { None };
             for (i, file) in ["1k", "256k"].iter().enumerate() {
                 http[i][mode].push(w.wrk(file, 16, d)?);
             }
             bulk[mode].push(w.bulk(bulk_bytes)?);
-            if let Some(mut dm) = daemon {
+            if let Some(dm) = daemon {
                 let dp = bypassd::datapath::Datapath::open_pinned(w.pins.path())?;
                 nat_bytes += dp.counter(Counter::NatRedirectedBytes)?;
-                dm.stop();
-                bypassd::datapath::detach(w.pins.path())?;
+                drop(dp);
+                dm.stop(w.pins.path())?;
             }
             eprintln!("mesh: rep {} {} done", rep + 1, if mode == 1 { "bypassd" } else { "kernel" });
         }
