@@ -93,9 +93,11 @@ fn mesh_transfer(how: capture::Capture, service: &str, conns: usize, bytes: u64)
     assert_eq!(v["bytes_received"].as_u64(), Some(conns as u64 * bytes), "{v}");
     let c = |x| env.counter(x);
     eprintln!(
-        "{how:?} {service}: seen {seen:?}; paired local {} inbound {} unpaired {}; redirected {} (nat {}) passed {}",
+        "{how:?} {service}: seen {seen:?}; paired local {} inbound {} unpaired {}; redirected {} (nat {}) passed {} \
+         (msgs: order {} backpressure {} not-ready {})",
         c(Counter::NatPairedLocal), c(Counter::NatPairedInbound), c(Counter::NatUnpaired),
-        c(Counter::RedirectedBytes), c(Counter::NatRedirectedBytes), c(Counter::PassedBytes)
+        c(Counter::RedirectedBytes), c(Counter::NatRedirectedBytes), c(Counter::PassedBytes),
+        c(Counter::OrderWait), c(Counter::Backpressure), c(Counter::NotReady)
     );
     assert_eq!(c(Counter::NatPairedLocal), conns as u64, "app -> sidecar pairs");
     assert_eq!(c(Counter::NatPairedInbound), conns as u64, "sidecar -> sidecar pairs");
