@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 pub use bypass_testsupport::mesh::*;
 
-use bypass_testsupport::{Daemon, Netns, PinDir, TempDir, TestCgroup, bin, require_root};
+use bypass_testsupport::{Daemon, Netns, Sandbox, TempDir, bin};
 use bypassd::datapath::Datapath;
 use bypassd_ebpf::abi::Counter;
 use serde_json::Value;
@@ -17,26 +17,22 @@ use std::{
 
 pub const MIB: u64 = 1 << 20;
 
+/// The test's sandbox (cgroup, pins, state, config: testsupport::Sandbox) and a scratch dir.
 pub struct Env {
-    pub cg: TestCgroup,
-    pub pins: PinDir,
-    pub state: TempDir,
+    pub sb: Sandbox,
     pub dir: TempDir,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.sb
+    }
 }
 
 impl Env {
     pub fn new() -> Env {
-        require_root();
-        Env { cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new(), dir: TempDir::new() }
-    }
-
-    pub fn config(&self, extra: &str) -> String {
-        format!(
-            "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n{extra}",
-            self.pins.path().display(),
-            self.cg.rel,
-            self.state.path().display()
-        )
+        Env { sb: Sandbox::new(), dir: TempDir::new() }
     }
 
     /// A daemon that accelerates everything in this test's cgroup.
