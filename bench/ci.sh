@@ -6,7 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash bench/deps.sh
-cargo build --release -p bypass-bench -p bypassd -p bypassctl
+cargo build --release -p bypass-bench -p bypassd -p bypassctl -p bypass-testkit
 mkdir -p target/bench-short
 target/release/bypass-bench-links --short --out target/bench-short/links.md
+# The mesh topology (Envoy, nginx, wrk from scripts/deps-mesh): it must run and redirect.
+if [ $# -eq 0 ]; then
+  target/release/bypass-bench --short mesh
+fi
 exec target/release/bypass-bench --short "$@"

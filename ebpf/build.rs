@@ -8,6 +8,7 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let include = manifest.join("include");
+    println!("cargo:rerun-if-changed={}", manifest.join("bpf/mesh_nat.h").display());
     println!("cargo:rerun-if-changed={}", include.join("bypass_abi.h").display());
     println!("cargo:rerun-if-env-changed=BPF_CLANG");
 

@@ -43,6 +43,10 @@ pub struct Connection {
     pub netns: u64,
     /// true when both ends are in the map (data is redirected), false when only this end is.
     pub paired: bool,
+    /// true when the peer was found through NAT pairing (a proxy's SO_ORIGINAL_DST).
+    pub nat: bool,
+    /// The peer socket as "local <- remote" (its own view), empty when not paired.
+    pub peer: String,
 }
 
 /// One rule of the effective policy, as `ListPolicy` returns it (evaluation order:

@@ -6,6 +6,7 @@
 mod bench;
 mod fixtures;
 mod helpers;
+mod mesh;
 mod plot;
 mod report;
 
@@ -68,6 +69,9 @@ enum Cmd {
     /// Internal: processes the benchmark runs inside its cgroups.
     #[command(hide = true, subcommand)]
     Helper(helpers::Helper),
+    /// Service-mesh topology only: wrk -> Envoy -> Envoy -> nginx and a bulk stream,
+    /// with and without bypassd (writes mesh.json, mesh.md into the output directory).
+    Mesh,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +103,17 @@ fn main() -> ExitCode {
     }
     // Measure what a systemd host runs: with tracefs, bypassd's tracepoints attach too.
     bypass_testsupport::ensure_tracefs();
+    if let Some(Cmd::Mesh) = cli.cmd {
+        return match mesh::run(cli.short, &cli.out_dir()) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) if cli.short => ExitCode::SUCCESS, // short mode: runs, numbers not judged
+            Ok(false) => ExitCode::from(2),
+            Err(e) => {
+                eprintln!("bypass-bench mesh: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match bench::run(&cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),

@@ -143,7 +143,11 @@ impl Out {
                     c.local.clone(),
                     c.remote.clone(),
                     if c.netns == 0 { "-".into() } else { c.netns.to_string() },
-                    if c.paired { "yes".into() } else { "no".into() },
+                    match (c.paired, c.nat) {
+                        (true, true) => format!("nat: {}", c.peer),
+                        (true, false) => "yes".into(),
+                        _ => "no".into(),
+                    },
                 ]
             })
             .collect();

@@ -139,12 +139,18 @@ static __always_inline int ip_eq(const __u8 *a, const __u8 *b)
 }
 
 /*
- * Loopback (and self-addressed) connections never leave their namespace, so two
- * namespaces may use the same tuple at once: key them by namespace too.
+ * A connection with a loopback end (or a self-addressed one) never leaves its
+ * namespace, so two namespaces may use the same tuple at once: key it by namespace
+ * too. Both ends must decide alike: the rule looks at both addresses, never at
+ * which side this socket is on (127.0.0.6:p -> 10.0.0.2:80 and its accepted
+ * 10.0.0.2:80 <- 127.0.0.6:p both carry the cookie).
  */
 static __always_inline void finish_key(struct bp_sock_key *k, __u64 netns)
 {
-	k->netns = (is_loopback(k->remote_ip) || ip_eq(k->local_ip, k->remote_ip)) ? netns : 0;
+	int local_only = is_loopback(k->local_ip) || is_loopback(k->remote_ip) ||
+			 ip_eq(k->local_ip, k->remote_ip);
+
+	k->netns = local_only ? netns : 0;
 }
 
 static __always_inline void key_from_ops(struct bpf_sock_ops *ops, struct bp_sock_key *k)
@@ -170,28 +176,41 @@ static __always_inline void key_from_ops(struct bpf_sock_ops *ops, struct bp_soc
 	finish_key(k, bpf_get_netns_cookie(ops));
 }
 
-/* The peer's own key: our tuple swapped. */
-static __always_inline void peer_key_from_msg(struct sk_msg_md *msg, struct bp_sock_key *k)
+/* This socket's own key, as sock_ops stored it. */
+static __always_inline void key_from_msg(struct sk_msg_md *msg, struct bp_sock_key *k)
 {
 	__builtin_memset(k, 0, sizeof(*k));
 	if (msg->family == AF_INET) {
-		set_v4mapped(k->local_ip, msg->remote_ip4);
-		set_v4mapped(k->remote_ip, msg->local_ip4);
+		set_v4mapped(k->local_ip, msg->local_ip4);
+		set_v4mapped(k->remote_ip, msg->remote_ip4);
 	} else {
 		__u32 *l = (__u32 *)k->local_ip, *r = (__u32 *)k->remote_ip;
 
-		l[0] = msg->remote_ip6[0];
-		l[1] = msg->remote_ip6[1];
-		l[2] = msg->remote_ip6[2];
-		l[3] = msg->remote_ip6[3];
-		r[0] = msg->local_ip6[0];
-		r[1] = msg->local_ip6[1];
-		r[2] = msg->local_ip6[2];
-		r[3] = msg->local_ip6[3];
+		l[0] = msg->local_ip6[0];
+		l[1] = msg->local_ip6[1];
+		l[2] = msg->local_ip6[2];
+		l[3] = msg->local_ip6[3];
+		r[0] = msg->remote_ip6[0];
+		r[1] = msg->remote_ip6[1];
+		r[2] = msg->remote_ip6[2];
+		r[3] = msg->remote_ip6[3];
 	}
-	k->local_port = bpf_ntohl(msg->remote_port);
-	k->remote_port = msg->local_port;
+	k->local_port = msg->local_port;
+	k->remote_port = bpf_ntohl(msg->remote_port);
 	finish_key(k, bpf_get_netns_cookie(msg));
+}
+
+/* The other end's own key of a connection: the tuple swapped (netns stays). */
+static __always_inline void swap_key(struct bp_sock_key *k)
+{
+	__u8 ip[16];
+	__u32 port = k->local_port;
+
+	__builtin_memcpy(ip, k->local_ip, 16);
+	__builtin_memcpy(k->local_ip, k->remote_ip, 16);
+	__builtin_memcpy(k->remote_ip, ip, 16);
+	k->local_port = k->remote_port;
+	k->remote_port = port;
 }
 
 static __always_inline int prefix_match(const __u8 *addr, const __u8 *net, __u32 plen)
@@ -336,6 +355,10 @@ struct task_struct___bp {
 /* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
 #define BP_USER_DATA_PTRMASK (~7UL)
 
+/* NAT pairing (service mesh): bp_nat, peer_key_of, nat_forget, the getsockopt program. */
+#include "mesh_nat.h"
+
+
 SEC("cgroup/sock_create")
 int bypass_sock_create(struct bpf_sock *sk)
 {
@@ -379,6 +402,7 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 			bpf_map_delete_elem(&bp_rx, &key);
 			cookie = bpf_get_socket_cookie(ops);
 			bpf_map_delete_elem(&bp_cookies, &cookie);
+			nat_forget(&key); /* after bp_rx: see bypass_getsockopt */
 		}
 		return 1;
 	}
@@ -463,10 +487,11 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	__u32 size = msg->size;
 	__u64 bound, queued;
 	int stranded = 0;
+	int nat;
 
 	if (!me)
 		goto pass;
-	peer_key_from_msg(msg, &key);
+	nat = peer_key_of(msg, &key);
 	rx = bpf_map_lookup_elem(&bp_rx, &key);
 	if (!rx)
 		goto pass; /* the peer is not accelerated */
@@ -512,6 +537,10 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	__sync_fetch_and_add(&rx->queued, size);
 	count(BP_CTR_REDIRECTED_MSGS, 1);
 	count(BP_CTR_REDIRECTED_BYTES, size);
+	if (nat) {
+		count(BP_CTR_NAT_REDIRECTED_MSGS, 1);
+		count(BP_CTR_NAT_REDIRECTED_BYTES, size);
+	}
 	return SK_PASS_VERDICT;
 
 pass:

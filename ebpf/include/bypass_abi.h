@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 2
+#define BP_ABI_VERSION 3
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -35,7 +35,15 @@ enum bp_counter {
 	BP_CTR_SPLICE_STRANDED = 13, /* ...of which had redirected bytes queued then (unsafe) */
 	BP_CTR_SPLICE_REFUSED = 14, /* splice/sendfile reads refused by the BPF LSM guard */
 	BP_CTR_STRANDED_DROPS = 15, /* sends refused (EACCES): peer splices with bytes stranded */
-	BP_CTR_MAX = 16,
+	/* NAT pairing (service mesh capture): see bp_nat_peer. */
+	BP_CTR_ORIGDST_SEEN = 16,       /* SO_ORIGINAL_DST answers the getsockopt program observed */
+	BP_CTR_NAT_PAIRED_LOCAL = 17,   /* pairs made: app <-> its own proxy (capture in OUTPUT) */
+	BP_CTR_NAT_PAIRED_INBOUND = 18, /* pairs made: peer in another namespace (capture in PREROUTING) */
+	BP_CTR_NAT_UNPAIRED = 19,       /* answers whose two sockets were not both accelerated */
+	BP_CTR_NAT_REDIRECTED_MSGS = 20,  /* of redirected_msgs: sent to a NAT peer */
+	BP_CTR_NAT_REDIRECTED_BYTES = 21, /* of redirected_bytes: sent to a NAT peer */
+	BP_CTR_NAT_CLEARED = 22,        /* pairs removed because one of their sockets closed */
+	BP_CTR_MAX = 23,
 };
 
 /* Indices in the control array (u64 values). */
@@ -120,6 +128,21 @@ struct bp_rx_state {
 	__u32 spliced;    /* 1: has read with splice: never a redirect target again */
 };
 
+/*
+ * bp_nat: NAT pairing, keyed by a socket's own SOCKHASH key, one entry per socket of
+ * a pair (both directions). Written by the cgroup/getsockopt program when a proxy
+ * reads SO_ORIGINAL_DST on an accepted socket P: P pairs with the socket whose own
+ * tuple is (local = P's remote, remote = the original destination), which is the
+ * tuple conntrack holds. Removed when either socket closes.
+ */
+struct bp_nat_peer {
+	struct bp_sock_key peer; /* the other socket's own key */
+	__u32 path;              /* BP_NAT_PATH_* */
+	__u32 reserved;
+};
+
+#define BP_NAT_PATH_LOCAL 1   /* the proxy's listener is on loopback: OUTPUT capture, same netns */
+#define BP_NAT_PATH_INBOUND 2 /* any other listener address: PREROUTING capture */
 /* ======================================================================== */
 /* Link datapath (ebpf/bpf/link.bpf.c): tc ingress programs on VM/container   */
 /* links. One object is loaded per configured [[links]] entry; its maps are   */

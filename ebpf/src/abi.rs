@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -24,11 +24,18 @@ pub enum Counter {
     SpliceStranded = 13,
     SpliceRefused = 14,
     StrandedDrops = 15,
+    OrigDstSeen = 16,
+    NatPairedLocal = 17,
+    NatPairedInbound = 18,
+    NatUnpaired = 19,
+    NatRedirectedMsgs = 20,
+    NatRedirectedBytes = 21,
+    NatCleared = 22,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
-    pub const ALL: [Counter; 16] = [
+    pub const COUNT: u32 = 23;
+    pub const ALL: [Counter; 23] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -45,6 +52,13 @@ impl Counter {
         Counter::SpliceStranded,
         Counter::SpliceRefused,
         Counter::StrandedDrops,
+        Counter::OrigDstSeen,
+        Counter::NatPairedLocal,
+        Counter::NatPairedInbound,
+        Counter::NatUnpaired,
+        Counter::NatRedirectedMsgs,
+        Counter::NatRedirectedBytes,
+        Counter::NatCleared,
     ];
 
     /// The stable name used in JSON output and D-Bus.
@@ -66,6 +80,13 @@ impl Counter {
             Counter::SpliceStranded => "splice_stranded_sockets",
             Counter::SpliceRefused => "splice_refused",
             Counter::StrandedDrops => "stranded_drops",
+            Counter::OrigDstSeen => "origdst_answers_seen",
+            Counter::NatPairedLocal => "nat_paired_local",
+            Counter::NatPairedInbound => "nat_paired_inbound",
+            Counter::NatUnpaired => "nat_unpaired",
+            Counter::NatRedirectedMsgs => "nat_redirected_msgs",
+            Counter::NatRedirectedBytes => "nat_redirected_bytes",
+            Counter::NatCleared => "nat_cleared",
         }
     }
 }
@@ -155,6 +176,21 @@ unsafe impl aya::Pod for Rule {}
 unsafe impl aya::Pod for PolicyMeta {}
 unsafe impl aya::Pod for SkInfo {}
 unsafe impl aya::Pod for RxState {}
+unsafe impl aya::Pod for NatPeer {}
+
+/// `struct bp_nat_peer`: the NAT peer of one socket (bp_nat value).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NatPeer {
+    pub peer: SockKey,
+    pub path: u32,
+    pub reserved: u32,
+}
+
+/// `bp_nat_peer.path`: the proxy's listener is on loopback (OUTPUT capture, same netns).
+pub const NAT_PATH_LOCAL: u32 = 1;
+/// Any other listener address (PREROUTING capture).
+pub const NAT_PATH_INBOUND: u32 = 2;
 
 // ===========================================================================
 // Link datapath (`bpf/link.bpf.c`), the "Link datapath" section of the header.

@@ -34,6 +34,8 @@ pub mod programs {
     pub const SENDFILE_SEEN: &str = "bypass_sendfile_seen";
     /// Optional BPF LSM (file_permission): refuses splice reads of accelerated sockets.
     pub const SPLICE_GUARD: &str = "bypass_splice_guard";
+    /// cgroup/getsockopt: observes SO_ORIGINAL_DST answers and records NAT pairs.
+    pub const GETSOCKOPT: &str = "bypass_getsockopt";
 }
 
 /// Map names in the object.
@@ -47,8 +49,10 @@ pub mod maps {
     pub const RX: &str = "bp_rx";
     pub const COOKIES: &str = "bp_cookies";
     pub const SPLICERS: &str = "bp_splicers";
+    /// NAT pairs (service mesh capture): socket key -> its NAT peer.
+    pub const NAT: &str = "bp_nat";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 9] = [SOCKS, COUNTERS, CONTROL, RULES, POLICY, SK_INFO, RX, COOKIES, SPLICERS];
+    pub const ALL: [&str; 10] = [SOCKS, COUNTERS, CONTROL, RULES, POLICY, SK_INFO, RX, COOKIES, SPLICERS, NAT];
 }
 
 /// The link datapath (`bpf/link.bpf.c`): tc ingress programs for VM/container links.

@@ -24,6 +24,7 @@ fn c_layout() -> BTreeMap<String, u64> {
         ("bl_mac", &["addr", "pad"][..]),
         ("bl_fdb_entry", &["ifindex", "flags", "seen_ns"][..]),
         ("bl_stats", &["redirected_frames", "redirected_bytes", "passed_frames", "passed_bytes"][..]),
+        ("bp_nat_peer", &["peer", "path", "reserved"][..]),
     ] {
         emit(&format!("sizeof.{ty}"), &format!("sizeof(struct {ty})"));
         for f in fields {
@@ -35,6 +36,9 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_CTR_POLICY_KERNEL", "BP_CTR_PAUSED_SKIPS", "BP_CTR_ORDER_WAIT", "BP_CTR_BACKPRESSURE",
         "BP_CTR_NOT_READY", "BP_CTR_SPLICE_KEPT", "BP_CTR_SPLICE_SEEN", "BP_CTR_SPLICE_STRANDED",
         "BP_CTR_SPLICE_REFUSED", "BP_CTR_STRANDED_DROPS", "BP_CTR_MAX",
+        "BP_CTR_ORIGDST_SEEN", "BP_CTR_NAT_PAIRED_LOCAL", "BP_CTR_NAT_PAIRED_INBOUND", "BP_CTR_NAT_UNPAIRED",
+        "BP_CTR_NAT_REDIRECTED_MSGS", "BP_CTR_NAT_REDIRECTED_BYTES", "BP_CTR_NAT_CLEARED",
+        "BP_NAT_PATH_LOCAL", "BP_NAT_PATH_INBOUND",
         "BP_CTL_POLICY_SEQ", "BP_CTL_PAUSED", "BP_CTL_QUEUE_CAP", "BP_CTL_RECV_GATE", "BP_CTL_MAX",
         "BP_ACTION_KERNEL", "BP_ACTION_ACCELERATE",
         "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN", "BP_SK_NO_REDIRECT_IN", "BP_COMM_LEN",
@@ -78,7 +82,8 @@ fn c_and_rust_layouts_agree() {
     rust_layout!(r, "bl_mac", LinkMac, [addr, pad]);
     rust_layout!(r, "bl_fdb_entry", LinkFdbEntry, [ifindex, flags, seen_ns]);
     rust_layout!(r, "bl_stats", LinkStats, [redirected_frames, redirected_bytes, passed_frames, passed_bytes]);
-    let consts: [(&str, u64); 33] = [
+    rust_layout!(r, "bp_nat_peer", NatPeer, [peer, path, reserved]);
+    let consts: [(&str, u64); 42] = [
         ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
         ("BP_CTR_SOCKETS_INSERTED", Counter::SocketsInserted as u64),
         ("BP_CTR_INSERT_FAILURES", Counter::InsertFailures as u64),
@@ -105,6 +110,14 @@ fn c_and_rust_layouts_agree() {
         ("BP_SK_KNOWN", SK_KNOWN.into()), ("BP_SK_NO_REDIRECT_IN", SK_NO_REDIRECT_IN.into()),
         ("BP_COMM_LEN", COMM_LEN as u64), ("BP_SPLICER_CONFIGURED", SPLICER_CONFIGURED),
         ("BP_SPLICER_LEARNED", SPLICER_LEARNED),
+        ("BP_CTR_ORIGDST_SEEN", Counter::OrigDstSeen as u64),
+        ("BP_CTR_NAT_PAIRED_LOCAL", Counter::NatPairedLocal as u64),
+        ("BP_CTR_NAT_PAIRED_INBOUND", Counter::NatPairedInbound as u64),
+        ("BP_CTR_NAT_UNPAIRED", Counter::NatUnpaired as u64),
+        ("BP_CTR_NAT_REDIRECTED_MSGS", Counter::NatRedirectedMsgs as u64),
+        ("BP_CTR_NAT_REDIRECTED_BYTES", Counter::NatRedirectedBytes as u64),
+        ("BP_CTR_NAT_CLEARED", Counter::NatCleared as u64),
+        ("BP_NAT_PATH_LOCAL", NAT_PATH_LOCAL.into()), ("BP_NAT_PATH_INBOUND", NAT_PATH_INBOUND.into()),
     ];
     let link_consts: [(&str, u64); 11] = [
         ("BL_ABI_VERSION", BL_ABI_VERSION.into()), ("BL_MAX_PORTS", BL_MAX_PORTS.into()),
@@ -128,7 +141,7 @@ fn object_has_every_program_and_map() {
     for p in [bypassd_ebpf::programs::SOCK_OPS, bypassd_ebpf::programs::SK_MSG, bypassd_ebpf::programs::SOCK_CREATE,
         bypassd_ebpf::programs::RX_ENTER, bypassd_ebpf::programs::RX_DONE, bypassd_ebpf::programs::SPLICE_SEEN,
         bypassd_ebpf::programs::SPLICE_KPROBE, bypassd_ebpf::programs::SENDFILE_SEEN,
-        bypassd_ebpf::programs::SPLICE_GUARD] {
+        bypassd_ebpf::programs::SPLICE_GUARD, bypassd_ebpf::programs::GETSOCKOPT] {
         assert!(hay(p), "program {p} missing from the object");
     }
     for m in bypassd_ebpf::maps::ALL {

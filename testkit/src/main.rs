@@ -130,6 +130,9 @@ struct ClientOpts {
     /// Connect from this local port (only with --conns 1): for tests that need an exact 4-tuple.
     #[arg(long)]
     source_port: Option<u16>,
+    /// Connect from this local address (e.g. 127.0.0.6, as a mesh sidecar's inbound hop does).
+    #[arg(long)]
+    source: Option<std::net::IpAddr>,
     /// Test hook: flip the c2s byte at this offset on connection 0.
     #[arg(long, hide = true, value_parser = parse_size)]
     corrupt_at: Option<u64>,
@@ -394,6 +397,7 @@ fn run_clients(
         nonblocking: opts.nonblocking,
         delay_read: ms(opts.delay_read_ms),
         source_port: opts.source_port,
+        source: opts.source,
     };
     let sig = SentSignal::new(opts.conns, opts.sent_file.clone());
     thread::scope(|s| {

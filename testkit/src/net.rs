@@ -64,11 +64,12 @@ pub fn listen(addr: SocketAddr) -> Result<TcpListener> {
     Ok(sock.into())
 }
 
-/// Connect to `addr` from a fixed local port (tests that need an exact 4-tuple).
-pub fn connect_from(addr: SocketAddr, source_port: u16) -> Result<TcpStream> {
-    let local = match addr {
-        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port)),
-        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, source_port)),
+/// Connect to `addr` from a fixed local address and/or port (tests that need an exact 4-tuple).
+pub fn connect_from(addr: SocketAddr, source: Option<std::net::IpAddr>, source_port: u16) -> Result<TcpStream> {
+    let local = match (addr, source) {
+        (_, Some(ip)) => SocketAddr::new(ip, source_port),
+        (SocketAddr::V4(_), None) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port)),
+        (SocketAddr::V6(_), None) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, source_port)),
     };
     let sock = bound_socket(local)?;
     sock.connect(&addr.into()).with_context(|| format!("connect to {addr} from port {source_port}"))?;

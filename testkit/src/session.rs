@@ -333,6 +333,8 @@ pub struct ClientCfg {
     pub delay_read: Option<Duration>,
     /// Bind the client to this local port before connecting.
     pub source_port: Option<u16>,
+    /// Bind the client to this local address before connecting.
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// Run one client connection; never panics on I/O, every problem ends up in the report.
@@ -371,9 +373,9 @@ fn client_inner(
     fails: &mut Failures,
 ) -> Result<()> {
     prog.phase.store(phase::CONNECT, Ordering::Relaxed);
-    let sock = match cfg.source_port {
-        Some(p) => crate::net::connect_from(cfg.addr, p)?,
-        None => TcpStream::connect(cfg.addr).with_context(|| format!("connect to {}", cfg.addr))?,
+    let sock = match (cfg.source, cfg.source_port) {
+        (None, None) => TcpStream::connect(cfg.addr).with_context(|| format!("connect to {}", cfg.addr))?,
+        (ip, port) => crate::net::connect_from(cfg.addr, ip, port.unwrap_or(0))?,
     };
     if cfg.nonblocking {
         sock.set_nonblocking(true).context("setting O_NONBLOCK")?;

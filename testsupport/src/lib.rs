@@ -2,6 +2,7 @@
 //! to this test (cgroup, pin directory, network namespace, temp dir, daemon) and
 //! removes it on drop, also when the test panics.
 pub mod dbus;
+pub mod mesh;
 pub mod tap;
 
 use anyhow::{Context, Result, bail};

@@ -5,7 +5,7 @@ use super::pins;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf,
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockopt, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
 };
 use std::{
     fs::File,
@@ -30,6 +30,8 @@ pub enum Hook {
     TracePoint(&'static str, &'static str),
     /// BPF LSM hook.
     Lsm(&'static str),
+    /// cgroup/getsockopt, on the target cgroup (bpf_link made by sockopt_link).
+    CgroupGetsockopt,
 }
 
 /// One program of a datapath, described once.
@@ -105,6 +107,14 @@ impl Program {
                 p.load()?;
                 let id = p.attach(category, event)?;
                 Some(FdLink::try_from(p.take_link(id)?)?)
+            }
+            Hook::CgroupGetsockopt => {
+                let p: &mut CgroupSockopt = prog.try_into()?;
+                p.load()?;
+                // aya cannot hand this link out as an FdLink: created and pinned there.
+                let pin = pins::link_pin(dir, self.link.context("getsockopt needs a link pin")?);
+                super::sockopt_link::attach_getsockopt(p.fd()?.as_fd(), to.cgroup.as_fd(), &pin)?;
+                None
             }
             Hook::Lsm(hook) => {
                 let btf = aya::Btf::from_sys_fs()?;

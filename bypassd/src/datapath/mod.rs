@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod link;
 pub mod pins;
 pub mod sock;
+mod sockopt_link;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
@@ -67,6 +68,7 @@ pub struct Datapath {
     socks: SockHash<MapData, abi::SockKey>,
     rx: HashMap<MapData, abi::SockKey, abi::RxState>,
     splicers: HashMap<MapData, [u8; abi::COMM_LEN], u64>,
+    nat: HashMap<MapData, abi::SockKey, abi::NatPeer>,
 }
 
 impl Datapath {
@@ -141,6 +143,7 @@ impl Datapath {
             socks: SockHash::try_from(load(maps::SOCKS)?)?,
             rx: HashMap::try_from(load(maps::RX)?)?,
             splicers: HashMap::try_from(load(maps::SPLICERS)?)?,
+            nat: HashMap::try_from(load(maps::NAT)?)?,
         })
     }
 
@@ -157,6 +160,7 @@ impl Datapath {
             .map_max_entries(maps::SOCKS, target.capacity)
             .map_max_entries(maps::RX, target.capacity)
             .map_max_entries(maps::COOKIES, target.capacity)
+            .map_max_entries(maps::NAT, target.capacity)
             .load(bypassd_ebpf::object())
             .context("loading the BPF object (maps)")?;
 
@@ -309,9 +313,14 @@ impl Datapath {
         self.rx.iter().collect::<Result<_, _>>().context("listing receive state")
     }
 
-    /// Sockets in the SOCKHASH, paired up into connections.
+    /// NAT pairs the datapath holds: (socket key, its NAT peer).
+    pub fn nat_pairs(&self) -> Result<Vec<(abi::SockKey, abi::NatPeer)>> {
+        self.nat.iter().collect::<Result<_, _>>().context("listing NAT pairs")
+    }
+
+    /// Sockets in the SOCKHASH, paired up into connections (peers found as sk_msg finds them).
     pub fn connections(&self) -> Result<Vec<Connection>> {
-        sock::connections(&self.socks)
+        sock::connections(&self.socks, &self.nat_pairs()?.into_iter().collect())
     }
 }
 

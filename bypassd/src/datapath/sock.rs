@@ -60,6 +60,14 @@ pub const PROGRAMS: &[Program] = &[
     },
     Program { name: p::SK_MSG, hook: Hook::SkMsg, link: None, required: true, what: "sk_msg on the SOCKHASH (redirects)" },
     Program {
+        name: p::GETSOCKOPT,
+        hook: Hook::CgroupGetsockopt,
+        link: Some("getsockopt"),
+        // Without it (kernels before 5.3) NAT-ed hops stay on TCP; everything else works.
+        required: false,
+        what: "cgroup/getsockopt (NAT pairing from proxies' SO_ORIGINAL_DST answers)",
+    },
+    Program {
         name: p::SOCK_CREATE,
         hook: Hook::SockCreate,
         link: Some("sock_create"),
@@ -124,18 +132,27 @@ pub struct Connection {
     pub netns: u64,
     /// Both ends are in the SOCKHASH (data is redirected between them).
     pub paired: bool,
+    /// The peer is this socket's NAT peer (bp_nat), not the owner of the swapped tuple.
+    pub nat: bool,
+    /// The peer socket's own (local, remote), when paired.
+    pub peer: Option<(SocketAddr, SocketAddr)>,
 }
 
-/// Sockets in the SOCKHASH, paired up into connections (each pair listed once).
-pub fn connections(socks: &SockHash<MapData, abi::SockKey>) -> Result<Vec<Connection>> {
+/// Sockets in the SOCKHASH, paired up into connections (each pair listed once). A
+/// socket's peer is found as sk_msg finds it: its bp_nat entry, else the swapped tuple.
+pub fn connections(
+    socks: &SockHash<MapData, abi::SockKey>,
+    nat: &std::collections::HashMap<abi::SockKey, abi::NatPeer>,
+) -> Result<Vec<Connection>> {
     let keys: Vec<abi::SockKey> = socks.keys().collect::<Result<_, _>>().context("listing SOCKHASH keys")?;
     let set: HashSet<abi::SockKey> = keys.iter().copied().collect();
     let mut out = Vec::new();
     for k in &keys {
-        let peer = peer_key(k);
+        let via_nat = nat.get(k);
+        let peer = via_nat.map_or_else(|| peer_key(k), |n| n.peer);
         let paired = set.contains(&peer);
         // List each pair once, from the side with the smaller key.
-        if paired && (peer.local_ip, peer.local_port) < (k.local_ip, k.local_port) {
+        if paired && (peer.local_ip, peer.local_port, peer.remote_ip) < (k.local_ip, k.local_port, k.remote_ip) {
             continue;
         }
         out.push(Connection {
@@ -144,6 +161,8 @@ pub fn connections(socks: &SockHash<MapData, abi::SockKey>) -> Result<Vec<Connec
             remote: sock_addr(&k.remote_ip, k.remote_port),
             netns: k.netns,
             paired,
+            nat: paired && via_nat.is_some(),
+            peer: paired.then(|| (sock_addr(&peer.local_ip, peer.local_port), sock_addr(&peer.remote_ip, peer.remote_port))),
         });
     }
     out.sort_by_key(|c| (c.local.to_string(), c.remote.to_string()));

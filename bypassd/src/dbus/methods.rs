@@ -36,6 +36,8 @@ fn wire_connection(c: crate::datapath::Connection) -> api::Connection {
         remote: c.remote.to_string(),
         netns: c.netns,
         paired: c.paired,
+        nat: c.nat,
+        peer: c.peer.map(|(l, r)| format!("{l} <- {r}")).unwrap_or_default(),
     }
 }
 
@@ -149,7 +151,8 @@ impl Manager {
         .await
     }
 
-    /// Accelerated sockets: (family, local, remote, netns cookie, paired).
+    /// Accelerated sockets: (family, local, remote, netns cookie, paired, paired through
+    /// NAT (a proxy's SO_ORIGINAL_DST), peer socket "local <- remote").
     #[zbus(out_args("connections"))]
     async fn list_connections(&self) -> Result<Vec<api::Connection>, Error> {
         self.run(|c| Ok(c.connections().map_err(control_error)?.into_iter().map(wire_connection).collect())).await

@@ -1,0 +1,45 @@
+//! A pinned bpf_link for the cgroup/getsockopt program (Hook::CgroupGetsockopt). aya 0.14 creates the link but
+//! cannot hand it out as a pinnable `FdLink` for this program type, so it is created
+//! and pinned here with the two bpf(2) commands it takes (BPF_LINK_CREATE, BPF_OBJ_PIN).
+use anyhow::{Context, Result, bail};
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::unix::ffi::OsStrExt,
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+
+/// `union bpf_attr`, large enough for both commands (the kernel zero-checks the tail).
+#[repr(C, align(8))]
+struct Attr([u32; 32]);
+
+fn bpf(cmd: libc::c_long, attr: &Attr) -> std::io::Result<i64> {
+    // SAFETY: attr is a valid, initialised bpf_attr of the size passed.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const Attr, std::mem::size_of::<Attr>()) };
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) }
+}
+
+/// Attach `prog` to `cgroup` as a multi-attach bpf_link (cgroup/getsockopt) and pin it at `pin`.
+pub fn attach_getsockopt(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, pin: &Path) -> Result<()> {
+    let mut a = Attr([0; 32]);
+    a.0[0] = prog.as_raw_fd() as u32; // link_create.prog_fd
+    a.0[1] = cgroup.as_raw_fd() as u32; // link_create.target_fd
+    a.0[2] = BPF_CGROUP_GETSOCKOPT; // link_create.attach_type
+    let fd = bpf(BPF_LINK_CREATE, &a).context("bpf(BPF_LINK_CREATE) for cgroup/getsockopt")?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path = CString::new(pin.as_os_str().as_bytes()).context("pin path contains NUL")?;
+    let mut p = Attr([0; 32]);
+    let ptr = path.as_ptr() as u64;
+    p.0[0] = ptr as u32; // obj.pathname (u64)
+    p.0[1] = (ptr >> 32) as u32;
+    p.0[2] = link.as_raw_fd() as u32; // obj.bpf_fd
+    if let Err(e) = bpf(BPF_OBJ_PIN, &p) {
+        bail!("pinning the getsockopt link at {}: {e}", pin.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Fixtures of the service-mesh tests: pod namespaces joined by a veth, Istio's
+//! capture rules (iptables or native nftables, from Istio's golden files), real
+//! Envoy sidecars as uid 1337, and bypass-traffic apps. Everything is created by the
+//! test and removed on drop (namespaces take their rules, the cgroup its processes).
+#![allow(dead_code)]
+pub use bypass_testsupport::mesh::*;
+
+use bypass_testsupport::{Daemon, Netns, Sandbox, TempDir, bin};
+use bypassd::datapath::Datapath;
+use bypassd_ebpf::abi::Counter;
+use serde_json::Value;
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const MIB: u64 = 1 << 20;
+
+/// The test's sandbox (cgroup, pins, state, config: testsupport::Sandbox) and a scratch dir.
+pub struct Env {
+    pub sb: Sandbox,
+    pub dir: TempDir,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.sb
+    }
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env { sb: Sandbox::new(), dir: TempDir::new() }
+    }
+
+    /// A daemon that accelerates everything in this test's cgroup.
+    pub fn daemon(&self) -> Daemon {
+        Daemon::start(&self.config("[policy]\ndefault = \"accelerate\"\n")).expect("start bypassd")
+    }
+
+    pub fn datapath(&self) -> Datapath {
+        Datapath::open_pinned(self.pins.path()).expect("open the pinned datapath")
+    }
+
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.datapath().counter(c).expect("read counters")
+    }
+
+    /// bypass-traffic in `ns`, inside the test's cgroup.
+    pub fn traffic(&self, ns: &Netns) -> Command {
+        ns.command(Some(&self.cg), bin("bypass-traffic"))
+    }
+
+    /// `bypass-traffic serve` in `ns`; returns the child and its port.
+    pub fn serve(&self, ns: &Netns, listen: &str, extra: &[&str]) -> (Child, u16) {
+        let port_file = self.dir.path().join(bypass_testsupport::unique("port"));
+        let mut cmd = self.traffic(ns);
+        cmd.args(["serve", "--listen", listen, "--port-file"]).arg(&port_file).args(extra);
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn serve");
+        match wait_port(&port_file, Duration::from_secs(20)) {
+            Some(p) => (child, p),
+            None => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait serve");
+                panic!("serve {listen} did not start: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+    }
+
+    /// `bypass-traffic send` in `ns`, started (not waited on).
+    pub fn send(&self, ns: &Netns, connect: &str, args: &[&str]) -> Child {
+        let mut c = self.traffic(ns);
+        c.args(["send", "--connect", connect]).args(args);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn send")
+    }
+
+    /// Every kernel-path message had a safety reason (docs/datapath-safety.md): none
+    /// lacked its peer, so every pairing the test expects really happened.
+    pub fn assert_passes_explained(&self) {
+        let d = self.datapath();
+        let c = |x| d.counter(x).expect("counter");
+        let passed = c(Counter::PassedMsgs);
+        let explained = c(Counter::NotReady) + c(Counter::OrderWait) + c(Counter::Backpressure) + c(Counter::SpliceKept);
+        assert_eq!(passed, explained, "kernel-path messages without a safety reason (a socket whose peer was not found)");
+    }
+}
+
+fn wait_port(p: &Path, timeout: Duration) -> Option<u16> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(s) = std::fs::read_to_string(p)
+            && let Ok(port) = s.trim().parse()
+        {
+            return Some(port);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// Wait for a spawned bypass-traffic and return its JSON report (asserting ok).
+pub fn finish(mut child: Child) -> Value {
+    use std::io::Read;
+    let st = child.wait().expect("wait");
+    let out = bypass_testsupport::read_all(&mut child);
+    let mut err = String::new();
+    if let Some(e) = child.stderr.as_mut() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(st.success(), "bypass-traffic failed ({st}): {out} {err}");
+    let line = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON: {out} {err}"));
+    let v: Value = serde_json::from_str(line).expect("JSON");
+    assert_eq!(v["ok"], Value::Bool(true), "transfer failed: {v}");
+    v
+}
+
+/// The connections the datapath lists (peers found as sk_msg finds them).
+pub fn connections(env: &Env) -> Vec<bypassd::datapath::Connection> {
+    env.datapath().connections().expect("list connections")
+}
+
+/// Two pods with Istio's capture, bypassd, and an Envoy sidecar in each.
+pub struct Mesh {
+    pub daemon: Daemon,
+    pub envoys: Vec<envoy::Envoy>,
+    pub pods: Pods,
+    pub env: Env,
+}
+
+impl Mesh {
+    pub fn new(how: capture::Capture) -> Mesh {
+        let env = Env::new();
+        let pods = Pods::new();
+        capture::install(&pods.a, how);
+        capture::install(&pods.b, how);
+        let daemon = env.daemon();
+        let envoys = vec![envoy::Envoy::start(&pods.a, &env.cg, &env.dir), envoy::Envoy::start(&pods.b, &env.cg, &env.dir)];
+        Mesh { daemon, envoys, pods, env }
+    }
+
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.env.counter(c)
+    }
+
+    /// Wait until the datapath holds no NAT pair (every socket of the run closed).
+    pub fn wait_no_nat_pairs(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.env.datapath().nat_pairs().expect("nat pairs");
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} pairing entries left behind: {left:?}", left.len());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
