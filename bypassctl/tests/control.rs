@@ -62,7 +62,9 @@ fn dbus_reload_never_stalls_readers_and_notifies_systemd() {
     let out = reload.join().unwrap();
     assert!(out.status.success(), "bypassctl reload: {}", describe(&out));
     eprintln!("GetStatus during a blocked reload: {calls} calls, slowest {slowest:?}");
-    assert!(slowest < Duration::from_millis(100), "GetStatus took {slowest:?} while a reload ran");
+    // Unloaded, the slowest call takes ~30 ms; a call stuck behind the reload would
+    // wait the whole 1.5 s (then time out). The margin absorbs a loaded CI machine.
+    assert!(slowest < Duration::from_millis(500), "GetStatus took {slowest:?} while a reload ran");
 
     // systemd hears of the D-Bus reload like of a SIGHUP one.
     let d = w.daemon();

@@ -119,9 +119,9 @@ fn every_subcommand_works_as_root_in_both_forms() {
     assert_eq!(w.json(&["policy", "list"])["rules"].as_array().unwrap().len(), 1);
 
     // Apply: changed, then unchanged; from a file and from stdin.
-    let file = w.state.path().join("../apply-policy.toml");
-    let file = file.to_str().unwrap().to_string();
-    let _cleanup = Cleanup(file.clone());
+    // Unique: other test runs on this machine use the same file names.
+    let dir = ts::TempDir::new();
+    let file = dir.path().join("apply-policy.toml").to_str().unwrap().to_string();
     std::fs::write(
         &file,
         "[[rules]]\nname = \"a\"\naction = \"accelerate\"\nremote_ports = \"80\"\n\n[[rules]]\naction = \"kernel\"\nlocal_cidr = \"10.0.0.0/8\"\n",
@@ -168,13 +168,6 @@ fn every_subcommand_works_as_root_in_both_forms() {
     let d = w.json(&["detach"]);
     assert_eq!((d["changed"].clone(), d["state"].clone()), (Value::Bool(true), Value::from("detached")));
     assert_eq!(w.json(&["detach"])["changed"], false);
-}
-
-struct Cleanup(String);
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// Every write command, as bypassctl arguments.
@@ -224,9 +217,8 @@ fn unprivileged_users_read_but_cannot_write() {
     let (ok, _, err) = w.busctl_call(true, &["introspect", api::BUS_NAME, api::OBJECT_PATH]);
     assert!(ok, "Introspect as nobody: {err}");
 
-    let file = w.state.path().join("../nobody-policy.toml");
-    let file = file.to_str().unwrap().to_string();
-    let _cleanup = Cleanup(file.clone());
+    let dir = ts::TempDir::new();
+    let file = dir.path().join("nobody-policy.toml").to_str().unwrap().to_string();
     std::fs::write(&file, "[[rules]]\naction = \"accelerate\"\n").unwrap();
     for args in write_commands(&file) {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -261,9 +253,8 @@ fn bypassd_checks_the_callers_uid_itself() {
     let mut w = World::with_bus(SystemBus::start_permissive().expect("start permissive dbus-daemon"));
     w.ok(&["policy", "add", "--action", "kernel", "--remote-ports", "5000"]);
     let before = w.snapshot();
-    let file = w.state.path().join("../permissive-policy.toml");
-    let file = file.to_str().unwrap().to_string();
-    let _cleanup = Cleanup(file.clone());
+    let dir = ts::TempDir::new();
+    let file = dir.path().join("permissive-policy.toml").to_str().unwrap().to_string();
     std::fs::write(&file, "[[rules]]\naction = \"accelerate\"\n").unwrap();
     for args in write_commands(&file) {
         let mut j = vec!["--json".to_string()];

@@ -107,8 +107,8 @@ impl Control {
 
     // --- writes ---
 
-    /// Re-read the config; on any error keep everything as it was. Tells systemd
-    /// (RELOADING=1 with MONOTONIC_USEC, then READY=1), whoever asked.
+    /// Re-read the config; on any error keep everything as it was (and log why).
+    /// Tells systemd (RELOADING=1 with MONOTONIC_USEC, then READY=1), whoever asked.
     pub fn reload(&self) -> Result<(), ControlError> {
         notify::reloading();
         let r = {
@@ -116,6 +116,10 @@ impl Control {
             let inputs = self.state().reload_inputs();
             daemon::prepare_reload(inputs).and_then(|plan| self.state().commit_reload(plan))
         };
+        // Logged before READY=1: whoever waits for it finds the reason in the journal.
+        if let Err(e) = &r {
+            tracing::error!("reload failed, keeping the running configuration: {e}");
+        }
         notify::ready(&self.summary());
         r
     }

@@ -51,9 +51,8 @@ pub fn run(config_path: &Path, log: crate::logging::Handle) -> Result<()> {
     loop {
         match rx.recv_timeout(tick) {
             Ok(Event::Reload) => {
-                if let Err(e) = control.reload() {
-                    tracing::error!("reload failed, keeping the running configuration: {e}");
-                }
+                // Control::reload logs a failure itself.
+                let _ = control.reload();
             }
             Ok(Event::Stop) => {
                 notify::stopping();

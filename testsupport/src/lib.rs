@@ -77,7 +77,10 @@ pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new() -> TempDir {
-        TempDir(tempfile::Builder::new().prefix("bypassd-test-").tempdir().expect("create temp dir"))
+        let d = tempfile::Builder::new().prefix("bypassd-test-").tempdir().expect("create temp dir");
+        // Readable by the unprivileged test clients (tempfile makes it 0700).
+        std::fs::set_permissions(d.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod temp dir");
+        TempDir(d)
     }
     pub fn path(&self) -> &Path {
         self.0.path()
