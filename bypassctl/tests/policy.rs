@@ -29,7 +29,7 @@ fn world(default: &str) -> World {
     );
     let (k, v) = bus.env();
     let daemon = ts::Daemon::start_with_env(&cfg, &[(k, &v)]).expect("start bypassd");
-    World { daemon: Some(daemon), pins, cgroup, state, bus }
+    World { daemon: Some(daemon), pins, cgroup, state, bus, extra_config: String::new() }
 }
 
 fn stat(w: &World, field: &str) -> u64 {

@@ -27,6 +27,8 @@ pub struct Config {
     pub datapath: DatapathConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -340,6 +342,7 @@ mod tests {
         // defaults must give the same config as leaving them out.
         assert_eq!(shipped.daemon, Config::default().daemon);
         assert_eq!(shipped.datapath, Config::default().datapath);
+        assert_eq!(shipped.metrics, Config::default().metrics);
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod config;
 pub mod datapath;
 pub mod dbus;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod service;
 pub mod sysfs;

@@ -199,6 +199,12 @@ impl Daemon {
 
     /// Re-read the config; on any error keep everything as it was.
     pub fn reload(&mut self) -> Result<(), ControlError> {
+        let r = self.try_reload();
+        crate::metrics::record_reload(r.is_ok());
+        r
+    }
+
+    fn try_reload(&mut self) -> Result<(), ControlError> {
         let (cfg, src) = Config::load(&self.config_path)?;
         let rules = self.effective_rules(&cfg);
         let specs: Vec<RuleSpec> = rules.iter().map(|(_, r)| r.clone()).collect();
@@ -414,6 +420,8 @@ pub fn run(config_path: &Path, log: crate::logging::Handle) -> Result<()> {
 
     let daemon: Shared = Arc::new(Mutex::new(Daemon::start(config_path, log)?));
     let _bus = crate::dbus::serve(daemon.clone()).context("serving the D-Bus interface")?;
+    let metrics_cfg = lock(&daemon).config.metrics.clone();
+    let _metrics = crate::metrics::serve(daemon.clone(), &metrics_cfg);
 
     let status = lock(&daemon).summary();
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
