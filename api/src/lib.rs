@@ -11,7 +11,7 @@
 //!
 //! | member | kind | who | signature |
 //! |---|---|---|---|
-//! | `GetStatus` | method | everyone | `() → (sssbsssstuu)` ([`Status`]) |
+//! | `GetStatus` | method | everyone | `() → (sssbsssstuuas)` ([`Status`]) |
 //! | `GetStats` | method | everyone | `() → a(st)` ([`Stats`]) |
 //! | `ListConnections` | method | everyone | `() → a(ssstb)` ([`Connection`]) |
 //! | `ListPolicy` | method | everyone | `() → s default_action, a(ussss) rules` ([`PolicyRule`]) |

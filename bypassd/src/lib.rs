@@ -3,6 +3,7 @@
 pub mod config;
 pub mod datapath;
 pub mod dbus;
+pub mod dropins;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

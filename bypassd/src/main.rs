@@ -23,9 +23,11 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(p) = &cli.check_config {
-        return match config::Config::load(p) {
-            Ok(_) => {
-                println!("{}: OK", p.display());
+        return match bypassd::dropins::load(p) {
+            Ok(l) => {
+                for f in &l.files {
+                    println!("{}: OK", f.display());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -52,8 +54,8 @@ fn main() -> ExitCode {
 
 fn detach(config_path: &std::path::Path) -> anyhow::Result<()> {
     // A missing config falls back to the default pin directory, so purge still works.
-    let pin_dir = match config::Config::load(config_path) {
-        Ok((c, _)) => c.daemon.pin_dir.0,
+    let pin_dir = match bypassd::dropins::load(config_path) {
+        Ok(l) => l.config.daemon.pin_dir.0,
         Err(e) if !config_path.exists() => {
             tracing::info!("{e}; using the default pin directory");
             config::DEFAULT_PIN_DIR.into()

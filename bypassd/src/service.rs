@@ -8,7 +8,6 @@ use crate::{
 };
 use anyhow::{Context, Result};
 use bypassd_api as api;
-use sha2::{Digest, Sha256};
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex, mpsc},
@@ -48,6 +47,8 @@ pub struct Daemon {
     pub config_path: PathBuf,
     pub config: Config,
     config_sha256: String,
+    /// The main config file and the drop-ins merged after it.
+    config_files: Vec<PathBuf>,
     cgroup_root: PathBuf,
     datapath: Option<Datapath>,
     /// Why the datapath is not attached, when it is not.
@@ -60,10 +61,6 @@ pub struct Daemon {
 }
 
 pub type Shared = Arc<Mutex<Daemon>>;
-
-fn sha256_hex(s: &str) -> String {
-    Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn target(cfg: &Config, cgroup_root: &Path) -> Target {
     let rel = cfg.daemon.cgroup.get_ref().0.to_string_lossy().trim_start_matches('/').to_string();
@@ -80,14 +77,16 @@ fn target(cfg: &Config, cgroup_root: &Path) -> Target {
 impl Daemon {
     /// Read config and state, then attach (or adopt) the datapath.
     pub fn start(config_path: &Path, log: crate::logging::Handle) -> Result<Daemon> {
-        let (config, src) = Config::load(config_path)?;
+        let loaded = crate::dropins::load(config_path)?;
+        let config = loaded.config.clone();
         log.set_level(config.daemon.log_level);
         let cgroup_root = sysfs::cgroup2_mount()?;
         let runtime_rules = policy::runtime::load(&config.daemon.state_dir.0)?;
         let mut d = Daemon {
             config_path: config_path.to_path_buf(),
             config,
-            config_sha256: sha256_hex(&src),
+            config_sha256: loaded.sha256.clone(),
+            config_files: loaded.files.clone(),
             cgroup_root,
             datapath: None,
             reason: String::new(),
@@ -99,7 +98,7 @@ impl Daemon {
         };
         let image = d.policy_image(&d.effective_rules(&d.config))?;
         let t = target(&d.config, &d.cgroup_root);
-        check_cgroup(config_path, &src, &d.config, &t)?;
+        check_cgroup(&loaded.cgroup_file, &loaded.cgroup_src, &d.config, &t)?;
         sysfs::ensure_bpffs(&t.pin_dir)?;
         let dp = Datapath::attach(&t, &image, false)?;
         tracing::info!(
@@ -182,6 +181,7 @@ impl Daemon {
             started_at: self.started_at,
             abi_version: bypassd_ebpf::abi::ABI_VERSION,
             capacity: t.capacity,
+            config_files: self.config_files.iter().map(|f| f.display().to_string()).collect(),
         }
     }
 
@@ -205,7 +205,8 @@ impl Daemon {
     }
 
     fn try_reload(&mut self) -> Result<(), ControlError> {
-        let (cfg, src) = Config::load(&self.config_path)?;
+        let loaded = crate::dropins::load(&self.config_path)?;
+        let cfg = loaded.config.clone();
         let rules = self.effective_rules(&cfg);
         let specs: Vec<RuleSpec> = rules.iter().map(|(_, r)| r.clone()).collect();
         let resolved = policy::resolve(&specs, &self.cgroup_root)?;
@@ -214,7 +215,7 @@ impl Daemon {
             accelerate_by_default: cfg.policy.default == Action::Accelerate,
         };
         let t = target(&cfg, &self.cgroup_root);
-        check_cgroup(&self.config_path, &src, &cfg, &t)?;
+        check_cgroup(&loaded.cgroup_file, &loaded.cgroup_src, &cfg, &t)?;
         let paused = self.paused();
         let same_target = self.datapath.as_ref().is_some_and(|d| d.target == t && d.is_attached());
         if same_target {
@@ -237,7 +238,8 @@ impl Daemon {
         }
         self.log.set_level(cfg.daemon.log_level);
         self.config = cfg;
-        self.config_sha256 = sha256_hex(&src);
+        self.config_sha256 = loaded.sha256;
+        self.config_files = loaded.files;
         self.reason.clear();
         tracing::info!("configuration reloaded from {}", self.config_path.display());
         Ok(())
