@@ -201,6 +201,10 @@ pub struct AddArgs {
     /// Remote port or range ("8080" or "8000-8999").
     #[arg(long, value_name = "PORTS")]
     pub remote_ports: Option<String>,
+    /// Port or range at either end ("6379"): admits a service's server socket and its
+    /// clients' sockets in one rule. Not with --local-ports/--remote-ports.
+    #[arg(long, value_name = "PORTS", conflicts_with_all = ["local_ports", "remote_ports"])]
+    pub ports: Option<String>,
     /// Local network ("127.0.0.0/8", "::1/128"; a bare address is a host).
     #[arg(long, value_name = "CIDR")]
     pub local_cidr: Option<String>,

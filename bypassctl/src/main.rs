@@ -270,6 +270,7 @@ fn rule_toml(a: &AddArgs) -> String {
     put("action", Some(toml::Value::String(a.action.as_str().into())));
     put("local_ports", a.local_ports.clone().map(toml::Value::String));
     put("remote_ports", a.remote_ports.clone().map(toml::Value::String));
+    put("ports", a.ports.clone().map(toml::Value::String));
     put("local_cidr", a.local_cidr.clone().map(toml::Value::String));
     put("remote_cidr", a.remote_cidr.clone().map(toml::Value::String));
     put("cgroup", a.cgroup.clone().map(toml::Value::String));

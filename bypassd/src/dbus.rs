@@ -479,7 +479,8 @@ impl Manager {
 impl Manager {
     /// Version, datapath state ("attached", "detached", "degraded") and why, paused,
     /// cgroup, pin directory, config path and sha256, start time (Unix seconds), BPF
-    /// ABI version and SOCKHASH capacity, in one struct.
+    /// ABI version, SOCKHASH capacity, and the config files loaded (the main file,
+    /// then its conf.d/*.toml drop-ins in merge order), in one struct.
     #[zbus(out_args("status"))]
     fn get_status(&self) -> (api::Status,) {
         (self.status(),)
@@ -694,7 +695,7 @@ impl Manager {
         self.status().config_path
     }
 
-    /// sha256 (hex) of the loaded config file.
+    /// sha256 (hex) of the loaded config file; with drop-ins, of every loaded file.
     #[zbus(property)]
     fn config_sha256(&self) -> String {
         self.status().config_sha256
