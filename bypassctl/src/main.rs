@@ -3,6 +3,7 @@
 mod cli;
 mod generate;
 mod output;
+mod watch;
 
 use bypassd_api::{self as api, ManagerProxy};
 use clap::Parser;
@@ -174,7 +175,8 @@ fn run(cmd: &Command, out: &Out) -> Result<()> {
             let s = p.get_status().map_err(|e| classify(e, "status"))?;
             out.status(&s);
         }
-        Command::Stats => {
+        Command::Stats(a) if a.watch => watch::run(&p, out.json, a.interval, a.count)?,
+        Command::Stats(_) => {
             let s = p.get_stats().map_err(|e| classify(e, "stats"))?;
             out.stats(&s);
         }
