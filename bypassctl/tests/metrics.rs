@@ -192,6 +192,18 @@ fn thousand_slow_clients_neither_stall_dbus_nor_grow_the_daemon() {
         .build()
         .expect("proxy");
 
+    // The same calls without slow clients first: what this (shared) machine gives anyway.
+    let mut baseline = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        proxy.get_status().expect("GetStatus");
+        baseline = baseline.max(t.elapsed());
+        let t = Instant::now();
+        proxy.get_stats().expect("GetStats");
+        baseline = baseline.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // 1000 clients that send half a request line and then one byte a second.
     let mut slow: Vec<TcpStream> = Vec::new();
     for _ in 0..1000 {
@@ -222,9 +234,12 @@ fn thousand_slow_clients_neither_stall_dbus_nor_grow_the_daemon() {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!(
-        "1000 slow clients: slowest D-Bus answer {worst:?}, RSS {rss_before} -> {max_rss} KiB, threads <= {max_threads}"
+        "1000 slow clients: slowest D-Bus answer {worst:?} (without them {baseline:?}), RSS {rss_before} -> {max_rss} KiB, threads <= {max_threads}"
     );
-    assert!(worst < Duration::from_millis(100), "D-Bus answered in {worst:?}");
+    // Under 100 ms; on a host so loaded that plain calls already take longer, no worse
+    // than twice what they took without the slow clients.
+    let bound = Duration::from_millis(100).max(baseline * 2);
+    assert!(worst < bound, "D-Bus answered in {worst:?} with 1000 slow clients ({baseline:?} without)");
     assert!(max_rss < rss_before + 16 * 1024, "RSS grew from {rss_before} to {max_rss} KiB");
     assert!(max_threads < 40, "{max_threads} threads");
     // The slow ones were cut off (deadline or cap), and a well-behaved scrape works again.
