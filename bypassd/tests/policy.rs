@@ -9,7 +9,7 @@ use bypassd_ebpf::abi::Counter;
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
