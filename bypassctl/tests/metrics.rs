@@ -154,6 +154,13 @@ fn scrape_during_a_transfer_counts_it_and_healthz_follows_detach() {
     let m = parse(&get(port, "/metrics").1);
     assert_eq!((m["bypassd_reloads_total"], m["bypassd_reloads_failed_total"]), (2.0, 1.0));
 
+    // Another listen address on reload: applied at restart, said so; the endpoint stays.
+    std::fs::write(&cfg, good.replace("127.0.0.1:0", "127.0.0.1:1")).unwrap();
+    w.ok(&["reload"]);
+    assert!(w.daemon.as_ref().unwrap().log().contains("takes effect when bypassd restarts"));
+    assert_eq!(get(port, "/healthz").0, 200);
+    std::fs::write(&cfg, &good).unwrap();
+
     w.ok(&["detach"]);
     let (code, body) = get(port, "/healthz");
     assert_eq!(code, 503, "{body}");

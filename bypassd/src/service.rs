@@ -237,6 +237,7 @@ impl Daemon {
             self.datapath = Some(dp);
         }
         self.log.set_level(cfg.daemon.log_level);
+        crate::metrics::warn_if_changed(&self.config.metrics, &cfg.metrics);
         self.config = cfg;
         self.config_sha256 = loaded.sha256;
         self.config_files = loaded.files;

@@ -73,6 +73,17 @@ pub fn reloads() -> (u64, u64) {
     (RELOADS.load(Ordering::Relaxed), RELOADS_FAILED.load(Ordering::Relaxed))
 }
 
+/// The endpoint binds once at start: say so when a reload asks for another address.
+pub fn warn_if_changed(old: &MetricsConfig, new: &MetricsConfig) {
+    if old != new {
+        tracing::warn!(
+            "metrics: [metrics] listen changed from \"{}\" to \"{}\"; it takes effect when bypassd restarts",
+            String::from(old.listen),
+            String::from(new.listen)
+        );
+    }
+}
+
 /// Start the endpoint if configured. A port that cannot be bound is logged, not
 /// fatal: acceleration matters more than its metrics.
 pub fn serve(daemon: crate::service::Shared, cfg: &MetricsConfig) -> Option<http::Server> {
