@@ -23,13 +23,16 @@ fn main() {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "x86_64-linux-gnu".into());
-    // bpf_tracing.h (kprobe arguments) needs the target architecture.
-    let arch = match env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
-        Ok("aarch64") => "arm64",
-        Ok("riscv64") => "riscv",
-        Ok("powerpc64") => "powerpc",
-        Ok("s390x") => "s390",
-        _ => "x86",
+    // bpf_tracing.h (kprobe arguments) and the splice guard's syscall numbers
+    // (bypass.bpf.c, BP_NR_*) depend on the architecture: only these two are known.
+    let target = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let arch = match target.as_str() {
+        "x86_64" => "x86",
+        "aarch64" => "arm64",
+        other => fail(&format!(
+            "target architecture `{other}` is not supported (x86_64 and aarch64 are): \
+             add its syscall numbers for splice/sendfile to bpf/bypass.bpf.c first"
+        )),
     };
     let obj = out.join("bypass.bpf.o");
     let status = Command::new(&clang)

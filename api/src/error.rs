@@ -1,16 +1,14 @@
 //! The named errors of the interface, for the daemon (as replies) and clients (as
 //! results of proxy calls).
-use crate::{ERROR_ACCESS_DENIED, ERROR_FAILED, ERROR_INVALID_ARGUMENT, ERROR_INVALID_CONFIG, ERROR_NOT_ATTACHED};
 use std::fmt;
-use zbus::{
-    message::{Header, Message},
-    names::ErrorName,
-};
 
 /// Errors of `org.bypassd.Manager1` calls. The string is the readable message the
 /// daemon sent; [`Error::Bus`] is everything else (no bus, no daemon, bus policy
-/// refusal, wrong signature, ...).
-#[derive(Debug)]
+/// refusal, wrong signature, ...). The derive names each variant
+/// `org.bypassd.Error.<Variant>` (see [`crate::ERROR_NAMES`]), builds the replies and
+/// maps replies back to variants by name.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.bypassd.Error", impl_display = false)]
 pub enum Error {
     /// `org.bypassd.Error.InvalidArgument`
     InvalidArgument(String),
@@ -23,39 +21,27 @@ pub enum Error {
     /// `org.bypassd.Error.Failed`
     Failed(String),
     /// Not one of ours: transport errors and other services' named errors.
+    #[zbus(error)]
     Bus(zbus::Error),
 }
 
 impl Error {
-    /// The D-Bus error name, when there is one.
-    pub fn name(&self) -> Option<String> {
+    /// The D-Bus error name, when there is one (for [`Error::Bus`], the name of the
+    /// other service's error reply).
+    pub fn error_name(&self) -> Option<String> {
         match self {
             Error::Bus(e) => bus_error_name(e),
-            other => Some(other.own_name().to_string()),
+            other => Some(zbus::DBusError::name(other).to_string()),
         }
     }
 
     /// The readable message without the error name.
     pub fn message(&self) -> String {
         match self {
-            Error::InvalidArgument(m)
-            | Error::AccessDenied(m)
-            | Error::InvalidConfig(m)
-            | Error::NotAttached(m)
-            | Error::Failed(m) => m.clone(),
             Error::Bus(zbus::Error::MethodError(_, Some(m), _)) => m.clone(),
             Error::Bus(zbus::Error::FDO(e)) => zbus::DBusError::description(e.as_ref()).unwrap_or_default().to_string(),
             Error::Bus(e) => e.to_string(),
-        }
-    }
-
-    fn own_name(&self) -> &'static str {
-        match self {
-            Error::InvalidArgument(_) => ERROR_INVALID_ARGUMENT,
-            Error::AccessDenied(_) => ERROR_ACCESS_DENIED,
-            Error::InvalidConfig(_) => ERROR_INVALID_CONFIG,
-            Error::NotAttached(_) => ERROR_NOT_ATTACHED,
-            Error::Failed(_) | Error::Bus(_) => ERROR_FAILED,
+            other => zbus::DBusError::description(other).unwrap_or_default().to_string(),
         }
     }
 }
@@ -73,67 +59,30 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Bus(e) => write!(f, "{e}"),
-            other => write!(f, "{}: {}", other.own_name(), other.message()),
+            other => write!(f, "{}: {}", zbus::DBusError::name(other), other.message()),
         }
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::Bus(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<zbus::Error> for Error {
-    fn from(e: zbus::Error) -> Self {
-        let (name, desc) = match &e {
-            zbus::Error::MethodError(name, desc, _) => (name.to_string(), desc.clone().unwrap_or_default()),
-            _ => return Error::Bus(e),
-        };
-        match name.as_str() {
-            ERROR_INVALID_ARGUMENT => Error::InvalidArgument(desc),
-            ERROR_ACCESS_DENIED => Error::AccessDenied(desc),
-            ERROR_INVALID_CONFIG => Error::InvalidConfig(desc),
-            ERROR_NOT_ATTACHED => Error::NotAttached(desc),
-            ERROR_FAILED => Error::Failed(desc),
-            _ => Error::Bus(e),
-        }
-    }
-}
-
-impl zbus::DBusError for Error {
-    fn create_reply(&self, call: &Header<'_>) -> zbus::Result<Message> {
-        Message::error(call, self.name_ref())?.build(&(self.message(),))
-    }
-
-    fn name(&self) -> ErrorName<'_> {
-        self.name_ref()
-    }
-
-    fn description(&self) -> Option<&str> {
-        match self {
-            Error::InvalidArgument(m)
-            | Error::AccessDenied(m)
-            | Error::InvalidConfig(m)
-            | Error::NotAttached(m)
-            | Error::Failed(m) => Some(m),
-            Error::Bus(_) => None,
-        }
-    }
-}
-
-impl Error {
-    fn name_ref(&self) -> ErrorName<'static> {
-        ErrorName::from_static_str_unchecked(self.own_name())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{ERROR_INVALID_ARGUMENT, ERROR_NAMES};
+    use zbus::{message::Message, names::ErrorName};
+
+    /// The derive's names are the documented ones (bypassctl and the bus policy use them).
+    #[test]
+    fn variants_carry_the_documented_names() {
+        let all = [
+            Error::InvalidArgument(String::new()),
+            Error::AccessDenied(String::new()),
+            Error::InvalidConfig(String::new()),
+            Error::NotAttached(String::new()),
+            Error::Failed(String::new()),
+        ];
+        let names: Vec<String> = all.iter().filter_map(Error::error_name).collect();
+        assert_eq!(names, ERROR_NAMES);
+    }
 
     #[test]
     fn method_errors_map_to_variants_by_name() {
@@ -144,7 +93,7 @@ mod tests {
         );
         let e = Error::from(e);
         assert!(matches!(&e, Error::InvalidArgument(m) if m == "rule 1: bad"), "{e:?}");
-        assert_eq!(e.name().as_deref(), Some(ERROR_INVALID_ARGUMENT));
+        assert_eq!(e.error_name().as_deref(), Some(ERROR_INVALID_ARGUMENT));
         assert_eq!(e.to_string(), "org.bypassd.Error.InvalidArgument: rule 1: bad");
         let other = zbus::Error::MethodError(
             ErrorName::try_from("org.freedesktop.DBus.Error.ServiceUnknown").unwrap().into(),
@@ -153,7 +102,7 @@ mod tests {
         );
         let other = Error::from(other);
         assert!(matches!(other, Error::Bus(_)));
-        assert_eq!(other.name().as_deref(), Some("org.freedesktop.DBus.Error.ServiceUnknown"));
+        assert_eq!(other.error_name().as_deref(), Some("org.freedesktop.DBus.Error.ServiceUnknown"));
         assert_eq!(other.message(), "gone");
     }
 }

@@ -11,10 +11,10 @@
 //!
 //! | member | kind | who | signature |
 //! |---|---|---|---|
-//! | `GetStatus` | method | everyone | `() → (sssbsssstuuas)` ([`Status`]) |
+//! | `GetStatus` | method | everyone | `() → (sssbsssstuuuas)` ([`Status`]) |
 //! | `GetStats` | method | everyone | `() → a(st)` ([`Stats`]) |
 //! | `ListConnections` | method | everyone | `() → a(ssstb)` ([`Connection`]) |
-//! | `ListPolicy` | method | everyone | `() → s default_action, a(ussss) rules` ([`PolicyRule`]) |
+//! | `ListPolicy` | method | everyone | `() → s default_action, a(ussssbs) rules` ([`PolicyRule`]) |
 //! | `Reload` | method | root | `() → ()` |
 //! | `Pause` / `Resume` | method | root | `() → b changed` |
 //! | `Detach` | method | root | `() → ()` |

@@ -23,6 +23,9 @@ pub struct Status {
     pub abi_version: u32,
     /// SOCKHASH capacity.
     pub capacity: u32,
+    /// Policy rules that match nothing right now because their cgroup does not
+    /// exist (they become active again when it is created).
+    pub inactive_rules: u32,
     /// The config files loaded: the main file, then its `conf.d/*.toml` drop-ins in
     /// the order they were merged.
     pub config_files: Vec<String>,
@@ -61,4 +64,9 @@ pub struct PolicyRule {
     /// The rule as a TOML table body (`action = "accelerate"` ...), the same
     /// fields as `[[policy.rules]]` in the config file.
     pub rule: String,
+    /// false while the rule cannot match: its cgroup does not exist (yet, or any
+    /// more, e.g. during a restart of the systemd unit that owns it).
+    pub active: bool,
+    /// Why the rule is inactive; empty when active.
+    pub inactive_reason: String,
 }

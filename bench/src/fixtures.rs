@@ -1,16 +1,14 @@
-//! What the benchmark runs on: the bypassd daemon (a variant of testsupport's
-//! `Daemon` that finds the binary next to *this* executable, or via `BYPASSD_BIN`),
-//! the datapath's pinned counters, and small process helpers.
+//! What the benchmark runs on: the bypassd and bypassctl binaries (next to *this*
+//! executable, or via `BYPASSD_BIN`, frozen for the run; testsupport's `Daemon` runs
+//! them), the datapath's pinned counters, and small process helpers.
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
-use bypass_testsupport::TempDir;
 use bypassd::datapath::pins::{self, PinKind};
 use bypassd_ebpf::{abi::Counter, maps};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
-    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Output, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -64,115 +62,6 @@ pub fn bypassd_bin() -> Result<PathBuf> {
 /// The bypassctl binary: $BYPASSCTL_BIN, else target/<profile>/bypassctl.
 pub fn bypassctl_bin() -> Result<PathBuf> {
     workspace_bin("bypassctl", "BYPASSCTL_BIN")
-}
-
-/// A bypassd process on its own config, driven over NOTIFY_SOCKET.
-pub struct BenchDaemon {
-    child: Option<Child>,
-    pub config: PathBuf,
-    pub dir: TempDir,
-    notify: UnixDatagram,
-    env: Vec<(String, String)>,
-}
-
-impl BenchDaemon {
-    /// Start bypassd on `config` with `env` (e.g. DBUS_SYSTEM_BUS_ADDRESS); returns it
-    /// and the time from spawn to READY=1.
-    pub fn start(config: &str, env: &[(&str, String)]) -> Result<(BenchDaemon, Duration)> {
-        let dir = TempDir::new();
-        let cfg = dir.path().join("bypassd.toml");
-        std::fs::write(&cfg, config)?;
-        let notify = UnixDatagram::bind(dir.path().join("notify.sock"))?;
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-        let mut d = BenchDaemon { child: None, config: cfg, dir, notify, env };
-        let t = d.spawn()?;
-        Ok((d, t))
-    }
-
-    fn drain(&self) {
-        let _ = self.notify.set_nonblocking(true);
-        let mut buf = [0u8; 4096];
-        while self.notify.recv(&mut buf).is_ok() {}
-        let _ = self.notify.set_nonblocking(false);
-    }
-
-    /// (Re)start on the same config; returns the time from spawn to READY=1.
-    pub fn spawn(&mut self) -> Result<Duration> {
-        self.drain();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
-        let mut cmd = Command::new(bypassd_bin()?);
-        cmd.arg("--config").arg(&self.config).env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"));
-        cmd.env_remove("JOURNAL_STREAM");
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        let t0 = Instant::now();
-        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
-        self.child = Some(child);
-        self.wait_for("READY=1", Duration::from_secs(30))?;
-        Ok(t0.elapsed())
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("bypassd.log")
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    pub fn wait_for(&mut self, what: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        self.notify.set_read_timeout(Some(Duration::from_millis(20)))?;
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Ok(n) = self.notify.recv(&mut buf)
-                && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == what)
-            {
-                return Ok(());
-            }
-            if let Some(c) = self.child.as_mut()
-                && let Some(st) = c.try_wait()?
-            {
-                bail!("bypassd exited ({st}) before {what}:\n{}", self.log());
-            }
-            if Instant::now() > deadline {
-                bail!("bypassd did not send {what} within {timeout:?}:\n{}", self.log());
-            }
-        }
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().map_or(0, |c| c.id() as i32)
-    }
-
-    /// Write a new config, SIGHUP, and time until the READY=1 that ends the reload.
-    pub fn reload_with(&mut self, config: &str) -> Result<Duration> {
-        std::fs::write(&self.config, config)?;
-        self.drain();
-        let t0 = Instant::now();
-        unsafe { libc::kill(self.pid(), libc::SIGHUP) };
-        self.wait_for("RELOADING=1", Duration::from_secs(10))?;
-        self.wait_for("READY=1", Duration::from_secs(30))?;
-        Ok(t0.elapsed())
-    }
-
-    /// SIGTERM and wait (the datapath stays pinned).
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for BenchDaemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// The generation directory bypassd pinned under `pin_dir`.

@@ -67,7 +67,7 @@ fn euid() -> u32 {
 
 /// Map an error of a call made for `what` (e.g. "pause") to a failure.
 fn classify(e: api::Error, what: &str) -> Failure {
-    let name = e.name();
+    let name = e.error_name();
     let denied = || {
         Failure::new(
             exit::PERMISSION_DENIED,

@@ -81,6 +81,13 @@ impl Out {
             ("Started", format!("{} (Unix time {})", ago(s.started_at), s.started_at)),
             ("ABI version", s.abi_version.to_string()),
             ("Capacity", format!("{} sockets", s.capacity)),
+            (
+                "Policy",
+                match s.inactive_rules {
+                    0 => "all rules active".to_string(),
+                    n => format!("{n} rule(s) inactive: their cgroup does not exist (see `bypassctl policy list`)"),
+                },
+            ),
         ];
         for (k, v) in rows {
             println!("{:<14} {v}", format!("{k}:"));
@@ -131,6 +138,8 @@ impl Out {
                         "name": if r.name.is_empty() { Value::Null } else { json!(r.name) },
                         "summary": r.summary,
                         "rule": crate::rule_json(&r.rule),
+                        "active": r.active,
+                        "inactive_reason": if r.active { Value::Null } else { json!(r.inactive_reason) },
                     })
                 })
                 .collect();
@@ -149,10 +158,11 @@ impl Out {
                     r.source.clone(),
                     if r.name.is_empty() { "-".into() } else { r.name.clone() },
                     r.summary.clone(),
+                    if r.active { "active".into() } else { format!("inactive: {}", r.inactive_reason) },
                 ]
             })
             .collect();
-        println!("{}", table(&["#", "SOURCE", "NAME", "RULE"], &rows, &[0]));
+        println!("{}", table(&["#", "SOURCE", "NAME", "RULE", "STATE"], &rows, &[0]));
     }
 
     /// Result of a write command. People get "changed: ..." or "unchanged: ..." (just

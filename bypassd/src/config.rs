@@ -299,8 +299,8 @@ impl ConfigError {
 impl Config {
     /// Parse config text; `path` is only used to name the file in errors.
     pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
-        toml::from_str::<Config>(src)
-            .map_err(|e| ConfigError::at(path, src, e.span(), e.message().trim().to_string()))
+        crate::policy::diag::from_toml::<Config>(src)
+            .map_err(|e| ConfigError::at(path, src, e.error.span(), e.reason()))
     }
 
     /// Read and parse a config file.
@@ -360,7 +360,7 @@ mod tests {
         assert_eq!(e.line, Some(2), "{e}");
         let e = parse("[datapath]\n\ncapacity = 0\n").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
-        assert!(e.to_string().contains("capacity 0 is out of range"), "{e}");
+        assert!(e.to_string().contains("key `datapath.capacity`: capacity 0 is out of range"), "{e}");
         let e = parse("[datapath]\nqueue_cap = 100\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.to_string().contains("queue_cap 100 is out of range"), "{e}");

@@ -1,7 +1,10 @@
 use anyhow::Context;
-use bypassd::{config, datapath, logging, service};
+use bypassd::{config, datapath, instance, logging, service};
 use clap::Parser;
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 /// Same-host TCP acceleration daemon: loads, pins and attaches bypassd's eBPF
 /// socket datapath, and keeps it working across its own restarts.
@@ -40,7 +43,7 @@ fn main() -> ExitCode {
     let result = if cli.detach {
         detach(&cli.config)
     } else {
-        service::run(&cli.config, log)
+        run(&cli.config, log)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,16 +55,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn detach(config_path: &std::path::Path) -> anyhow::Result<()> {
-    // A missing config falls back to the default pin directory, so purge still works.
-    let pin_dir = match bypassd::dropins::load(config_path) {
-        Ok(l) => l.config.daemon.pin_dir.0,
+/// Serve under the single-instance lock (a config that does not load is reported by
+/// the daemon itself, with its location).
+fn run(config_path: &Path, log: logging::Handle) -> anyhow::Result<()> {
+    let _lock = match bypassd::dropins::load(config_path) {
+        Ok(l) => Some(instance::acquire(&l.config.daemon.state_dir.0)?),
+        Err(_) => None,
+    };
+    service::run(config_path, log)
+}
+
+fn detach(config_path: &Path) -> anyhow::Result<()> {
+    // A missing config falls back to the default directories, so purge still works.
+    let (pin_dir, state_dir) = match bypassd::dropins::load(config_path) {
+        Ok(l) => (l.config.daemon.pin_dir.0, l.config.daemon.state_dir.0),
         Err(e) if !config_path.exists() => {
             tracing::info!("{e}; using the default pin directory");
-            config::DEFAULT_PIN_DIR.into()
+            (config::DEFAULT_PIN_DIR.into(), config::DEFAULT_STATE_DIR.into())
         }
         Err(e) => return Err(e).context("cannot tell which pin directory to detach"),
     };
+    // Never while a daemon runs: it may be building a generation right now.
+    let _lock = instance::acquire(&state_dir)?;
     let n = datapath::detach(&pin_dir)?;
     println!("detached {n} datapath generation(s) from {}", pin_dir.display());
     Ok(())

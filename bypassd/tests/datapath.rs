@@ -1,6 +1,6 @@
 //! Root integration tests of the socket datapath and the daemon's life cycle. Each
 //! test has its own cgroup, pin directory, namespaces and daemon, removed on drop.
-use bypass_testsupport::{Daemon, Netns, PinDir, TempDir, TestCgroup, bin, require_root, run_json, veth};
+use bypass_testsupport::{Daemon, Netns, Sandbox, TempDir, TestCgroup, bin, run_json, veth};
 use bypassd::datapath::Datapath;
 use bypassd_ebpf::abi::Counter;
 use serde_json::Value;
@@ -12,25 +12,19 @@ use std::{
 
 const MIB: u64 = 1 << 20;
 
-struct Env {
-    cg: TestCgroup,
-    pins: PinDir,
-    state: TempDir,
+/// The test's sandbox (cgroup, pins, state) with the datapath's counters.
+struct Env(Sandbox);
+
+impl std::ops::Deref for Env {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        require_root();
-        Env { cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new() }
-    }
-
-    fn config(&self, extra: &str) -> String {
-        format!(
-            "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n{extra}",
-            self.pins.path().display(),
-            self.cg.rel,
-            self.state.path().display()
-        )
+        Env(Sandbox::new())
     }
 
     /// A daemon that accelerates everything in this test's cgroup.
@@ -41,10 +35,6 @@ impl Env {
 
     fn counter(&self, c: Counter) -> u64 {
         counter(self.pins.path(), c)
-    }
-
-    fn traffic(&self) -> Command {
-        self.cg.command(bin("bypass-traffic"))
     }
 }
 

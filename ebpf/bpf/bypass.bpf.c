@@ -64,10 +64,12 @@ struct {
 	__type(value, struct bp_policy_meta);
 } bp_policy SEC(".maps");
 
-/* Receive state of each accelerated socket; capacity follows the SOCKHASH. */
+/* Receive state of each accelerated socket; capacity follows the SOCKHASH.
+ * BPF_F_NO_PREALLOC: memory follows the sockets accelerated, not the capacity. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct bp_sock_key);
 	__type(value, struct bp_rx_state);
 } bp_rx SEC(".maps");
@@ -76,6 +78,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, struct bp_sock_key);
 } bp_cookies SEC(".maps");
@@ -338,7 +341,9 @@ int bypass_sock_create(struct bpf_sock *sk)
 {
 	struct bp_sk_info *info;
 
-	if (sk->type != 1 /* SOCK_STREAM */)
+	/* TCP only: not AF_UNIX, not MPTCP (its subflows are the TCP sockets). */
+	if ((sk->family != 2 /* AF_INET */ && sk->family != 10 /* AF_INET6 */) ||
+	    sk->type != 1 /* SOCK_STREAM */ || sk->protocol != 6 /* IPPROTO_TCP */)
 		return 1;
 	char comm[BP_COMM_LEN] = {};
 
@@ -714,13 +719,15 @@ struct pt_regs___bp {
 #define BP_SYSCALL_NR(r) BPF_CORE_READ(r, syscallno)
 #define BP_NR_SPLICE 76
 #define BP_NR_SENDFILE 71
-#else
+#elif defined(__TARGET_ARCH_x86)
 struct pt_regs___bp {
 	unsigned long orig_ax;
 } __attribute__((preserve_access_index));
 #define BP_SYSCALL_NR(r) BPF_CORE_READ(r, orig_ax)
 #define BP_NR_SPLICE 275
 #define BP_NR_SENDFILE 40
+#else
+#error "splice/sendfile syscall numbers are known for x86 and arm64 only"
 #endif
 
 #define BP_EINVAL 22

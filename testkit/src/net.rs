@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// Parse an IP address, accepting `::1` as well as `[::1]`.
 pub fn parse_ip(s: &str) -> Result<IpAddr> {
@@ -55,98 +56,34 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    opt: libc::c_int,
-    val: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: valid fd and a pointer to a c_int of the advertised size.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&val as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
 /// Create a listening TCP socket with SO_REUSEADDR, a large backlog and, for IPv6,
 /// IPV6_V6ONLY off (so `[::]:port` also accepts IPv4 clients).
 pub fn listen(addr: SocketAddr) -> Result<TcpListener> {
-    let owned = bound_socket(addr)?;
-    // SAFETY: plain syscall on our fd.
-    cvt(unsafe { libc::listen(owned.as_raw_fd(), 4096) }).with_context(|| format!("listen({addr})"))?;
-    Ok(TcpListener::from(owned))
+    let sock = bound_socket(addr)?;
+    sock.listen(4096).with_context(|| format!("listen({addr})"))?;
+    Ok(sock.into())
 }
 
 /// Connect to `addr` from a fixed local port (tests that need an exact 4-tuple).
 pub fn connect_from(addr: SocketAddr, source_port: u16) -> Result<TcpStream> {
     let local = match addr {
-        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], source_port)),
-        SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, source_port)),
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, source_port)),
     };
-    let owned = bound_socket(local)?;
-    let stream = TcpStream::from(owned);
-    let sa = nix::sys::socket::SockaddrStorage::from(addr);
-    nix::sys::socket::connect(stream.as_raw_fd(), &sa).with_context(|| format!("connect to {addr} from port {source_port}"))?;
-    Ok(stream)
+    let sock = bound_socket(local)?;
+    sock.connect(&addr.into()).with_context(|| format!("connect to {addr} from port {source_port}"))?;
+    Ok(sock.into())
 }
 
 /// A TCP socket with SO_REUSEADDR bound to `addr` (IPv6: dual-stack).
-fn bound_socket(addr: SocketAddr) -> Result<OwnedFd> {
-    let domain = match addr {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: plain syscall; the fd is owned immediately below.
-    let fd = cvt(unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })
-        .context("socket()")?;
-    // SAFETY: fd was just returned by socket() and is owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
-        .context("setsockopt(SO_REUSEADDR)")?;
-    let r = match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: all-zero is a valid sockaddr_in.
-            let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-            sa.sin_family = libc::AF_INET as libc::sa_family_t;
-            sa.sin_port = a.port().to_be();
-            sa.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            // SAFETY: pointer/length describe `sa`.
-            unsafe {
-                libc::bind(
-                    fd,
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            }
-        }
-        SocketAddr::V6(a) => {
-            setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)
-                .context("setsockopt(IPV6_V6ONLY, 0)")?;
-            // SAFETY: all-zero is a valid sockaddr_in6.
-            let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sa.sin6_port = a.port().to_be();
-            sa.sin6_addr.s6_addr = a.ip().octets();
-            sa.sin6_flowinfo = a.flowinfo();
-            sa.sin6_scope_id = a.scope_id();
-            // SAFETY: pointer/length describe `sa`.
-            unsafe {
-                libc::bind(
-                    fd,
-                    (&sa as *const libc::sockaddr_in6).cast(),
-                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                )
-            }
-        }
-    };
-    cvt(r).with_context(|| format!("bind({addr})"))?;
-    Ok(owned)
+fn bound_socket(addr: SocketAddr) -> Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).context("socket()")?;
+    sock.set_reuse_address(true).context("setsockopt(SO_REUSEADDR)")?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false).context("setsockopt(IPV6_V6ONLY, 0)")?;
+    }
+    sock.bind(&addr.into()).with_context(|| format!("bind({addr})"))?;
+    Ok(sock)
 }
 
 /// Wait until `fd` is ready for `events` (POLLIN/POLLOUT). Error/hangup conditions also

@@ -4,6 +4,10 @@
 pub mod dbus;
 
 use anyhow::{Context, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use std::{
     io::Read,
     os::{fd::AsRawFd, unix::net::UnixDatagram, unix::process::CommandExt},
@@ -67,28 +71,20 @@ pub fn cgroup2_mount() -> PathBuf {
 }
 
 /// A temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new() -> TempDir {
-        let p = std::env::temp_dir().join(unique("bypassd-test"));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
+        TempDir(tempfile::Builder::new().prefix("bypassd-test-").tempdir().expect("create temp dir"))
     }
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 }
 
 impl Default for TempDir {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -116,17 +112,7 @@ impl TestCgroup {
 
     /// Make `cmd` start inside this cgroup (before exec, so every socket it opens is seen).
     pub fn enter(&self, cmd: &mut Command) {
-        let f = std::fs::OpenOptions::new().write(true).open(self.path.join("cgroup.procs")).expect("open cgroup.procs");
-        // The closure owns the file, so the fd stays open until the Command is dropped;
-        // O_CLOEXEC keeps it out of the exec'd program.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        enter_cgroup(&self.path, cmd);
     }
 
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -138,6 +124,22 @@ impl TestCgroup {
     pub fn id(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&self.path).map(|m| m.ino()).unwrap_or(0)
+    }
+}
+
+/// Make `cmd` start inside the cgroup directory `dir` (before exec, so every socket
+/// it opens is seen), also for cgroups a test removes and re-creates itself.
+pub fn enter_cgroup(dir: &Path, cmd: &mut Command) {
+    let f = std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs")).expect("open cgroup.procs");
+    // The closure owns the file, so the fd stays open until the Command is dropped;
+    // O_CLOEXEC keeps it out of the exec'd program.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -162,7 +164,7 @@ fn kill_and_remove_cgroup(path: &Path) {
             break;
         }
         for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         if Instant::now() > deadline {
             break;
@@ -290,6 +292,42 @@ pub fn run_json(mut cmd: Command) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON from {cmd:?}: {e}: {line}"))
 }
 
+/// One root test's own cgroup, pin directory and state directory, and the bypassd
+/// config that points at them; all removed on drop.
+pub struct Sandbox {
+    pub cg: TestCgroup,
+    pub pins: PinDir,
+    pub state: TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        require_root();
+        Sandbox { cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new() }
+    }
+
+    /// The `[daemon]` table for this sandbox (log level debug), then `extra`.
+    pub fn config(&self, extra: &str) -> String {
+        format!(
+            "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n{extra}",
+            self.pins.path().display(),
+            self.cg.rel,
+            self.state.path().display()
+        )
+    }
+
+    /// bypass-traffic, run in this sandbox's cgroup.
+    pub fn traffic(&self) -> Command {
+        self.cg.command(bin("bypass-traffic"))
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A bypassd process with its own config, started and waited on for READY=1.
 pub struct Daemon {
     pub child: Option<Child>,
@@ -297,6 +335,8 @@ pub struct Daemon {
     pub dir: TempDir,
     notify: UnixDatagram,
     env: Vec<(String, String)>,
+    /// The bypassd binary (this workspace's, or a frozen copy the benchmark made).
+    bin: PathBuf,
 }
 
 impl Daemon {
@@ -306,34 +346,56 @@ impl Daemon {
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Daemon> {
+        Self::start_timed(&bin("bypassd"), config, env).map(|(d, _)| d)
+    }
+
+    /// Start `bypassd` (a path: the benchmark runs its own copy) and return it with
+    /// the time from spawn to READY=1.
+    pub fn start_timed(bypassd: &Path, config: &str, env: &[(&str, &str)]) -> Result<(Daemon, Duration)> {
         let dir = TempDir::new();
         let cfg = dir.path().join("bypassd.toml");
         std::fs::write(&cfg, config)?;
-        let sock = dir.path().join("notify.sock");
-        let notify = UnixDatagram::bind(&sock)?;
+        let notify = UnixDatagram::bind(dir.path().join("notify.sock"))?;
         let mut d = Daemon {
             child: None,
             config: cfg,
             dir,
             notify,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            bin: bypassd.to_path_buf(),
         };
-        d.spawn()?;
-        Ok(d)
+        let t = d.spawn_timed()?;
+        Ok((d, t))
     }
 
     /// Start (again) on the same config and wait for READY=1.
     pub fn spawn(&mut self) -> Result<()> {
+        self.spawn_timed().map(|_| ())
+    }
+
+    /// Start (again) on the same config; returns the time from spawn to READY=1.
+    pub fn spawn_timed(&mut self) -> Result<Duration> {
+        self.drain();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
-        let mut cmd = Command::new(bin("bypassd"));
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--config").arg(&self.config).env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"));
         cmd.env_remove("JOURNAL_STREAM");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        let t0 = Instant::now();
         let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         self.child = Some(child);
-        self.wait_for("READY=1", Duration::from_secs(30))
+        self.wait_for("READY=1", Duration::from_secs(30))?;
+        Ok(t0.elapsed())
+    }
+
+    /// Drop notifications already queued (an earlier instance's READY=1 must not count).
+    fn drain(&self) {
+        let _ = self.notify.set_nonblocking(true);
+        let mut buf = [0u8; 4096];
+        while self.notify.recv(&mut buf).is_ok() {}
+        let _ = self.notify.set_nonblocking(false);
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -347,7 +409,7 @@ impl Daemon {
     /// Wait for a notify datagram containing `what`; fails early if bypassd exits.
     pub fn wait_for(&mut self, what: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        self.notify.set_read_timeout(Some(Duration::from_millis(100)))?;
+        self.notify.set_read_timeout(Some(Duration::from_millis(20)))?;
         let mut buf = [0u8; 4096];
         loop {
             if let Ok(n) = self.notify.recv(&mut buf)
@@ -371,14 +433,26 @@ impl Daemon {
     }
 
     pub fn signal(&self, sig: i32) {
-        unsafe { libc::kill(self.pid(), sig) };
+        // Never pid 0: that would signal this whole process group.
+        if let (Some(_), Ok(s)) = (&self.child, nix::sys::signal::Signal::try_from(sig)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), s);
+        }
     }
 
-    /// SIGHUP, then wait for the READY=1 that ends the reload.
+    /// SIGHUP, then wait for the READY=1 that ends this reload.
     pub fn reload(&mut self) -> Result<()> {
+        self.drain();
         self.signal(libc::SIGHUP);
         self.wait_for("RELOADING=1", Duration::from_secs(10))?;
         self.wait_for("READY=1", Duration::from_secs(30))
+    }
+
+    /// Write a new config, reload, and return the time from SIGHUP to READY=1.
+    pub fn reload_with(&mut self, config: &str) -> Result<Duration> {
+        std::fs::write(&self.config, config)?;
+        let t0 = Instant::now();
+        self.reload()?;
+        Ok(t0.elapsed())
     }
 
     /// kill -9, as a crash would.
@@ -391,14 +465,14 @@ impl Daemon {
 
     /// SIGTERM and wait; returns the exit status code.
     pub fn stop(&mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
         let mut c = self.child.take()?;
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         c.wait().ok().and_then(|s| s.code())
     }
 
     /// Run `bypassd ARGS --config <this config>` to completion.
     pub fn tool(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("bypassd")).args(args).arg("--config").arg(&self.config).output().expect("run bypassd")
+        Command::new(&self.bin).args(args).arg("--config").arg(&self.config).output().expect("run bypassd")
     }
 }
 

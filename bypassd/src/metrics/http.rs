@@ -6,7 +6,7 @@
 //! response must be taken within [`WRITE_TIMEOUT`]. The daemon lock is held only
 //! while a snapshot is copied, never while a socket is read or written.
 use super::{registry, snapshot::Snapshot};
-use crate::service::Shared;
+use crate::control::Control;
 use anyhow::{Context, Result};
 use std::{
     io::{ErrorKind, Read, Write},
@@ -29,7 +29,7 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(addr: SocketAddr, daemon: Shared) -> Result<Server> {
+    pub fn start(addr: SocketAddr, daemon: Control) -> Result<Server> {
         let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         let addr = listener.local_addr().context("local address")?;
         std::thread::Builder::new()
@@ -50,7 +50,7 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop(listener: TcpListener, daemon: Shared) {
+fn accept_loop(listener: TcpListener, daemon: Control) {
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(stream) = conn else {
@@ -96,7 +96,7 @@ fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-fn handle(mut stream: TcpStream, daemon: &Shared) {
+fn handle(mut stream: TcpStream, daemon: &Control) {
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let Some(head) = read_head(&mut stream) else { return };
     let line = String::from_utf8_lossy(&head);

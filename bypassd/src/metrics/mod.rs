@@ -86,7 +86,7 @@ pub fn warn_if_changed(old: &MetricsConfig, new: &MetricsConfig) {
 
 /// Start the endpoint if configured. A port that cannot be bound is logged, not
 /// fatal: acceleration matters more than its metrics.
-pub fn serve(daemon: crate::service::Shared, cfg: &MetricsConfig) -> Option<http::Server> {
+pub fn serve(daemon: crate::control::Control, cfg: &MetricsConfig) -> Option<http::Server> {
     let addr = cfg.listen.0?;
     match http::Server::start(addr, daemon) {
         Ok(s) => {

@@ -1,5 +1,5 @@
 //! What one scrape reports, copied from the daemon in one short lock.
-use crate::service::{self, RuleSource, Shared};
+use crate::{control::Control, policy::RuleSource};
 use bypassd_ebpf::abi::Counter;
 use std::path::PathBuf;
 
@@ -20,14 +20,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Copy the daemon's state under its lock, then read the pinned maps without it.
-    pub fn take(daemon: &Shared) -> Snapshot {
-        let (status, rules, pin_dir) = {
-            let d = service::lock(daemon);
-            let rules = d.policy_list();
-            (d.status(), rules, PathBuf::from(&d.config.daemon.pin_dir.0))
-        };
-        let count = |s: RuleSource| rules.iter().filter(|(src, _)| *src == s).count() as u64;
+    /// Copy the daemon's state (short reads of the state lock), then read the pinned
+    /// maps without any lock.
+    pub fn take(control: &Control) -> Snapshot {
+        let status = control.status();
+        let (_, rules) = control.policy_list();
+        let pin_dir = PathBuf::from(&status.pin_dir);
+        let count = |s: RuleSource| rules.iter().filter(|e| e.source == s).count() as u64;
         let (reloads, reloads_failed) = super::reloads();
         let mut snap = Snapshot {
             paused: status.paused,

@@ -1,11 +1,17 @@
 //! Policy: which connections take the eBPF datapath. Rule model and validation,
 //! the pure-Rust reference matcher (the kernel's `policy_admits` must agree with
 //! it), and the encoding into the ABI's rule buffers.
+mod cidr;
+pub mod diag;
+pub mod runtime;
+
+pub use cidr::{Cidr, to_mapped};
+
 use bypassd_ebpf::abi;
 use serde::{Deserialize, Serialize};
 use std::{
     fmt,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     os::unix::fs::MetadataExt,
     path::Path,
 };
@@ -99,96 +105,6 @@ impl From<PortRange> for String {
     }
 }
 
-/// An IPv4 or IPv6 network, "10.0.0.0/8" or "fd00::/8"; a bare address is a host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl TryFrom<String> for Cidr {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        Cidr::parse(&s)
-    }
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a.trim().parse().map_err(|_| format!("`{s}` is not a valid CIDR (bad address `{a}`)"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match p {
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|n| *n <= max)
-                .ok_or_else(|| format!("`{s}` is not a valid CIDR (prefix must be 0-{max})"))?,
-            None => max,
-        };
-        // Reject host bits: "10.0.0.1/8" is almost always a typo for a host or a net.
-        let c = Cidr { addr, prefix };
-        if c.network_bits() != c.mapped() {
-            return Err(format!("`{s}` has host bits set (did you mean {}?)", Cidr { addr: c.unmapped_network(), prefix }));
-        }
-        Ok(c)
-    }
-
-    /// The address as the datapath sees it: IPv6, IPv4 as IPv4-mapped.
-    fn mapped(&self) -> [u8; 16] {
-        to_mapped(self.addr)
-    }
-    /// Prefix length over the mapped 128-bit address.
-    fn mapped_prefix(&self) -> u8 {
-        if self.addr.is_ipv4() { 96 + self.prefix } else { self.prefix }
-    }
-    fn network_bits(&self) -> [u8; 16] {
-        mask(self.mapped(), self.mapped_prefix())
-    }
-    fn unmapped_network(&self) -> IpAddr {
-        let m = Ipv6Addr::from(self.network_bits());
-        match self.addr {
-            IpAddr::V4(_) => IpAddr::V4(m.to_ipv4_mapped().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)),
-            IpAddr::V6(_) => IpAddr::V6(m),
-        }
-    }
-    fn contains(&self, a: &[u8; 16]) -> bool {
-        mask(*a, self.mapped_prefix()) == self.network_bits()
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl From<Cidr> for String {
-    fn from(c: Cidr) -> String {
-        c.to_string()
-    }
-}
-
-fn mask(mut a: [u8; 16], prefix: u8) -> [u8; 16] {
-    for (i, b) in a.iter_mut().enumerate() {
-        let bits = (prefix as i32 - 8 * i as i32).clamp(0, 8);
-        *b &= if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
-    }
-    a
-}
-
-pub fn to_mapped(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
 /// One rule as operators write it (TOML table). Absent fields match anything.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -237,6 +153,16 @@ impl RuleSpec {
 pub struct Resolved {
     pub spec: RuleSpec,
     pub cgroup_id: Option<u64>,
+    /// Why the rule matches nothing right now (its cgroup does not exist), if so.
+    /// systemd removes and re-creates a unit's cgroup on every restart: the rule
+    /// stays in the policy and becomes active again when the cgroup is back.
+    pub inactive: Option<String>,
+}
+
+impl Resolved {
+    pub fn active(&self) -> bool {
+        self.inactive.is_none()
+    }
 }
 
 /// Why a rule set was refused: which rule and what is wrong with it.
@@ -246,22 +172,49 @@ pub enum PolicyError {
     BadRule { index: usize, name: Option<String>, reason: String },
     #[error("{count} rules do not fit in the datapath's rule map (at most {max})")]
     TooMany { count: usize, max: usize },
+    /// Rule text that does not parse; the message names the rule, key and reason.
+    #[error("{0}")]
+    Text(String),
 }
 
-/// The cgroup id of a cgroup v2 directory is its inode number.
-pub fn cgroup_id(cgroup_root: &Path, path: &str) -> Result<u64, String> {
+/// Where a rule in the effective list comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleSource {
+    /// Added over D-Bus, persisted in the state directory; evaluated first.
+    Runtime,
+    /// The config file's `[[policy.rules]]`.
+    Config,
+}
+
+impl RuleSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleSource::Runtime => "runtime",
+            RuleSource::Config => "config",
+        }
+    }
+}
+
+/// The cgroup id of a cgroup v2 directory is its inode number. `Ok(None)`: the path
+/// is well-formed but no such cgroup exists (yet, or any more).
+pub fn cgroup_id(cgroup_root: &Path, path: &str) -> Result<Option<u64>, String> {
     if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
         return Err(format!("cgroup `{path}` must be an absolute path below the cgroup v2 mount, without `..`"));
     }
     let full = cgroup_root.join(path.trim_start_matches('/'));
-    let md = std::fs::metadata(&full).map_err(|e| format!("cgroup `{path}` not found at {} ({e})", full.display()))?;
+    let md = match std::fs::metadata(&full) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cgroup `{path}` cannot be read at {} ({e})", full.display())),
+    };
     if !md.is_dir() {
         return Err(format!("cgroup `{path}` ({}) is not a directory", full.display()));
     }
-    Ok(md.ino())
+    Ok(Some(md.ino()))
 }
 
-/// Check and resolve a whole rule set; rule numbers in errors count from 1.
+/// Check and resolve a whole rule set; rule numbers in errors count from 1. A rule
+/// whose cgroup is missing is inactive, not an error.
 pub fn resolve(rules: &[RuleSpec], cgroup_root: &Path) -> Result<Vec<Resolved>, PolicyError> {
     // A `ports` rule takes two kernel rules (see `encode`).
     let kernel_rules: usize = rules.iter().map(|r| 1 + usize::from(r.ports.is_some())).sum();
@@ -276,11 +229,14 @@ pub fn resolve(rules: &[RuleSpec], cgroup_root: &Path) -> Result<Vec<Resolved>, 
             if r.ports.is_some() && (r.local_ports.is_some() || r.remote_ports.is_some()) {
                 return Err(bad("`ports` (either end) cannot be combined with `local_ports` or `remote_ports`".into()));
             }
-            let cgroup_id = match &r.cgroup {
-                Some(p) => Some(cgroup_id(cgroup_root, p).map_err(bad)?),
-                None => None,
+            let (cgroup_id, inactive) = match &r.cgroup {
+                Some(p) => match cgroup_id(cgroup_root, p).map_err(bad)? {
+                    Some(id) => (Some(id), None),
+                    None => (None, Some(format!("cgroup `{p}` does not exist"))),
+                },
+                None => (None, None),
             };
-            Ok(Resolved { spec: r.clone(), cgroup_id })
+            Ok(Resolved { spec: r.clone(), cgroup_id, inactive })
         })
         .collect()
 }
@@ -289,8 +245,10 @@ pub fn resolve(rules: &[RuleSpec], cgroup_root: &Path) -> Result<Vec<Resolved>, 
 /// two adjacent kernel rules with the same action and other fields, `local_ports = P`
 /// then `remote_ports = P`: under first-match-wins that is exactly "either end in P".
 pub fn encode(rules: &[Resolved]) -> Vec<abi::Rule> {
+    // An inactive rule matches nothing, so leaving it out decides exactly the same.
     rules
         .iter()
+        .filter(|r| r.active())
         .flat_map(|r| match r.spec.ports {
             None => vec![r.clone()],
             Some(p) => {
@@ -305,8 +263,8 @@ pub fn encode(rules: &[Resolved]) -> Vec<abi::Rule> {
         })
         .map(|r| {
             let s = &r.spec;
-            let (lip, lpfx) = s.local_cidr.map_or(([0; 16], 0), |c| (c.network_bits(), c.mapped_prefix()));
-            let (rip, rpfx) = s.remote_cidr.map_or(([0; 16], 0), |c| (c.network_bits(), c.mapped_prefix()));
+            let net = |c: Option<Cidr>| c.map_or(([0; 16], 0), |c| (c.mapped().network().octets(), c.mapped().prefix_len()));
+            let ((lip, lpfx), (rip, rpfx)) = (net(s.local_cidr), net(s.remote_cidr));
             let lp = s.local_ports.unwrap_or(PortRange { lo: 0, hi: 65535 });
             let rp = s.remote_ports.unwrap_or(PortRange { lo: 0, hi: 65535 });
             let mut flags = 0;
@@ -346,7 +304,7 @@ pub struct SocketView {
 /// The reference matcher: first matching rule wins, else the default.
 pub fn decide(rules: &[Resolved], default: Action, s: &SocketView) -> Action {
     let (l, r) = (to_mapped(s.local.ip()), to_mapped(s.remote.ip()));
-    for rule in rules {
+    for rule in rules.iter().filter(|r| r.active()) {
         let spec = &rule.spec;
         let ok = spec.local_ports.is_none_or(|p| p.contains(s.local.port()))
             && spec.remote_ports.is_none_or(|p| p.contains(s.remote.port()))
@@ -375,7 +333,7 @@ mod tests {
         toml::from_str(toml_src).unwrap()
     }
     fn res(r: RuleSpec) -> Resolved {
-        Resolved { spec: r, cgroup_id: None }
+        Resolved { spec: r, cgroup_id: None, inactive: None }
     }
     fn view(l: &str, r: &str) -> SocketView {
         SocketView { local: l.parse().unwrap(), remote: r.parse().unwrap(), owner: None }
@@ -391,16 +349,6 @@ mod tests {
         assert!(PortRange::parse("http").is_err());
         let r = rule("action = \"accelerate\"\nlocal_ports = 8080\n");
         assert_eq!(r.local_ports, Some(PortRange { lo: 8080, hi: 8080 }));
-    }
-
-    #[test]
-    fn cidrs_parse_and_refuse_bad_values() {
-        assert_eq!(Cidr::parse("10.0.0.0/8").unwrap().prefix, 8);
-        assert_eq!(Cidr::parse("::1").unwrap().prefix, 128);
-        assert!(Cidr::parse("10.0.0.0/33").is_err());
-        assert!(Cidr::parse("fd00::/129").is_err());
-        assert!(Cidr::parse("10.0.0.300/8").is_err());
-        assert!(Cidr::parse("10.0.0.1/8").unwrap_err().contains("host bits"));
     }
 
     #[test]
@@ -427,7 +375,7 @@ mod tests {
 
     #[test]
     fn owner_rules_never_match_unknown_sockets() {
-        let rules = [Resolved { spec: rule("action = \"accelerate\"\nuid = 0\n"), cgroup_id: None }];
+        let rules = [res(rule("action = \"accelerate\"\nuid = 0\n"))];
         assert_eq!(decide(&rules, Action::Kernel, &view("127.0.0.1:1", "127.0.0.1:2")), Action::Kernel);
         let mut v = view("127.0.0.1:1", "127.0.0.1:2");
         v.owner = Some((1, 0));
@@ -435,10 +383,16 @@ mod tests {
     }
 
     #[test]
-    fn resolve_refuses_unknown_cgroups_and_too_many_rules() {
+    fn missing_cgroups_make_rules_inactive_and_too_many_rules_fail() {
         let r = rule("name = \"web\"\naction = \"accelerate\"\ncgroup = \"/no/such/cgroup\"\n");
-        let e = resolve(&[r], Path::new("/sys/fs/cgroup")).unwrap_err();
-        assert!(e.to_string().starts_with("rule 1 (web): cgroup `/no/such/cgroup` not found"), "{e}");
+        let res = resolve(&[r], Path::new("/sys/fs/cgroup")).unwrap();
+        assert_eq!(res[0].inactive.as_deref(), Some("cgroup `/no/such/cgroup` does not exist"));
+        assert!(encode(&res).is_empty(), "an inactive rule must not reach the kernel");
+        let mut v = view("127.0.0.1:1", "127.0.0.1:2");
+        v.owner = Some((0, 0));
+        assert_eq!(decide(&res, Action::Kernel, &v), Action::Kernel);
+        let bad = rule("action = \"accelerate\"\ncgroup = \"app\"\n");
+        assert!(resolve(&[bad], Path::new("/")).unwrap_err().to_string().contains("must be an absolute path"));
         let many = vec![rule("action = \"kernel\"\n"); abi::MAX_RULES as usize + 1];
         assert!(matches!(resolve(&many, Path::new("/")), Err(PolicyError::TooMany { .. })));
     }
@@ -468,61 +422,5 @@ mod tests {
         assert!(err.contains("cannot be combined"), "{err}");
         let many: Vec<RuleSpec> = (0..33).map(|_| rule("action = \"kernel\"\nports = \"1\"\n")).collect();
         assert!(matches!(resolve(&many, Path::new("/")), Err(PolicyError::TooMany { count: 66, .. })));
-    }
-}
-
-/// The runtime layer: rules added over D-Bus, persisted in the state directory and
-/// evaluated before the config file's rules.
-pub mod runtime {
-    use super::RuleSpec;
-    use anyhow::{Context, Result};
-    use serde::{Deserialize, Serialize};
-    use std::{fs::File, io::Write, path::Path};
-
-    pub const FILE: &str = "policy.toml";
-
-    #[derive(Debug, Default, Serialize, Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Stored {
-        #[serde(default)]
-        rules: Vec<RuleSpec>,
-    }
-
-    /// None when no runtime layer exists.
-    pub fn load(state_dir: &Path) -> Result<Option<Vec<RuleSpec>>> {
-        let p = state_dir.join(FILE);
-        match std::fs::read_to_string(&p) {
-            Ok(s) => {
-                let st: Stored = toml::from_str(&s).with_context(|| format!("parsing {}", p.display()))?;
-                Ok(Some(st.rules))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-        }
-    }
-
-    /// Write, fsync, rename, fsync the directory: a crash leaves the old or the new file.
-    pub fn save(state_dir: &Path, rules: &[RuleSpec]) -> Result<()> {
-        std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
-        let body = toml::to_string(&Stored { rules: rules.to_vec() }).context("serialising runtime rules")?;
-        let tmp = state_dir.join(format!(".{FILE}.tmp"));
-        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(b"# Runtime policy layer of bypassd, written by `bypassctl policy`. Do not edit.\n")?;
-        f.write_all(body.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, state_dir.join(FILE)).context("replacing runtime policy file")?;
-        File::open(state_dir)?.sync_all()?;
-        Ok(())
-    }
-
-    pub fn remove(state_dir: &Path) -> Result<bool> {
-        match std::fs::remove_file(state_dir.join(FILE)) {
-            Ok(()) => {
-                File::open(state_dir)?.sync_all()?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e).context("removing runtime policy file"),
-        }
     }
 }
