@@ -187,7 +187,7 @@ fn bad_rules_are_refused_with_the_rule_and_reason_and_change_nothing() {
         ("port 65536", "[[rules]]\naction = \"accelerate\"\nremote_ports = \"65536\"\n".into(), "out of range"),
         ("reversed range", "[[rules]]\naction = \"accelerate\"\nremote_ports = \"9000-8000\"\n".into(), "reversed"),
         ("unknown cgroup", "[[rules]]\nname = \"ghost\"\naction = \"accelerate\"\ncgroup = \"/no/such/cgroup\"\n".into(), "not found"),
-        ("unknown key", "[[rules]]\naction = \"accelerate\"\nports = \"80\"\n".into(), "ports"),
+        ("unknown key", "[[rules]]\naction = \"accelerate\"\nportz = \"80\"\n".into(), "portz"),
         ("too many rules", too_many, "at most 64"),
     ];
     for (what, body, needle) in cases {
