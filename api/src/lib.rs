@@ -11,7 +11,7 @@
 //!
 //! | member | kind | who | signature |
 //! |---|---|---|---|
-//! | `GetStatus` | method | everyone | `() → (sssbsssstuuu)` ([`Status`]) |
+//! | `GetStatus` | method | everyone | `() → (sssbsssstuuuas)` ([`Status`]) |
 //! | `GetStats` | method | everyone | `() → a(st)` ([`Stats`]) |
 //! | `ListConnections` | method | everyone | `() → a(ssstb)` ([`Connection`]) |
 //! | `ListLinks` | method | everyone | `() → a(ssssa(subs))` ([`LinkStatus`]) |

@@ -15,7 +15,7 @@ pub struct Status {
     pub cgroup: String,
     pub pin_dir: String,
     pub config_path: String,
-    /// sha256 of the loaded config file, hex.
+    /// sha256 of the loaded config file, hex; with drop-ins, over every loaded file.
     pub config_sha256: String,
     /// Unix time (seconds) the daemon started.
     pub started_at: u64,
@@ -26,6 +26,9 @@ pub struct Status {
     /// Policy rules that match nothing right now because their cgroup does not
     /// exist (they become active again when it is created).
     pub inactive_rules: u32,
+    /// The config files loaded: the main file, then its `conf.d/*.toml` drop-ins in
+    /// the order they were merged.
+    pub config_files: Vec<String>,
 }
 
 /// Counter name and value, summed over CPUs.

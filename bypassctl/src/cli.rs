@@ -111,13 +111,35 @@ pub struct Cli {
     pub command: Command,
 }
 
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// Refresh like top: msgs/s and bytes/s redirected vs. passed (by reason) and the
+    /// accelerated-socket count, redrawn in place (ANSI, tmux-friendly).
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between refreshes (with --watch).
+    #[arg(long, value_name = "S", default_value_t = 1.0, requires = "watch", value_parser = parse_interval)]
+    pub interval: f64,
+    /// Stop after N refreshes (with --watch; default: until interrupted).
+    #[arg(long, value_name = "N", requires = "watch")]
+    pub count: Option<u64>,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not an interval in seconds (0.1 to 3600)")),
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Show version, datapath state and why, cgroup, pin directory, config file
     /// and its hash, start time.
     Status,
-    /// Show the datapath counters (sockets_inserted, redirected_bytes, ...).
-    Stats,
+    /// Show the datapath counters (sockets_inserted, redirected_bytes, ...); with
+    /// --watch, a refreshing table of rates (--json: one line per interval).
+    Stats(StatsArgs),
     /// List accelerated connections: both ends, family, network namespace.
     Connections,
     /// Show or edit the policy: which connections are accelerated.
@@ -206,6 +228,10 @@ pub struct AddArgs {
     /// Remote port or range ("8080" or "8000-8999").
     #[arg(long, value_name = "PORTS")]
     pub remote_ports: Option<String>,
+    /// Port or range at either end ("6379"): admits a service's server socket and its
+    /// clients' sockets in one rule. Not with --local-ports/--remote-ports.
+    #[arg(long, value_name = "PORTS", conflicts_with_all = ["local_ports", "remote_ports"])]
+    pub ports: Option<String>,
     /// Local network ("127.0.0.0/8", "::1/128"; a bare address is a host).
     #[arg(long, value_name = "CIDR")]
     pub local_cidr: Option<String>,

@@ -3,6 +3,7 @@
 mod cli;
 mod generate;
 mod output;
+mod watch;
 
 use bypassd_api::{self as api, ManagerProxy};
 use clap::Parser;
@@ -176,7 +177,8 @@ fn run(cmd: &Command, out: &Out) -> Result<()> {
             let links = p.list_links().unwrap_or_default();
             out.status(&s, &links);
         }
-        Command::Stats => {
+        Command::Stats(a) if a.watch => watch::run(&p, out.json, a.interval, a.count)?,
+        Command::Stats(_) => {
             let s = p.get_stats().map_err(|e| classify(e, "stats"))?;
             out.stats(&s);
         }
@@ -278,6 +280,7 @@ fn rule_toml(a: &AddArgs) -> String {
     put("action", Some(toml::Value::String(a.action.as_str().into())));
     put("local_ports", a.local_ports.clone().map(toml::Value::String));
     put("remote_ports", a.remote_ports.clone().map(toml::Value::String));
+    put("ports", a.ports.clone().map(toml::Value::String));
     put("local_cidr", a.local_cidr.clone().map(toml::Value::String));
     put("remote_cidr", a.remote_cidr.clone().map(toml::Value::String));
     put("cgroup", a.cgroup.clone().map(toml::Value::String));

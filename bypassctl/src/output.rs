@@ -93,6 +93,7 @@ impl Out {
             ("Cgroup", s.cgroup.clone()),
             ("Pin dir", s.pin_dir.clone()),
             ("Config", s.config_path.clone()),
+            ("Config files", s.config_files.join(", ")),
             ("Config sha256", s.config_sha256.clone()),
             ("Started", format!("{} (Unix time {})", ago(s.started_at), s.started_at)),
             ("ABI version", s.abi_version.to_string()),

@@ -31,7 +31,7 @@ fn world(default: &str) -> World {
     );
     let (k, v) = bus.env();
     let daemon = ts::Daemon::start_with_env(&cfg, &[(k, &v)]).expect("start bypassd");
-    World { daemon: Some(daemon), pins, cgroup, state, bus }
+    World { daemon: Some(daemon), pins, cgroup, state, bus, extra_config: String::new() }
 }
 
 fn stat(w: &World, field: &str) -> u64 {
@@ -189,7 +189,7 @@ fn bad_rules_are_refused_with_the_rule_and_reason_and_change_nothing() {
         ("port 65536", "[[rules]]\naction = \"accelerate\"\nremote_ports = \"65536\"\n".into(), "out of range"),
         ("reversed range", "[[rules]]\naction = \"accelerate\"\nremote_ports = \"9000-8000\"\n".into(), "reversed"),
         ("unknown cgroup", "[[rules]]\nname = \"ghost\"\naction = \"accelerate\"\ncgroup = \"/no/such/cgroup\"\n".into(), "not found"),
-        ("unknown key", "[[rules]]\naction = \"accelerate\"\nports = \"80\"\n".into(), "ports"),
+        ("unknown key", "[[rules]]\naction = \"accelerate\"\nportz = \"80\"\n".into(), "portz"),
         ("too many rules", too_many, "at most 64"),
     ];
     for (what, body, needle) in cases {

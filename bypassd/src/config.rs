@@ -30,6 +30,8 @@ pub struct Config {
     /// Link datapath entries (config_links.rs).
     #[serde(default)]
     pub links: Vec<Spanned<crate::config_links::LinkSpec>>,
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -345,6 +347,7 @@ mod tests {
         // defaults must give the same config as leaving them out.
         assert_eq!(shipped.daemon, Config::default().daemon);
         assert_eq!(shipped.datapath, Config::default().datapath);
+        assert_eq!(shipped.metrics, Config::default().metrics);
     }
 
     #[test]

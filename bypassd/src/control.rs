@@ -116,6 +116,7 @@ impl Control {
             let inputs = self.state().reload_inputs();
             daemon::prepare_reload(inputs).and_then(|plan| self.state().commit_reload(plan))
         };
+        crate::metrics::record_reload(r.is_ok());
         // Logged before READY=1: whoever waits for it finds the reason in the journal.
         if let Err(e) = &r {
             tracing::error!("reload failed, keeping the running configuration: {e}");

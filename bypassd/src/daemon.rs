@@ -11,7 +11,6 @@ use crate::{
 use anyhow::Result;
 use bypassd_api as api;
 use bypassd_ebpf::abi::Counter;
-use sha2::{Digest, Sha256};
 use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -99,10 +98,6 @@ pub fn build_policy(
     Ok(BuiltPolicy { entries, resolved, image })
 }
 
-fn sha256_hex(s: &str) -> String {
-    Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn target(cfg: &Config, cgroup_root: &Path) -> Target {
     let rel = cfg.daemon.cgroup.get_ref().0.to_string_lossy().trim_start_matches('/').to_string();
     Target {
@@ -149,7 +144,9 @@ pub struct ReloadInputs {
 /// A checked reload, ready to commit: nothing of the running daemon changed yet.
 pub struct ReloadPlan {
     config: Config,
-    src: String,
+    /// sha256 over the loaded files, and the files (main file, then drop-ins).
+    sha256: String,
+    files: Vec<PathBuf>,
     policy: BuiltPolicy,
     /// A freshly attached datapath when the target changed (else the policy is
     /// applied to the current one).
@@ -159,10 +156,11 @@ pub struct ReloadPlan {
 /// The slow half of a reload: read the config, build the policy and, when the
 /// target changed, the new datapath generation beside the running one.
 pub fn prepare_reload(i: ReloadInputs) -> Result<ReloadPlan, ControlError> {
-    let (cfg, src) = Config::load(&i.config_path)?;
+    let loaded = crate::dropins::load(&i.config_path)?;
+    let cfg = loaded.config;
     let policy = build_policy(&cfg, i.runtime_rules.as_ref(), &i.cgroup_root)?;
     let t = target(&cfg, &i.cgroup_root);
-    check_cgroup(&i.config_path, &src, &cfg, &t)?;
+    check_cgroup(&loaded.cgroup_file, &loaded.cgroup_src, &cfg, &t)?;
     let new_datapath = if i.attached.as_ref() == Some(&t) {
         None
     } else {
@@ -171,13 +169,15 @@ pub fn prepare_reload(i: ReloadInputs) -> Result<ReloadPlan, ControlError> {
         log_protections(&dp);
         Some(dp)
     };
-    Ok(ReloadPlan { config: cfg, src, policy, new_datapath })
+    Ok(ReloadPlan { config: cfg, sha256: loaded.sha256, files: loaded.files, policy, new_datapath })
 }
 
 pub struct Daemon {
     config_path: PathBuf,
     config: Config,
     config_sha256: String,
+    /// The main config file and the drop-ins merged after it.
+    config_files: Vec<PathBuf>,
     cgroup_root: PathBuf,
     datapath: Option<Datapath>,
     /// Why the datapath is not attached, when it is not.
@@ -196,13 +196,14 @@ pub struct Daemon {
 impl Daemon {
     /// Read config and state, then attach (or adopt) the datapath.
     pub fn start(config_path: &Path, log: crate::logging::Handle) -> Result<Daemon> {
-        let (config, src) = Config::load(config_path)?;
+        let loaded = crate::dropins::load(config_path)?;
+        let config = loaded.config.clone();
         log.set_level(config.daemon.log_level);
         let cgroup_root = sysfs::cgroup2_mount()?;
         let runtime_rules = policy::runtime::load(&config.daemon.state_dir.0)?;
         let policy = build_policy(&config, runtime_rules.as_ref(), &cgroup_root)?;
         let t = target(&config, &cgroup_root);
-        check_cgroup(config_path, &src, &config, &t)?;
+        check_cgroup(&loaded.cgroup_file, &loaded.cgroup_src, &config, &t)?;
         sysfs::ensure_bpffs(&t.pin_dir)?;
         let dp = Datapath::attach(&t, &policy.image, false)?;
         tracing::info!(
@@ -218,7 +219,8 @@ impl Daemon {
         log_inactive(&policy);
         let mut d = Daemon {
             config_path: config_path.to_path_buf(),
-            config_sha256: sha256_hex(&src),
+            config_sha256: loaded.sha256,
+            config_files: loaded.files,
             config,
             cgroup_root,
             last_failures: dp.counter(Counter::InsertFailures).unwrap_or(0),
@@ -262,6 +264,11 @@ impl Daemon {
         self.links.status()
     }
 
+    /// The metrics endpoint's settings (bound once, at start).
+    pub fn metrics_config(&self) -> crate::metrics::MetricsConfig {
+        self.config.metrics.clone()
+    }
+
     pub fn reload_inputs(&self) -> ReloadInputs {
         ReloadInputs {
             config_path: self.config_path.clone(),
@@ -291,8 +298,10 @@ impl Daemon {
             }
         }
         self.log.set_level(plan.config.daemon.log_level);
+        crate::metrics::warn_if_changed(&self.config.metrics, &plan.config.metrics);
         self.config = plan.config;
-        self.config_sha256 = sha256_hex(&plan.src);
+        self.config_sha256 = plan.sha256;
+        self.config_files = plan.files;
         log_inactive(&plan.policy);
         self.policy = plan.policy;
         self.reason.clear();
@@ -357,6 +366,7 @@ impl Daemon {
             abi_version: bypassd_ebpf::abi::ABI_VERSION,
             capacity: t.capacity,
             inactive_rules: self.inactive_rules(),
+            config_files: self.config_files.iter().map(|f| f.display().to_string()).collect(),
         }
     }
 

@@ -26,9 +26,11 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(p) = &cli.check_config {
-        return match config::Config::load(p) {
-            Ok(_) => {
-                println!("{}: OK", p.display());
+        return match bypassd::dropins::load(p) {
+            Ok(l) => {
+                for f in &l.files {
+                    println!("{}: OK", f.display());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -56,8 +58,8 @@ fn main() -> ExitCode {
 /// Serve under the single-instance lock (a config that does not load is reported by
 /// the daemon itself, with its location).
 fn run(config_path: &Path, log: logging::Handle) -> anyhow::Result<()> {
-    let _lock = match config::Config::load(config_path) {
-        Ok((c, _)) => Some(instance::acquire(&c.daemon.state_dir.0)?),
+    let _lock = match bypassd::dropins::load(config_path) {
+        Ok(l) => Some(instance::acquire(&l.config.daemon.state_dir.0)?),
         Err(_) => None,
     };
     service::run(config_path, log)
@@ -65,8 +67,8 @@ fn run(config_path: &Path, log: logging::Handle) -> anyhow::Result<()> {
 
 fn detach(config_path: &Path) -> anyhow::Result<()> {
     // A missing config falls back to the default directories, so purge still works.
-    let (pin_dir, state_dir) = match config::Config::load(config_path) {
-        Ok((c, _)) => (c.daemon.pin_dir.0, c.daemon.state_dir.0),
+    let (pin_dir, state_dir) = match bypassd::dropins::load(config_path) {
+        Ok(l) => (l.config.daemon.pin_dir.0, l.config.daemon.state_dir.0),
         Err(e) if !config_path.exists() => {
             tracing::info!("{e}; using the default pin directory");
             (config::DEFAULT_PIN_DIR.into(), config::DEFAULT_STATE_DIR.into())

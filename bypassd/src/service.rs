@@ -34,12 +34,15 @@ pub fn run(config_path: &Path, log: crate::logging::Handle) -> Result<()> {
         }
     });
 
-    let control = Control::new(Daemon::start(config_path, log)?);
+    let daemon = Daemon::start(config_path, log)?;
+    let metrics_cfg = daemon.metrics_config();
+    let control = Control::new(daemon);
     let _bus = crate::dbus::serve(control.clone()).context("serving the D-Bus interface")?;
     let watched = control.clone();
     if let Err(e) = crate::datapath::link::watch::spawn(move |evs| watched.link_events(evs)) {
         tracing::warn!("link datapath: no netlink events ({e:#}); interfaces are re-checked every tick");
     }
+    let _metrics = crate::metrics::serve(control.clone(), &metrics_cfg);
 
     let status = control.summary();
     notify::ready(&status);

@@ -71,6 +71,10 @@ fn cases() -> Vec<Case> {
         Case { server: Who::App, client: Who::Proxy, ..case("cgroup admits the app only", "[[policy.rules]]\naction = \"accelerate\"\ncgroup = \"APP\"\n", "kernel", "127.0.0.1", "127.0.0.1") },
         Case { server: Who::App, client: Who::App, ..case("cgroup admits both in app", "[[policy.rules]]\naction = \"accelerate\"\ncgroup = \"APP\"\n", "kernel", "127.0.0.1", "127.0.0.1") },
         Case { client_uid: 65534, ..case("uid admits nobody's client only", "[[policy.rules]]\naction = \"accelerate\"\nuid = 65534\n", "kernel", "127.0.0.1", "127.0.0.1") },
+        case("ports admits both ends in one rule", "[[policy.rules]]\naction = \"accelerate\"\nports = \"PORT\"\n", "kernel", "127.0.0.1", "127.0.0.1"),
+        case("ports range excludes both ends", "[[policy.rules]]\naction = \"accelerate\"\nports = \"1-1000\"\n", "kernel", "127.0.0.1", "127.0.0.1"),
+        case("ports kernel rule before accelerate", "[[policy.rules]]\naction = \"kernel\"\nports = \"PORT\"\n[[policy.rules]]\naction = \"accelerate\"\n", "kernel", "127.0.0.1", "127.0.0.1"),
+        Case { client_uid: 65534, ..case("ports carries the rule's uid to both kernel rules", "[[policy.rules]]\naction = \"accelerate\"\nports = \"PORT\"\nuid = 65534\n", "kernel", "127.0.0.1", "127.0.0.1") },
         Case { client_uid: 65534, ..case("uid and port together", "[[policy.rules]]\naction = \"accelerate\"\nuid = 0\nlocal_ports = \"PORT\"\n[[policy.rules]]\naction = \"accelerate\"\nuid = 65534\n", "kernel", "127.0.0.1", "127.0.0.1") },
     ]
 }

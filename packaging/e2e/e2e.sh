@@ -166,7 +166,14 @@ check1_install() {
   done
   [ "$w1" != "$w0" ] || { fail "no WATCHDOG=1 from bypassd within 25 s (WatchdogSec=$wd)"; return 1; }
   say "watchdog: WatchdogSec=$wd, keep-alive received ($(( (w1 - w0) / 1000 )) ms after the previous one)"
-  note "files installed, conffile marked, verify clean, exposure $exp, watchdog keep-alives arrive"
+  # The metrics endpoint answers on loopback inside the container (bash's /dev/tcp: no curl there).
+  out=$(cx bash -c 'exec 3<>/dev/tcp/127.0.0.1/9477 && printf "GET /healthz HTTP/1.0\r\n\r\n" >&3 && cat <&3' 2>&1)
+  grep -q '^HTTP/1.1 200' <<<"$out" && grep -q '^ok: attached' <<<"$out" ||
+    { fail "/healthz on 127.0.0.1:9477: $out"; return 1; }
+  out=$(cx bash -c 'exec 3<>/dev/tcp/127.0.0.1/9477 && printf "GET /metrics HTTP/1.0\r\n\r\n" >&3 && cat <&3' 2>&1)
+  grep -q '^bypassd_build_info{' <<<"$out" || { fail "/metrics on 127.0.0.1:9477 lacks bypassd_build_info: $(head -3 <<<"$out")"; return 1; }
+  say "metrics: /healthz 200 ok: attached, /metrics serves $(grep -c '^bypassd_' <<<"$out") samples"
+  note "files installed, conffile marked, verify clean, exposure $exp, watchdog keep-alives arrive, /healthz 200"
 }
 
 check2_transfer() {

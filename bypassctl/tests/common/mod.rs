@@ -32,6 +32,8 @@ pub struct World {
     pub cgroup: ts::TestCgroup,
     pub state: ts::TempDir,
     pub bus: SystemBus,
+    /// Appended to the config (e.g. a `[metrics]` table).
+    pub extra_config: String,
 }
 
 impl Drop for World {
@@ -77,7 +79,16 @@ impl World {
     pub fn with_bus(bus: SystemBus) -> World {
         ts::require_root();
         let (pins, cgroup, state) = (ts::PinDir::new(), ts::TestCgroup::new(), ts::TempDir::new());
-        let mut w = World { daemon: None, pins, cgroup, state, bus };
+        let mut w = World { daemon: None, pins, cgroup, state, bus, extra_config: String::new() };
+        w.start_daemon();
+        w
+    }
+
+    /// A world whose config has `extra` appended.
+    pub fn with_config(extra: &str) -> World {
+        ts::require_root();
+        let mut w = Self::without_daemon(SystemBus::start().expect("start dbus-daemon"));
+        w.extra_config = extra.to_string();
         w.start_daemon();
         w
     }
@@ -85,12 +96,19 @@ impl World {
     /// A world whose bus is not running (yet): only the pieces.
     pub fn without_daemon(bus: SystemBus) -> World {
         ts::require_root();
-        World { daemon: None, pins: ts::PinDir::new(), cgroup: ts::TestCgroup::new(), state: ts::TempDir::new(), bus }
+        World {
+            daemon: None,
+            pins: ts::PinDir::new(),
+            cgroup: ts::TestCgroup::new(),
+            state: ts::TempDir::new(),
+            bus,
+            extra_config: String::new(),
+        }
     }
 
     pub fn start_daemon(&mut self) {
         let (k, v) = self.bus.env();
-        let cfg = config(&self.pins, &self.cgroup, &self.state);
+        let cfg = config(&self.pins, &self.cgroup, &self.state) + &self.extra_config;
         self.daemon = Some(ts::Daemon::start_with_env(&cfg, &[(k, &v)]).expect("start bypassd"));
     }
 

@@ -131,8 +131,9 @@ impl Manager {
 impl Manager {
     /// Version, datapath state ("attached", "detached", "degraded") and why, paused,
     /// cgroup, pin directory, config path and sha256, start time (Unix seconds), BPF
-    /// ABI version, SOCKHASH capacity and the number of inactive policy rules (their
-    /// cgroup does not exist), in one struct.
+    /// ABI version, SOCKHASH capacity, the number of inactive policy rules (their
+    /// cgroup does not exist), and the config files loaded (the main file, then its
+    /// conf.d/*.toml drop-ins in merge order), in one struct.
     #[zbus(out_args("status"))]
     async fn get_status(&self) -> (api::Status,) {
         (self.status().await,)
@@ -365,7 +366,7 @@ impl Manager {
         self.status().await.config_path
     }
 
-    /// sha256 (hex) of the loaded config file.
+    /// sha256 (hex) of the loaded config file; with drop-ins, of every loaded file.
     #[zbus(property)]
     async fn config_sha256(&self) -> String {
         self.status().await.config_sha256

@@ -116,6 +116,10 @@ pub struct RuleSpec {
     pub local_ports: Option<PortRange>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_ports: Option<PortRange>,
+    /// Either end's port: the server's socket (local) or the client's (remote), so
+    /// one rule admits both sockets of a service's connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortRange>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_cidr: Option<Cidr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,6 +139,7 @@ impl RuleSpec {
         let mut add = |k: &str, v: String| s.push_str(&format!(" {k}={v}"));
         if let Some(p) = self.local_ports { add("local_ports", p.to_string()) }
         if let Some(p) = self.remote_ports { add("remote_ports", p.to_string()) }
+        if let Some(p) = self.ports { add("ports", p.to_string()) }
         if let Some(c) = self.local_cidr { add("local_cidr", c.to_string()) }
         if let Some(c) = self.remote_cidr { add("remote_cidr", c.to_string()) }
         if let Some(c) = &self.cgroup { add("cgroup", c.clone()) }
@@ -211,14 +216,19 @@ pub fn cgroup_id(cgroup_root: &Path, path: &str) -> Result<Option<u64>, String> 
 /// Check and resolve a whole rule set; rule numbers in errors count from 1. A rule
 /// whose cgroup is missing is inactive, not an error.
 pub fn resolve(rules: &[RuleSpec], cgroup_root: &Path) -> Result<Vec<Resolved>, PolicyError> {
-    if rules.len() > abi::MAX_RULES as usize {
-        return Err(PolicyError::TooMany { count: rules.len(), max: abi::MAX_RULES as usize });
+    // A `ports` rule takes two kernel rules (see `encode`).
+    let kernel_rules: usize = rules.iter().map(|r| 1 + usize::from(r.ports.is_some())).sum();
+    if kernel_rules > abi::MAX_RULES as usize {
+        return Err(PolicyError::TooMany { count: kernel_rules, max: abi::MAX_RULES as usize });
     }
     rules
         .iter()
         .enumerate()
         .map(|(i, r)| {
             let bad = |reason: String| PolicyError::BadRule { index: i + 1, name: r.name.clone(), reason };
+            if r.ports.is_some() && (r.local_ports.is_some() || r.remote_ports.is_some()) {
+                return Err(bad("`ports` (either end) cannot be combined with `local_ports` or `remote_ports`".into()));
+            }
             let (cgroup_id, inactive) = match &r.cgroup {
                 Some(p) => match cgroup_id(cgroup_root, p).map_err(bad)? {
                     Some(id) => (Some(id), None),
@@ -231,12 +241,26 @@ pub fn resolve(rules: &[RuleSpec], cgroup_root: &Path) -> Result<Vec<Resolved>, 
         .collect()
 }
 
-/// Encode rules into the ABI layout for one rule buffer.
+/// Encode rules into the ABI layout for one rule buffer. A `ports = P` rule becomes
+/// two adjacent kernel rules with the same action and other fields, `local_ports = P`
+/// then `remote_ports = P`: under first-match-wins that is exactly "either end in P".
 pub fn encode(rules: &[Resolved]) -> Vec<abi::Rule> {
     // An inactive rule matches nothing, so leaving it out decides exactly the same.
     rules
         .iter()
         .filter(|r| r.active())
+        .flat_map(|r| match r.spec.ports {
+            None => vec![r.clone()],
+            Some(p) => {
+                let one = |local: bool| {
+                    let mut x = r.clone();
+                    x.spec.ports = None;
+                    if local { x.spec.local_ports = Some(p) } else { x.spec.remote_ports = Some(p) }
+                    x
+                };
+                vec![one(true), one(false)]
+            }
+        })
         .map(|r| {
             let s = &r.spec;
             let net = |c: Option<Cidr>| c.map_or(([0; 16], 0), |c| (c.mapped().network().octets(), c.mapped().prefix_len()));
@@ -284,6 +308,7 @@ pub fn decide(rules: &[Resolved], default: Action, s: &SocketView) -> Action {
         let spec = &rule.spec;
         let ok = spec.local_ports.is_none_or(|p| p.contains(s.local.port()))
             && spec.remote_ports.is_none_or(|p| p.contains(s.remote.port()))
+            && spec.ports.is_none_or(|p| p.contains(s.local.port()) || p.contains(s.remote.port()))
             && spec.local_cidr.is_none_or(|c| c.contains(&l))
             && spec.remote_cidr.is_none_or(|c| c.contains(&r))
             && rule.cgroup_id.is_none_or(|id| s.owner.is_some_and(|(cg, _)| cg == id))
@@ -381,5 +406,21 @@ mod tests {
         assert_eq!((e.remote_port_lo, e.remote_port_hi), (80, 90));
         assert_eq!((e.local_port_lo, e.local_port_hi), (0, 65535));
         assert_eq!(e.action, abi::ACTION_ACCELERATE);
+    }
+
+    #[test]
+    fn ports_expands_to_local_then_remote_with_the_same_fields() {
+        let r = res(rule("action = \"accelerate\"\nports = \"6379\"\nuid = 7\n"));
+        let e = encode(&[r.clone()]);
+        assert_eq!(e.len(), 2);
+        assert_eq!((e[0].local_port_lo, e[0].local_port_hi, e[0].remote_port_lo, e[0].remote_port_hi), (6379, 6379, 0, 65535));
+        assert_eq!((e[1].local_port_lo, e[1].local_port_hi, e[1].remote_port_lo, e[1].remote_port_hi), (0, 65535, 6379, 6379));
+        assert!(e.iter().all(|k| k.uid == 7 && k.flags == abi::RULE_MATCH_UID && k.action == abi::ACTION_ACCELERATE));
+        assert_eq!(r.spec.summary(), "accelerate ports=6379 uid=7");
+        let mixed = rule("action = \"accelerate\"\nports = \"1\"\nlocal_ports = \"2\"\n");
+        let err = resolve(&[mixed], Path::new("/")).unwrap_err().to_string();
+        assert!(err.contains("cannot be combined"), "{err}");
+        let many: Vec<RuleSpec> = (0..33).map(|_| rule("action = \"kernel\"\nports = \"1\"\n")).collect();
+        assert!(matches!(resolve(&many, Path::new("/")), Err(PolicyError::TooMany { count: 66, .. })));
     }
 }

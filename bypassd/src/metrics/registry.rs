@@ -1,0 +1,184 @@
+//! The metric families, rendered from a [`Snapshot`] with prometheus-client
+//! (OpenMetrics text). Labels are bounded enums only: never an address, port, pid
+//! or cgroup path.
+use super::snapshot::Snapshot;
+use bypassd_ebpf::abi::Counter as C;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::ConstCounter,
+        gauge::ConstGauge,
+        info::Info,
+    },
+    registry::Registry,
+};
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Why a send took the kernel path, and the datapath counter it is read from.
+/// `no_peer` has no counter of its own: it is every passed send the others do not
+/// explain (the peer socket is not in the SOCKHASH: left to the kernel by the
+/// policy, not inserted because the map was full, or already closed).
+pub const PASS_REASONS: [(&str, Option<C>); 5] = [
+    ("no_peer", None),
+    ("order", Some(C::OrderWait)),
+    ("backpressure", Some(C::Backpressure)),
+    ("not_ready", Some(C::NotReady)),
+    ("splice", Some(C::SpliceKept)),
+];
+
+#[derive(Debug)]
+struct Families(Snapshot);
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+/// One family with a single bounded label.
+fn labelled<M: EncodeMetric>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    label: &str,
+    values: &[(&str, M)],
+) -> Result<(), std::fmt::Error> {
+    let mut fam = e.encode_descriptor(name, help, None, ty)?;
+    for (l, m) in values {
+        let set = [(label, *l)];
+        m.encode(fam.encode_family(&set)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Families {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let abi = bypassd_ebpf::abi::ABI_VERSION.to_string();
+        let info = Info::new([("version", env!("CARGO_PKG_VERSION")), ("abi", abi.as_str())]);
+        info.encode(e.encode_descriptor("bypassd_build", "bypassd version and BPF ABI version", None, MetricType::Info)?)?;
+        let states = [bypassd_api::state::ATTACHED, bypassd_api::state::DETACHED, bypassd_api::state::DEGRADED]
+            .map(|st| (st, ConstGauge::new(i64::from(s.state == st))));
+        labelled(&mut e, "bypassd_datapath_state", "1 for the datapath's current state", MetricType::Gauge, "state", &states)?;
+        gauge(&mut e, "bypassd_datapath_paused", "1 while acceleration of new connections is paused", i64::from(s.paused))?;
+        let rules = [("runtime", ConstGauge::new(s.rules_runtime as i64)), ("config", ConstGauge::new(s.rules_config as i64))];
+        labelled(&mut e, "bypassd_policy_rules", "Policy rules in effect, by where they come from", MetricType::Gauge, "source", &rules)?;
+        counter(&mut e, "bypassd_reloads", "Configuration reloads attempted (SIGHUP or D-Bus)", s.reloads)?;
+        counter(&mut e, "bypassd_reloads_failed", "Reloads refused; the running configuration was kept", s.reloads_failed)?;
+        if let Some(n) = s.accelerated_sockets {
+            gauge(&mut e, "bypassd_accelerated_sockets", "Sockets in the SOCKHASH now", n as i64)?;
+        }
+        if s.counters.is_empty() {
+            return Ok(()); // no datapath pinned: no datapath counters
+        }
+        let c = |k| s.counter(k);
+        counter(&mut e, "bypassd_redirected_messages", "Sends delivered straight to the peer socket", c(C::RedirectedMsgs))?;
+        counter(&mut e, "bypassd_redirected_bytes", "Bytes delivered straight to the peer socket", c(C::RedirectedBytes))?;
+        let explained: u64 = PASS_REASONS.iter().filter_map(|(_, k)| *k).map(c).sum();
+        let passed = PASS_REASONS.map(|(r, k)| {
+            (r, ConstCounter::new(k.map_or_else(|| c(C::PassedMsgs).saturating_sub(explained), c)))
+        });
+        labelled(
+            &mut e,
+            "bypassd_passed_messages",
+            "Sends of accelerated sockets left on the kernel TCP path, by reason",
+            MetricType::Counter,
+            "reason",
+            &passed,
+        )?;
+        counter(&mut e, "bypassd_passed_bytes", "Bytes of accelerated sockets left on the kernel TCP path (all reasons)", c(C::PassedBytes))?;
+        counter(&mut e, "bypassd_sockets_inserted", "Sockets put into the SOCKHASH", c(C::SocketsInserted))?;
+        counter(&mut e, "bypassd_insert_failures", "Admitted sockets not inserted (SOCKHASH full or key taken)", c(C::InsertFailures))?;
+        let skipped = [("policy", ConstCounter::new(c(C::PolicyKernel))), ("paused", ConstCounter::new(c(C::PausedSkips)))];
+        labelled(
+            &mut e,
+            "bypassd_sockets_not_accelerated",
+            "Established sockets left on the kernel path, by reason",
+            MetricType::Counter,
+            "reason",
+            &skipped,
+        )?;
+        counter(&mut e, "bypassd_splice_sockets", "Accelerated sockets seen reading with splice", c(C::SpliceSeen))?;
+        counter(&mut e, "bypassd_splice_stranded_sockets", "Splice readers that had redirected bytes queued", c(C::SpliceStranded))?;
+        counter(&mut e, "bypassd_splice_refused", "splice/sendfile reads refused by the BPF LSM guard", c(C::SpliceRefused))?;
+        counter(&mut e, "bypassd_stranded_drops", "Sends refused because the peer splices with bytes stranded", c(C::StrandedDrops))?;
+        Ok(())
+    }
+}
+
+/// The OpenMetrics text of one snapshot.
+pub fn render(s: Snapshot) -> String {
+    let mut reg = Registry::default();
+    reg.register_collector(Box::new(Families(s)));
+    let mut out = String::new();
+    // Writing into a String cannot fail; an encoder error would be a bug here.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
+        tracing::error!("metrics: encoding failed: {e}");
+    }
+    out
+}
+
+/// Every sample name bypassd can serve (an attached datapath shows them all).
+pub fn metric_names() -> Vec<String> {
+    let s = Snapshot {
+        state: bypassd_api::state::ATTACHED.into(),
+        counters: C::ALL.iter().map(|&k| (k, 0)).collect(),
+        accelerated_sockets: Some(0),
+        ..Snapshot::default()
+    };
+    let mut names: Vec<String> = render(s)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(|c| c == '{' || c == ' ').next().map(String::from))
+        .collect();
+    names.dedup();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_have_base_units_and_bounded_labels() {
+        let names = metric_names();
+        for n in [
+            "bypassd_build_info",
+            "bypassd_datapath_state",
+            "bypassd_accelerated_sockets",
+            "bypassd_redirected_bytes_total",
+            "bypassd_redirected_messages_total",
+            "bypassd_passed_messages_total",
+            "bypassd_passed_bytes_total",
+            "bypassd_sockets_inserted_total",
+            "bypassd_insert_failures_total",
+            "bypassd_reloads_total",
+            "bypassd_reloads_failed_total",
+            "bypassd_policy_rules",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
+        }
+        let mut s = Snapshot { state: "attached".into(), ..Snapshot::default() };
+        s.counters = vec![(C::PassedMsgs, 10), (C::OrderWait, 3), (C::NotReady, 2), (C::PassedBytes, 7)];
+        let text = render(s);
+        assert!(text.contains("bypassd_passed_messages_total{reason=\"no_peer\"} 5"), "{text}");
+        assert!(text.contains("bypassd_passed_messages_total{reason=\"order\"} 3"), "{text}");
+        assert!(text.contains("bypassd_build_info{version=\""), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+        // Label values come from fixed lists only.
+        let allowed = ["no_peer", "order", "backpressure", "not_ready", "splice", "policy", "paused", "runtime", "config", "attached", "detached", "degraded"];
+        for l in text.lines().filter(|l| !l.starts_with('#') && l.contains('{') && !l.starts_with("bypassd_build_info")) {
+            let v = l.split('"').nth(1).unwrap();
+            assert!(allowed.contains(&v), "unbounded label value in {l}");
+        }
+    }
+}
