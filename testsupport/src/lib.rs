@@ -15,7 +15,11 @@ use std::{
     os::{fd::AsRawFd, unix::net::UnixDatagram, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    collections::VecDeque,
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -347,12 +351,43 @@ impl Default for Sandbox {
     }
 }
 
+/// The notify datagrams bypassd sent, read by a thread as they arrive. bypassd's
+/// sends block once the socket's queue (net.unix.max_dgram_qlen, 10) is full, as
+/// they would under a systemd that stopped reading: a fixture must keep reading.
+struct NotifyLog {
+    msgs: Mutex<VecDeque<String>>,
+    arrived: Condvar,
+}
+
+impl NotifyLog {
+    fn listen(sock: UnixDatagram) -> Result<Arc<NotifyLog>> {
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let log = Arc::new(NotifyLog { msgs: Mutex::new(VecDeque::new()), arrived: Condvar::new() });
+        let weak = Arc::downgrade(&log);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends when the daemon fixture (the only strong reference) is gone.
+            while let Some(log) = weak.upgrade() {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    lock(&log.msgs).push_back(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    log.arrived.notify_all();
+                }
+            }
+        });
+        Ok(log)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A bypassd process with its own config, started and waited on for READY=1.
 pub struct Daemon {
     pub child: Option<Child>,
     pub config: PathBuf,
     pub dir: TempDir,
-    notify: UnixDatagram,
+    notify: Arc<NotifyLog>,
     env: Vec<(String, String)>,
     /// The bypassd binary (this workspace's, or a frozen copy the benchmark made).
     bin: PathBuf,
@@ -374,7 +409,7 @@ impl Daemon {
         let dir = TempDir::new();
         let cfg = dir.path().join("bypassd.toml");
         std::fs::write(&cfg, config)?;
-        let notify = UnixDatagram::bind(dir.path().join("notify.sock"))?;
+        let notify = NotifyLog::listen(UnixDatagram::bind(dir.path().join("notify.sock"))?)?;
         let mut d = Daemon {
             child: None,
             config: cfg,
@@ -411,10 +446,7 @@ impl Daemon {
 
     /// Drop notifications already queued (an earlier instance's READY=1 must not count).
     fn drain(&self) {
-        let _ = self.notify.set_nonblocking(true);
-        let mut buf = [0u8; 4096];
-        while self.notify.recv(&mut buf).is_ok() {}
-        let _ = self.notify.set_nonblocking(false);
+        lock(&self.notify.msgs).clear();
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -428,13 +460,15 @@ impl Daemon {
     /// Wait for a notify datagram containing `what`; fails early if bypassd exits.
     pub fn wait_for(&mut self, what: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        self.notify.set_read_timeout(Some(Duration::from_millis(20)))?;
-        let mut buf = [0u8; 4096];
         loop {
-            if let Ok(n) = self.notify.recv(&mut buf)
-                && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == what)
             {
-                return Ok(());
+                let mut q = lock(&self.notify.msgs);
+                while let Some(m) = q.pop_front() {
+                    if m.lines().any(|l| l == what) {
+                        return Ok(());
+                    }
+                }
+                let _ = self.notify.arrived.wait_timeout(q, Duration::from_millis(20));
             }
             if let Some(c) = self.child.as_mut()
                 && let Some(st) = c.try_wait()?
