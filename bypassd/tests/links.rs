@@ -281,8 +281,10 @@ fn bridge_mode_vm_to_vm_pod_to_pod_and_a_moved_mac_is_followed() {
     assert_eq!(env.pinned().len(), 5);
     t.udp(0, 1, 10);
     t.udp(2, 3, 10);
-    check_skips_bridge(&env, &t, 0, 1, 50);
-    check_skips_bridge(&env, &t, 2, 3, 50);
+    // The bridge keeps what it must (ARP, IPv6 ND/MLD multicast, frames before a MAC is
+    // learned): a few dozen frames against the ~30 000 each check sends.
+    check_skips_bridge(&env, &t, 0, 1, 200);
+    check_skips_bridge(&env, &t, 2, 3, 200);
 
     // Pod 3's MAC and address move to pod 4's port (a migration); pod 3 takes a new MAC.
     let (p3, p4) = (&t.eps[3].ns.name, &t.eps[4].ns.name);

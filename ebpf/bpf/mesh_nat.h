@@ -18,9 +18,10 @@
 #define BP_SOL_IPV6 41
 #define BP_SO_ORIGINAL_DST 80 /* SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST */
 
-/* Capacity follows the SOCKHASH (set by the loader). */
+/* Capacity follows the SOCKHASH (set by the loader); memory follows the pairs made. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 65536);
 	__type(key, struct bp_sock_key);
 	__type(value, struct bp_nat_peer);
