@@ -563,8 +563,7 @@ static __always_inline void publish(struct sock___bp *sk, struct bp_rx_state *rx
 
 /*
  * Entry of every recvmsg/read on a socket with a psock (tcp_bpf replaces
- * sk_prot->recvmsg): the receiver reads with recvmsg, so it becomes a redirect target
- * (unless it ever spliced), even while it blocks waiting for the first byte.
+ * sk_prot->recvmsg): publish what the receiver consumed so far.
  */
 SEC("kprobe/tcp_bpf_recvmsg")
 int bypass_rx_enter(struct pt_regs *ctx)
@@ -574,22 +573,28 @@ int bypass_rx_enter(struct pt_regs *ctx)
 
 	if (!rx)
 		return 0;
+	/* Publication only: readiness waits for a read that returned data (bypass_rx_done). */
 	publish(sk, rx);
-	if (!rx->ready)
-		rx->ready = 1;
 	return 0;
 }
 
 /*
  * After every recvmsg/read (any socket; filtered by rx_of): publish what was consumed,
- * and mark the receiver as a recvmsg reader. This alone suffices where kprobes are
- * unavailable; the receiver then becomes a redirect target after its first read
- * returns (a non-blocking reader's first EAGAIN counts), not when it starts waiting.
+ * and mark the receiver as a recvmsg reader once a read has CONSUMED data. A read that
+ * found nothing (EAGAIN, as an event loop's first try) or only peeked proves nothing:
+ * such a reader may splice its very first byte, and marking it would let redirected
+ * bytes strand where splice never looks (issue 10: the sender got EACCES, the splice
+ * reader EOF with 0 bytes). The splice tracepoint cannot close that window: it fires
+ * at the reader's first splice call, after the sender may already have redirected.
  */
+#define BP_MSG_PEEK 2
+
 SEC("tp_btf/sock_recv_length")
 int bypass_rx_done(__u64 *ctx)
 {
 	struct sock___bp *sk = (void *)ctx[0];
+	int ret = (int)ctx[1];
+	int flags = (int)ctx[2];
 	struct bp_rx_state *rx;
 
 	struct tcp_sock___bp *tp;
@@ -615,7 +620,7 @@ int bypass_rx_done(__u64 *ctx)
 	rx->copied_seq = tp->copied_seq;
 	rx->rcvbuf = sk->sk_rcvbuf;
 	rx->queued = BPF_CORE_READ((struct sk_psock___bp *)(ud & BP_USER_DATA_PTRMASK), msg_tot_len);
-	if (!rx->ready)
+	if (!rx->ready && ret > 0 && !(flags & BP_MSG_PEEK))
 		rx->ready = 1;
 	return 0;
 }
