@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 2
+#define BP_ABI_VERSION 3
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -35,7 +35,9 @@ enum bp_counter {
 	BP_CTR_SPLICE_STRANDED = 13, /* ...of which had redirected bytes queued then (unsafe) */
 	BP_CTR_SPLICE_REFUSED = 14, /* splice/sendfile reads refused by the BPF LSM guard */
 	BP_CTR_STRANDED_DROPS = 15, /* sends refused (EACCES): peer splices with bytes stranded */
-	BP_CTR_MAX = 16,
+	BP_CTR_COALESCED = 16,     /* small sends kept on TCP: the peer still held redirected data */
+	BP_CTR_PEER_STALE = 17,    /* sends kept on TCP: the peer's socket was gone or reused */
+	BP_CTR_MAX = 18,
 };
 
 /* Indices in the control array (u64 values). */
@@ -44,7 +46,8 @@ enum bp_control {
 	BP_CTL_PAUSED = 1,     /* non-zero: do not insert new sockets */
 	BP_CTL_QUEUE_CAP = 2,  /* max bytes queued for one receiver; 0 = its SO_RCVBUF */
 	BP_CTL_RECV_GATE = 3,  /* non-zero: a receiver is a redirect target only after a recvmsg */
-	BP_CTL_MAX = 4,
+	BP_CTL_COALESCE_BELOW = 4, /* sends smaller than this take TCP while the peer holds redirected data */
+	BP_CTL_MAX = 5,
 };
 
 /* Rule actions. */
@@ -100,6 +103,7 @@ struct bp_sk_info {
 
 #define BP_SK_KNOWN (1u << 0)      /* cgroup_id and uid are valid */
 #define BP_SK_NO_REDIRECT_IN (1u << 1) /* created by a known splice reader (bp_splicers) */
+#define BP_SK_READY (1u << 2)      /* its bp_rx entry is marked ready (the rx hook's fast exit) */
 
 /* bp_splicers: process names (comm, 16 bytes, NUL padded) whose sockets never get
  * redirected data. Value: how the name got there. */
@@ -109,15 +113,18 @@ struct bp_sk_info {
 
 /*
  * What a sender needs to know about an accelerated receiver, keyed by the receiver's
- * SOCKHASH key: written at establishment, published again around each of the
- * receiver's reads, and bumped by the sender as it queues redirected bytes.
+ * SOCKHASH key. sock_ops writes it at establishment (sk, cookie, flags); the sender
+ * reads the receiver's live state through sk (copied_seq, redirect queue) and checks
+ * cookie against reuse; copied_seq and queued are the values the last send saw.
  */
 struct bp_rx_state {
-	__u32 copied_seq; /* receiver's tcp_sock copied_seq: TCP bytes read so far */
-	__u32 rcvbuf;     /* receiver's SO_RCVBUF */
-	__u64 queued;     /* redirected bytes waiting on the receiver's psock queue */
-	__u32 ready;      /* 1: has read with recvmsg (or the recvmsg gate is off) */
-	__u32 spliced;    /* 1: has read with splice: never a redirect target again */
+	__u32 copied_seq; /* receiver's copied_seq as last seen: TCP bytes read so far */
+	__u32 rcvbuf;     /* receiver's SO_RCVBUF at establishment */
+	__u64 queued;     /* redirected bytes on the receiver's psock queue, as last seen */
+	__u32 ready;      /* 1: has consumed data with recvmsg (or the recvmsg gate is off) */
+	__u32 spliced;    /* 1: reads with splice: never a redirect target again */
+	__u64 sk;         /* the receiver's struct sock (read with probe reads only) */
+	__u64 cookie;     /* its socket cookie: sk is trusted only while this matches */
 };
 
 #endif

@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -24,11 +24,13 @@ pub enum Counter {
     SpliceStranded = 13,
     SpliceRefused = 14,
     StrandedDrops = 15,
+    Coalesced = 16,
+    PeerStale = 17,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
-    pub const ALL: [Counter; 16] = [
+    pub const COUNT: u32 = 18;
+    pub const ALL: [Counter; 18] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -45,6 +47,8 @@ impl Counter {
         Counter::SpliceStranded,
         Counter::SpliceRefused,
         Counter::StrandedDrops,
+        Counter::Coalesced,
+        Counter::PeerStale,
     ];
 
     /// The stable name used in JSON output and D-Bus.
@@ -66,6 +70,8 @@ impl Counter {
             Counter::SpliceStranded => "splice_stranded_sockets",
             Counter::SpliceRefused => "splice_refused",
             Counter::StrandedDrops => "stranded_drops",
+            Counter::Coalesced => "coalesced_msgs",
+            Counter::PeerStale => "peer_stale_msgs",
         }
     }
 }
@@ -75,7 +81,8 @@ pub const CTL_POLICY_SEQ: u32 = 0;
 pub const CTL_PAUSED: u32 = 1;
 pub const CTL_QUEUE_CAP: u32 = 2;
 pub const CTL_RECV_GATE: u32 = 3;
-pub const CTL_MAX: u32 = 4;
+pub const CTL_COALESCE_BELOW: u32 = 4;
+pub const CTL_MAX: u32 = 5;
 
 pub const ACTION_KERNEL: u8 = 0;
 pub const ACTION_ACCELERATE: u8 = 1;
@@ -85,6 +92,7 @@ pub const RULE_MATCH_UID: u8 = 1 << 1;
 
 pub const SK_KNOWN: u32 = 1 << 0;
 pub const SK_NO_REDIRECT_IN: u32 = 1 << 1;
+pub const SK_READY: u32 = 1 << 2;
 
 /// `bp_splicers` keys: a process name (comm), NUL padded.
 pub const COMM_LEN: usize = 16;
@@ -146,6 +154,9 @@ pub struct RxState {
     pub queued: u64,
     pub ready: u32,
     pub spliced: u32,
+    /// The receiver's kernel socket address (only the BPF side dereferences it).
+    pub sk: u64,
+    pub cookie: u64,
 }
 
 // SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding
