@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash bench/deps.sh
-cargo build --release -p bypass-bench -p bypassd -p bypassctl
+cargo build --release -p bypass-bench -p bypassd -p bypassctl -p bypass-testkit
 exec target/release/bypass-bench --short "$@"

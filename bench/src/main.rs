@@ -7,6 +7,7 @@ mod bench;
 mod fixtures;
 mod helpers;
 mod plot;
+mod real;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -45,7 +46,7 @@ pub struct Cli {
     /// CPU (0-based) that pinned runs put client and server on.
     #[arg(long, default_value_t = 1)]
     pub cpu: usize,
-    /// Run only these sections (qperf, unix, churn, unaccelerated, daemon).
+    /// Run only these sections (qperf, unix, churn, unaccelerated, daemon, real).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Message sizes (default: 1 to 16K in ×4 steps).
