@@ -558,6 +558,15 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 		count(BP_CTR_ORDER_WAIT, 1);
 		goto seen;
 	}
+	/*
+	 * recvmsg first, live: the receiver's TCP bytes must all have been consumed by
+	 * recvmsg (published by the rx hook after each consuming read). A live copied_seq
+	 * beyond that means splice read them (or a recvmsg has not returned yet): TCP.
+	 */
+	if (!stranded && control(BP_CTL_RECV_GATE) && copied != rx->copied_seq) {
+		count(BP_CTR_NOT_READY, 1);
+		goto seen;
+	}
 	bound = control(BP_CTL_QUEUE_CAP);
 	if (!bound)
 		bound = peer_rcvbuf(rx);
@@ -584,7 +593,6 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	if (bpf_msg_redirect_hash(msg, &bp_socks, &key, BPF_F_INGRESS) != SK_PASS_VERDICT)
 		goto pass;
 	rx->queued = queued + size;
-	rx->copied_seq = copied;
 	count(BP_CTR_REDIRECTED_MSGS, 1);
 	count(BP_CTR_REDIRECTED_BYTES, size);
 	return SK_PASS_VERDICT;
@@ -592,7 +600,6 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 seen:
 	/* What this send saw, for `bypassctl` and the tests (the live figures rule). */
 	rx->queued = queued;
-	rx->copied_seq = copied;
 	if (stranded && !peer_same(rx))
 		stranded = 0;
 pass:
@@ -649,17 +656,24 @@ int bypass_rx_done(__u64 *ctx)
 	struct sock___bp *sk = (void *)ctx[0];
 	int ret = (int)ctx[1];
 	int flags = (int)ctx[2];
+	struct tcp_sock___bp *tp;
 	struct bp_sk_info *info;
 	struct bp_rx_state *rx;
 	struct bp_sock_key *key;
+	__u32 seq;
 	__u64 cookie;
 
 	/* Runs for every read on the host: leave on the first check that fails (no data
-	 * consumed, no psock = in no sockmap, already marked). Senders read the rest live. */
+	 * consumed, no psock = in no sockmap, nothing new to publish). */
 	if (ret <= 0 || (flags & BP_MSG_PEEK) || !sk || !sk->sk_user_data)
 		return 0;
+	tp = (void *)bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	seq = tp->copied_seq;
 	info = bpf_sk_storage_get(&bp_sk_info, sk, 0, 0);
-	if (info && (info->flags & BP_SK_READY))
+	/* Reading redirected data moves no copied_seq: in redirect mode this is the exit. */
+	if (info && (info->flags & BP_SK_READY) && info->recv_seq == seq)
 		return 0;
 	cookie = sk->__sk_common.skc_cookie.counter;
 	key = cookie ? bpf_map_lookup_elem(&bp_cookies, &cookie) : 0;
@@ -668,10 +682,15 @@ int bypass_rx_done(__u64 *ctx)
 	rx = bpf_map_lookup_elem(&bp_rx, key);
 	if (!rx)
 		return 0;
+	/* What recvmsg has consumed: a sender seeing a live copied_seq beyond this knows
+	 * something else (splice) consumed since, and redirects nothing. */
+	rx->copied_seq = seq;
 	if (!rx->ready)
 		rx->ready = 1;
-	if (info)
-		info->flags |= BP_SK_READY; /* only this hook sets it; a lost race costs one more lookup */
+	if (info) {
+		info->recv_seq = seq;
+		info->flags |= BP_SK_READY; /* only this hook sets it */
+	}
 	return 0;
 }
 

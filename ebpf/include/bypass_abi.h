@@ -99,11 +99,13 @@ struct bp_sk_info {
 	__u64 cgroup_id;
 	__u32 uid;
 	__u32 flags; /* BP_SK_* */
+	__u32 recv_seq; /* copied_seq after its last consuming recvmsg (the rx hook's fast exit) */
+	__u32 pad;
 };
 
 #define BP_SK_KNOWN (1u << 0)      /* cgroup_id and uid are valid */
 #define BP_SK_NO_REDIRECT_IN (1u << 1) /* created by a known splice reader (bp_splicers) */
-#define BP_SK_READY (1u << 2)      /* its bp_rx entry is marked ready (the rx hook's fast exit) */
+#define BP_SK_READY (1u << 2)      /* its bp_rx entry is marked ready and recv_seq published */
 
 /* bp_splicers: process names (comm, 16 bytes, NUL padded) whose sockets never get
  * redirected data. Value: how the name got there. */
@@ -113,14 +115,15 @@ struct bp_sk_info {
 
 /*
  * What a sender needs to know about an accelerated receiver, keyed by the receiver's
- * SOCKHASH key. sock_ops writes it at establishment (sk, cookie, flags); the sender
- * reads the receiver's live state through sk (copied_seq, redirect queue) and checks
- * cookie against reuse; copied_seq and queued are the values the last send saw.
+ * SOCKHASH key. sock_ops writes it at establishment (sk, cookie, flags); the rx hook
+ * publishes copied_seq after each consuming recvmsg; the sender reads the receiver's
+ * live state through sk (copied_seq, redirect queue), checks cookie against reuse,
+ * and takes a live copied_seq beyond the published one for a splice reader.
  */
 struct bp_rx_state {
-	__u32 copied_seq; /* receiver's copied_seq as last seen: TCP bytes read so far */
+	__u32 copied_seq; /* receiver's copied_seq after its last consuming recvmsg */
 	__u32 rcvbuf;     /* receiver's SO_RCVBUF at establishment */
-	__u64 queued;     /* redirected bytes on the receiver's psock queue, as last seen */
+	__u64 queued;     /* redirected bytes on the receiver's psock queue, as the last send saw */
 	__u32 ready;      /* 1: has consumed data with recvmsg (or the recvmsg gate is off) */
 	__u32 spliced;    /* 1: reads with splice: never a redirect target again */
 	__u64 sk;         /* the receiver's struct sock (read with probe reads only) */

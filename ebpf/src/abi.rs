@@ -143,6 +143,8 @@ pub struct SkInfo {
     pub cgroup_id: u64,
     pub uid: u32,
     pub flags: u32,
+    pub recv_seq: u32,
+    pub pad: u32,
 }
 
 /// `struct bp_rx_state`: what a sender knows about an accelerated receiver.

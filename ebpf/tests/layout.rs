@@ -17,7 +17,7 @@ fn c_layout() -> BTreeMap<String, u64> {
         ("bp_rule", &["local_ip", "remote_ip", "local_prefix", "remote_prefix", "action", "flags",
             "local_port_lo", "local_port_hi", "remote_port_lo", "remote_port_hi", "uid", "cgroup_id"][..]),
         ("bp_policy_meta", &["nrules", "default_action"][..]),
-        ("bp_sk_info", &["cgroup_id", "uid", "flags"][..]),
+        ("bp_sk_info", &["cgroup_id", "uid", "flags", "recv_seq", "pad"][..]),
         ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced", "sk", "cookie"][..]),
     ] {
         emit(&format!("sizeof.{ty}"), &format!("sizeof(struct {ty})"));
@@ -65,7 +65,7 @@ fn c_and_rust_layouts_agree() {
     rust_layout!(r, "bp_rule", Rule, [local_ip, remote_ip, local_prefix, remote_prefix, action, flags,
         local_port_lo, local_port_hi, remote_port_lo, remote_port_hi, uid, cgroup_id]);
     rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
-    rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags]);
+    rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags, recv_seq, pad]);
     rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced, sk, cookie]);
     let consts: [(&str, u64); 37] = [
         ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
