@@ -47,15 +47,17 @@ fn size_name(b: u32) -> String {
     if b >= 1024 { format!("{} KiB", b / 1024) } else { format!("{b} B") }
 }
 
+/// Each GET follows the SET of the same size: redis-benchmark without -r uses one key,
+/// so a GET returns whatever the last SET stored.
 const WORKS: [Work; 11] = [
-    Work::Redis { test: "get", size: 64, pipeline: 1 },
     Work::Redis { test: "set", size: 64, pipeline: 1 },
-    Work::Redis { test: "get", size: 16384, pipeline: 1 },
+    Work::Redis { test: "get", size: 64, pipeline: 1 },
     Work::Redis { test: "set", size: 16384, pipeline: 1 },
-    Work::Redis { test: "get", size: 64, pipeline: 32 },
+    Work::Redis { test: "get", size: 16384, pipeline: 1 },
     Work::Redis { test: "set", size: 64, pipeline: 32 },
-    Work::Redis { test: "get", size: 16384, pipeline: 32 },
+    Work::Redis { test: "get", size: 64, pipeline: 32 },
     Work::Redis { test: "set", size: 16384, pipeline: 32 },
+    Work::Redis { test: "get", size: 16384, pipeline: 32 },
     Work::Wrk { path: "/1k" },
     Work::Wrk { path: "/256k" },
     Work::Bulk,
