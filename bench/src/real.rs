@@ -7,9 +7,9 @@
 //! bypassd's global costs. Every bypass run must show redirected messages in the
 //! counters, or the section fails. Results go to real.json and real.md beside the
 //! main results, and the table is printed.
-use crate::fixtures::{BenchDaemon, Counters, Proc, median, run_timeout};
+use crate::fixtures::{Counters, Proc, median, run_timeout};
 use anyhow::{Context, Result, bail};
-use bypass_testsupport::{PinDir, TempDir, TestCgroup};
+use bypass_testsupport::{Daemon, PinDir, TempDir, TestCgroup};
 use bypassd_ebpf::abi::Counter;
 use serde::Serialize;
 use std::{
@@ -247,14 +247,14 @@ fn run_once(cg: &TestCgroup, s: &Servers, w: Work, o: &Opts) -> Result<f64> {
 /// Attach (start bypassd, which pins the datapath) or detach (stop it, unpin).
 struct Switch {
     pins: PinDir,
-    daemon: Option<BenchDaemon>,
+    daemon: Option<Daemon>,
     config: String,
 }
 
 impl Switch {
     fn attach(&mut self) -> Result<()> {
         if self.daemon.is_none() {
-            self.daemon = Some(BenchDaemon::start(&self.config, &[])?.0);
+            self.daemon = Some(Daemon::start_timed(&crate::fixtures::bypassd_bin()?, &self.config, &[])?.0);
         }
         Ok(())
     }
