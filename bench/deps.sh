@@ -6,9 +6,10 @@
 #   iproute2           network namespaces and the veth pair
 #   dbus               a private system bus for bypassctl (policy edit round trip)
 #   fonts-dejavu-core  the font the PNG plots are drawn with (plotters + ab_glyph)
+#   redis-server, redis-tools, nginx-light, wrk   the "real programs" section
 set -euo pipefail
 need=()
-for p in qperf bpftool iproute2 dbus fonts-dejavu-core; do
+for p in qperf bpftool iproute2 dbus fonts-dejavu-core redis-server redis-tools nginx-light wrk; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -219,6 +219,14 @@ pub fn run(cli: &Cli) -> Result<bool> {
         env.servers.clear();
     }
     drop(env);
+    if plan.wants("real") && !fixtures::STOP.load(std::sync::atomic::Ordering::Relaxed) {
+        progress("== real programs");
+        let o = crate::real::Opts { short: cli.short, reps: cli.reps.unwrap_or(if cli.short { 1 } else { 5 }), secs: plan.secs.max(2) };
+        match crate::real::run(&o, &out) {
+            Ok(rr) => r.errors.extend(rr.errors.iter().map(|e| format!("real: {e}"))),
+            Err(e) => r.errors.push(format!("real: {e:#}")),
+        }
+    }
     // Ours are gone with the pins: whatever is left belongs to someone else.
     std::thread::sleep(Duration::from_millis(200));
     r.host_tracing_programs_end = fixtures::host_tracing_programs();

@@ -8,6 +8,7 @@ mod fixtures;
 mod helpers;
 mod mesh;
 mod plot;
+mod real;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -46,7 +47,7 @@ pub struct Cli {
     /// CPU (0-based) that pinned runs put client and server on.
     #[arg(long, default_value_t = 1)]
     pub cpu: usize,
-    /// Run only these sections (qperf, unix, churn, unaccelerated, daemon).
+    /// Run only these sections (qperf, unix, churn, unaccelerated, daemon, real).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Message sizes (default: 1 to 16K in ×4 steps).

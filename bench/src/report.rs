@@ -118,9 +118,9 @@ fn share(v: f64) -> String {
     if v.is_nan() { "–".into() } else { format!("{:.1} %", v * 100.0) }
 }
 
-/// Messages the safety rules kept on the kernel path.
+/// Messages the safety rules (or the adaptive coalescing rule) kept on the kernel path.
 pub fn safety_reasons(c: &Snap) -> u64 {
-    [Counter::OrderWait, Counter::Backpressure, Counter::NotReady, Counter::SpliceKept]
+    [Counter::OrderWait, Counter::Backpressure, Counter::NotReady, Counter::SpliceKept, Counter::Coalesced]
         .iter()
         .map(|&k| c.get(k))
         .sum()

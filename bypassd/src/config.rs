@@ -77,6 +77,18 @@ pub struct DatapathConfig {
     /// Programs (process names) whose sockets never receive redirected data.
     #[serde(default = "default_splice_readers")]
     pub splice_readers: Vec<ProcessName>,
+    /// Watch splice(2)/sendfile(2) with syscall tracepoints (learns splice readers, but
+    /// slows every system call on the host while attached).
+    #[serde(default)]
+    pub splice_tracepoints: bool,
+    /// Sends smaller than this take TCP while the receiver still holds redirected data
+    /// (TCP merges them); 0 = always redirect when the safety rules allow it.
+    #[serde(default = "default_coalesce_below")]
+    pub coalesce_below: u32,
+}
+
+fn default_coalesce_below() -> u32 {
+    4096
 }
 
 impl Default for DatapathConfig {
@@ -86,6 +98,8 @@ impl Default for DatapathConfig {
             queue_cap: default_queue_cap(),
             splice_safety: SpliceSafety::default(),
             splice_readers: default_splice_readers(),
+            splice_tracepoints: false,
+            coalesce_below: default_coalesce_below(),
         }
     }
 }

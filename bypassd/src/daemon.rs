@@ -107,6 +107,8 @@ fn target(cfg: &Config, cgroup_root: &Path) -> Target {
         queue_cap: cfg.datapath.queue_cap.0,
         splice: cfg.datapath.splice_safety,
         splice_readers: cfg.datapath.splice_readers.iter().map(|n| n.0.clone()).collect(),
+        splice_tracepoints: cfg.datapath.splice_tracepoints,
+        coalesce_below: cfg.datapath.coalesce_below,
     }
 }
 

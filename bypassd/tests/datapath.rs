@@ -44,13 +44,15 @@ fn counter(pins: &Path, c: Counter) -> u64 {
 
 /// Every message that took the kernel path did so for a safety rule (docs/datapath-safety.md):
 /// the receiver had not read with recvmsg yet, had TCP bytes unread (order), had a full
-/// redirect queue (backpressure), or splices. None lacked a peer in the SOCKHASH.
+/// redirect queue (backpressure), or splices; or the adaptive rule moved a small write to
+/// TCP (coalesced). None lacked a peer in the SOCKHASH.
 fn assert_passes_explained(env: &Env) {
     let passed = env.counter(Counter::PassedMsgs);
     let explained = env.counter(Counter::NotReady)
         + env.counter(Counter::OrderWait)
         + env.counter(Counter::Backpressure)
-        + env.counter(Counter::SpliceKept);
+        + env.counter(Counter::SpliceKept)
+        + env.counter(Counter::Coalesced);
     assert_eq!(passed, explained, "kernel-path messages without a safety reason (a peer missing from the SOCKHASH?)");
 }
 
@@ -314,7 +316,7 @@ fn capacity_change_on_reload_builds_a_new_generation_without_losing_data() {
     let env = Env::new();
     // Unread redirected data needs a receiver that gets redirects before it ever reads
     // (no recvmsg-first gate) and a queue cap above the 8 MiB held.
-    let mut d = env.daemon("[datapath]\ncapacity = 1024\nsplice_safety = \"off\"\nqueue_cap = 67108864\n");
+    let mut d = env.daemon("[datapath]\ncapacity = 1024\nsplice_safety = \"off\"\ncoalesce_below = 0\nqueue_cap = 67108864\n");
     let old = bypassd::datapath::generations(env.pins.path());
     let dir = TempDir::new();
     let hold = dir.path().join("go");
@@ -344,8 +346,9 @@ fn capacity_change_on_reload_builds_a_new_generation_without_losing_data() {
 #[test]
 fn detach_with_unread_redirected_data_loses_nothing() {
     let env = Env::new();
-    // Redirected data waiting at a receiver that never read: no recvmsg-first gate.
-    let mut d = env.daemon("[datapath]\nsplice_safety = \"off\"\n");
+    // Redirected data waiting at a receiver that never read: no recvmsg-first gate, and
+    // no coalescing (small writes would take TCP while the queue is not empty).
+    let mut d = env.daemon("[datapath]\nsplice_safety = \"off\"\ncoalesce_below = 0\n");
     let dir = TempDir::new();
     let hold = dir.path().join("go");
     let sent = dir.path().join("sent");

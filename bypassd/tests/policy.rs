@@ -110,7 +110,7 @@ fn kernel_policy_agrees_with_the_reference_matcher() {
     // "Accelerated" here means the held receiver gets the 256 KiB redirected before it
     // reads, so the recvmsg-first splice gate is off for this test (policy is orthogonal).
     let base = format!(
-        "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\n[datapath]\nsplice_safety = \"off\"\n",
+        "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\n[datapath]\nsplice_safety = \"off\"\ncoalesce_below = 0\n",
         pins.path().display(),
         top.rel,
         state.path().display()

@@ -8,8 +8,8 @@
  * bypass_sk_msg): bytes stay in order, the peer's redirect queue stays bounded, and
  * the peer reads with recvmsg (splice(2) never sees redirected data). Otherwise the
  * message takes the ordinary TCP path, where TCP's own flow control applies.
- * The receive side publishes what a sender needs (bp_rx) from a kprobe on
- * tcp_bpf_recvmsg and a tp_btf program on sock:sock_recv_length.
+ * The sender reads the receiver's progress live (bp_rx holds its socket pointer); the
+ * only receive hook (tp_btf sock:sock_recv_length) marks a receiver ready once.
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
@@ -358,6 +358,54 @@ struct task_struct___bp {
 /* NAT pairing (service mesh): bp_nat, peer_key_of, nat_forget, the getsockopt program. */
 #include "mesh_nat.h"
 
+/* ---- peer view: the receiver's live state, read by its sender (sk_msg) ----------
+ * sk_msg cannot hold a reference to another socket (a SOCKHASH lookup is refused), so
+ * sock_ops stores the receiver's address and cookie in bp_rx and the sender reads the
+ * fields it needs with probe reads. TCP sockets are SLAB_TYPESAFE_BY_RCU and BPF runs
+ * under RCU: the memory stays a socket while we read, and the cookie, read last,
+ * tells whether it is still the same socket. Redirected bytes move neither the
+ * sender's write_seq nor the receiver's copied_seq, so the order rule stays exact. */
+/* (The address goes through a local: inside BPF_CORE_READ, rx->sk would itself get a
+ * CO-RE relocation, against a type the kernel does not have.) */
+static __always_inline __u32 peer_copied_seq(struct bp_rx_state *rx)
+{
+	struct tcp_sock___bp *tp = (void *)rx->sk;
+
+	return BPF_CORE_READ(tp, copied_seq);
+}
+
+/* Bytes waiting on the receiver's psock queue (redirected, not yet read). */
+static __always_inline __u32 peer_queued(struct bp_rx_state *rx)
+{
+	struct sock___bp *sk = (void *)rx->sk;
+	struct sk_psock___bp *psock;
+	unsigned long ud;
+
+	ud = (unsigned long)BPF_CORE_READ(sk, sk_user_data);
+	psock = (void *)(ud & BP_USER_DATA_PTRMASK);
+	if (!psock)
+		return 0;
+	if (!bpf_core_field_exists(psock->msg_tot_len))
+		return rx->queued; /* no exact figure on this kernel: the senders' own tally */
+	return BPF_CORE_READ(psock, msg_tot_len);
+}
+
+static __always_inline __u32 peer_rcvbuf(struct bp_rx_state *rx)
+{
+	struct sock___bp *sk = (void *)rx->sk;
+
+	return BPF_CORE_READ(sk, sk_rcvbuf);
+}
+
+/* Still the socket sock_ops stored? Read after the fields it vouches for. */
+static __always_inline int peer_same(struct bp_rx_state *rx)
+{
+	struct sock___bp *sk = (void *)rx->sk;
+	__u64 cookie = rx->cookie;
+
+	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter) == cookie;
+}
+/* ---- end of peer view ------------------------------------------------------------ */
 
 SEC("cgroup/sock_create")
 int bypass_sock_create(struct bpf_sock *sk)
@@ -438,11 +486,15 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 	rx.ready = !control(BP_CTL_RECV_GATE);
 	/* A known splice reader: TCP only, as if it had been seen splicing. */
 	rx.spliced = info && (info->flags & BP_SK_NO_REDIRECT_IN);
+	/* The sender reads our live state through this address (probe reads only),
+	 * trusting it only while the cookie matches (TCP sockets are reused by RCU). */
+	rx.sk = (__u64)(unsigned long)tp;
+	cookie = bpf_get_socket_cookie(ops);
+	rx.cookie = cookie;
 	if (bpf_map_update_elem(&bp_rx, &key, &rx, BPF_NOEXIST)) {
 		count(BP_CTR_INSERT_FAILURES, 1);
 		return 1;
 	}
-	cookie = bpf_get_socket_cookie(ops);
 	if (bpf_map_update_elem(&bp_cookies, &cookie, &key, BPF_ANY))
 		goto undo;
 	/* BPF_NOEXIST: replacing a live socket's entry would drop its unread data. */
@@ -465,17 +517,20 @@ undo:
  * SK_PASS: the message then takes the ordinary TCP path, where nothing is lost and
  * TCP's own flow control blocks the sender (or gives it EAGAIN).
  * - recvmsg first: splice(2) reads only the TCP receive queue and never sees the
- *   psock queue; a receiver that has not read with recvmsg yet (or ever spliced)
- *   gets nothing redirected, so a splice reader finds all its data on TCP.
+ *   psock queue; a receiver that has not consumed data with recvmsg yet (or ever
+ *   spliced) gets nothing redirected, so a splice reader finds all its data on TCP.
  * - order: every byte we ever sent on the TCP path must already have been read by
- *   the peer (our write_seq == its copied_seq). The receiver drains its psock queue
- *   before its TCP queue, so redirecting while our TCP bytes wait would let new bytes
- *   overtake them. Redirect -> TCP is always safe; TCP -> redirect only once drained.
- * - backpressure: when the peer's psock queue already holds the cap (default: its
- *   SO_RCVBUF), the send takes TCP. An empty queue always takes one message.
- * The peer's figures come from bp_rx: sk_msg cannot hold a reference to the peer.
- * They may be stale, but only ever in the conservative direction (copied_seq lower,
- * queued higher), except one message racing a publication (documented bound).
+ *   the peer (our write_seq == its live copied_seq). The receiver drains its psock
+ *   queue before its TCP queue, so redirecting while our TCP bytes wait would let new
+ *   bytes overtake them. Redirect -> TCP is always safe; TCP -> redirect once drained.
+ * - backpressure: when the peer's psock queue (live msg_tot_len) already holds the cap
+ *   (default: its SO_RCVBUF), the send takes TCP. An empty queue always takes one.
+ * - coalescing (adaptive, never a safety rule): a small send while the peer still
+ *   holds a little redirected data (a stream of small writes) takes TCP, which merges
+ *   such sends into few segments and wakeups; a send to an idle peer
+ *   (request/response) is redirected at once.
+ * Passing is always safe, so only a redirect (and the stranded refusal) needs the
+ * peer's identity confirmed by its cookie.
  */
 SEC("sk_msg")
 int bypass_sk_msg(struct sk_msg_md *msg)
@@ -485,7 +540,8 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	struct tcp_sock___bp *mt;
 	struct bp_rx_state *rx;
 	__u32 size = msg->size;
-	__u64 bound, queued;
+	__u32 copied, queued;
+	__u64 bound, coalesce;
 	int stranded = 0;
 	int nat;
 
@@ -495,6 +551,11 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	rx = bpf_map_lookup_elem(&bp_rx, &key);
 	if (!rx)
 		goto pass; /* the peer is not accelerated */
+	if (!rx->ready && !rx->spliced) {
+		count(BP_CTR_NOT_READY, 1);
+		goto pass;
+	}
+	queued = peer_queued(rx);
 	if (rx->spliced) {
 		/*
 		 * A splice reader sees TCP data but never the psock queue: with that queue
@@ -505,27 +566,48 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 		 * recvmsg fallback), and refuse sends beyond that (EACCES to the sender)
 		 * instead of passing them: loud, bounded, never reordered.
 		 */
-		if (!rx->queued) {
+		if (!queued) {
 			count(BP_CTR_SPLICE_KEPT, 1);
 			goto pass;
 		}
 		stranded = 1;
-	}
-	if (!rx->ready) {
-		count(BP_CTR_NOT_READY, 1);
-		goto pass;
+		if (!rx->ready) {
+			count(BP_CTR_NOT_READY, 1);
+			goto pass;
+		}
 	}
 	mt = (void *)bpf_skc_to_tcp_sock(me);
-	if (!mt || mt->write_seq != rx->copied_seq) {
+	copied = peer_copied_seq(rx);
+	if (!mt || mt->write_seq != copied) {
 		count(BP_CTR_ORDER_WAIT, 1);
-		goto pass;
+		goto seen;
+	}
+	/*
+	 * recvmsg first, live: the receiver's TCP bytes must all have been consumed by
+	 * recvmsg (published by the rx hook after each consuming read). A live copied_seq
+	 * beyond that means splice read them (or a recvmsg has not returned yet): TCP.
+	 */
+	if (!stranded && control(BP_CTL_RECV_GATE) && copied != rx->copied_seq) {
+		count(BP_CTR_NOT_READY, 1);
+		goto seen;
 	}
 	bound = control(BP_CTL_QUEUE_CAP);
 	if (!bound)
-		bound = rx->rcvbuf;
-	queued = rx->queued;
+		bound = peer_rcvbuf(rx);
 	if (queued && queued + size > bound) {
 		count(BP_CTR_BACKPRESSURE, 1);
+		goto seen;
+	}
+	/* A stream of small writes keeps a short queue; a bulk stream a long one, where a
+	 * detour to TCP would last until the reader had read everything (rule 3). */
+	coalesce = control(BP_CTL_COALESCE_BELOW);
+	if (queued && !stranded && size < coalesce && queued < 16 * coalesce) {
+		count(BP_CTR_COALESCED, 1);
+		goto seen;
+	}
+	if (!peer_same(rx)) {
+		count(BP_CTR_PEER_STALE, 1);
+		stranded = 0; /* not the socket we judged: nothing to refuse for */
 		goto pass;
 	}
 	/*
@@ -534,7 +616,7 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	 */
 	if (bpf_msg_redirect_hash(msg, &bp_socks, &key, BPF_F_INGRESS) != SK_PASS_VERDICT)
 		goto pass;
-	__sync_fetch_and_add(&rx->queued, size);
+	rx->queued = queued + size;
 	count(BP_CTR_REDIRECTED_MSGS, 1);
 	count(BP_CTR_REDIRECTED_BYTES, size);
 	if (nat) {
@@ -543,6 +625,11 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	}
 	return SK_PASS_VERDICT;
 
+seen:
+	/* What this send saw, for `bypassctl` and the tests (the live figures rule). */
+	rx->queued = queued;
+	if (stranded && !peer_same(rx))
+		stranded = 0;
 pass:
 	if (stranded) {
 		count(BP_CTR_STRANDED_DROPS, 1);
@@ -580,72 +667,58 @@ static __always_inline __u32 psock_queued(struct sock___bp *sk)
 	return BPF_CORE_READ(psock, msg_tot_len);
 }
 
-/* Publish the receiver's consumption: copied_seq, SO_RCVBUF, redirected bytes queued. */
-static __always_inline void publish(struct sock___bp *sk, struct bp_rx_state *rx)
-{
-	struct tcp_sock___bp *tp = (void *)sk;
-
-	rx->copied_seq = BPF_CORE_READ(tp, copied_seq);
-	rx->rcvbuf = BPF_CORE_READ(sk, sk_rcvbuf);
-	rx->queued = psock_queued(sk);
-}
-
 /*
- * Entry of every recvmsg/read on a socket with a psock (tcp_bpf replaces
- * sk_prot->recvmsg): the receiver reads with recvmsg, so it becomes a redirect target
- * (unless it ever spliced), even while it blocks waiting for the first byte.
+ * After every recvmsg/read of any socket on the host: mark an accelerated receiver as
+ * a recvmsg reader (a redirect target) once a read has CONSUMED data. A read that
+ * found nothing (EAGAIN, as an event loop's first try) or only peeked proves nothing:
+ * such a reader may splice its very first byte, and marking it would let redirected
+ * bytes strand where splice never looks (issue 10: the sender got EACCES, the splice
+ * reader EOF with 0 bytes). The splice tracepoint cannot close that window: it fires
+ * at the reader's first splice call, after the sender may already have redirected.
  */
-SEC("kprobe/tcp_bpf_recvmsg")
-int bypass_rx_enter(struct pt_regs *ctx)
-{
-	struct sock___bp *sk = (void *)PT_REGS_PARM1(ctx);
-	struct bp_rx_state *rx = rx_of(sk);
+#define BP_MSG_PEEK 2
 
-	if (!rx)
-		return 0;
-	publish(sk, rx);
-	if (!rx->ready)
-		rx->ready = 1;
-	return 0;
-}
-
-/*
- * After every recvmsg/read (any socket; filtered by rx_of): publish what was consumed,
- * and mark the receiver as a recvmsg reader. This alone suffices where kprobes are
- * unavailable; the receiver then becomes a redirect target after its first read
- * returns (a non-blocking reader's first EAGAIN counts), not when it starts waiting.
- */
 SEC("tp_btf/sock_recv_length")
 int bypass_rx_done(__u64 *ctx)
 {
 	struct sock___bp *sk = (void *)ctx[0];
-	struct bp_rx_state *rx;
-
+	int ret = (int)ctx[1];
+	int flags = (int)ctx[2];
 	struct tcp_sock___bp *tp;
+	struct bp_sk_info *info;
+	struct bp_rx_state *rx;
 	struct bp_sock_key *key;
-	unsigned long ud;
+	__u32 seq;
 	__u64 cookie;
 
-	/* Runs for every read on the host: plain BTF loads (no probe reads), and leave at
-	 * once when the socket has no psock (is in no sockmap). */
-	if (!sk)
+	/* Runs for every read on the host: leave on the first check that fails (no data
+	 * consumed, no psock = in no sockmap, nothing new to publish). */
+	if (ret <= 0 || (flags & BP_MSG_PEEK) || !sk || !sk->sk_user_data)
 		return 0;
-	ud = (unsigned long)sk->sk_user_data;
-	if (!ud)
+	tp = (void *)bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	seq = tp->copied_seq;
+	info = bpf_sk_storage_get(&bp_sk_info, sk, 0, 0);
+	/* Reading redirected data moves no copied_seq: in redirect mode this is the exit. */
+	if (info && (info->flags & BP_SK_READY) && info->recv_seq == seq)
 		return 0;
 	cookie = sk->__sk_common.skc_cookie.counter;
 	key = cookie ? bpf_map_lookup_elem(&bp_cookies, &cookie) : 0;
 	if (!key)
 		return 0;
 	rx = bpf_map_lookup_elem(&bp_rx, key);
-	tp = (void *)bpf_skc_to_tcp_sock(sk);
-	if (!rx || !tp)
+	if (!rx)
 		return 0;
-	rx->copied_seq = tp->copied_seq;
-	rx->rcvbuf = sk->sk_rcvbuf;
-	rx->queued = BPF_CORE_READ((struct sk_psock___bp *)(ud & BP_USER_DATA_PTRMASK), msg_tot_len);
+	/* What recvmsg has consumed: a sender seeing a live copied_seq beyond this knows
+	 * something else (splice) consumed since, and redirects nothing. */
+	rx->copied_seq = seq;
 	if (!rx->ready)
 		rx->ready = 1;
+	if (info) {
+		info->recv_seq = seq;
+		info->flags |= BP_SK_READY; /* only this hook sets it */
+	}
 	return 0;
 }
 

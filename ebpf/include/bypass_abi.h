@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 3
+#define BP_ABI_VERSION 4
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -43,7 +43,9 @@ enum bp_counter {
 	BP_CTR_NAT_REDIRECTED_MSGS = 20,  /* of redirected_msgs: sent to a NAT peer */
 	BP_CTR_NAT_REDIRECTED_BYTES = 21, /* of redirected_bytes: sent to a NAT peer */
 	BP_CTR_NAT_CLEARED = 22,        /* pairs removed because one of their sockets closed */
-	BP_CTR_MAX = 23,
+	BP_CTR_COALESCED = 23,     /* small sends kept on TCP: the peer still held redirected data */
+	BP_CTR_PEER_STALE = 24,    /* sends kept on TCP: the peer's socket was gone or reused */
+	BP_CTR_MAX = 25,
 };
 
 /* Indices in the control array (u64 values). */
@@ -52,7 +54,8 @@ enum bp_control {
 	BP_CTL_PAUSED = 1,     /* non-zero: do not insert new sockets */
 	BP_CTL_QUEUE_CAP = 2,  /* max bytes queued for one receiver; 0 = its SO_RCVBUF */
 	BP_CTL_RECV_GATE = 3,  /* non-zero: a receiver is a redirect target only after a recvmsg */
-	BP_CTL_MAX = 4,
+	BP_CTL_COALESCE_BELOW = 4, /* sends smaller than this take TCP while the peer holds redirected data */
+	BP_CTL_MAX = 5,
 };
 
 /* Rule actions. */
@@ -104,10 +107,13 @@ struct bp_sk_info {
 	__u64 cgroup_id;
 	__u32 uid;
 	__u32 flags; /* BP_SK_* */
+	__u32 recv_seq; /* copied_seq after its last consuming recvmsg (the rx hook's fast exit) */
+	__u32 pad;
 };
 
 #define BP_SK_KNOWN (1u << 0)      /* cgroup_id and uid are valid */
 #define BP_SK_NO_REDIRECT_IN (1u << 1) /* created by a known splice reader (bp_splicers) */
+#define BP_SK_READY (1u << 2)      /* its bp_rx entry is marked ready and recv_seq published */
 
 /* bp_splicers: process names (comm, 16 bytes, NUL padded) whose sockets never get
  * redirected data. Value: how the name got there. */
@@ -117,15 +123,19 @@ struct bp_sk_info {
 
 /*
  * What a sender needs to know about an accelerated receiver, keyed by the receiver's
- * SOCKHASH key: written at establishment, published again around each of the
- * receiver's reads, and bumped by the sender as it queues redirected bytes.
+ * SOCKHASH key. sock_ops writes it at establishment (sk, cookie, flags); the rx hook
+ * publishes copied_seq after each consuming recvmsg; the sender reads the receiver's
+ * live state through sk (copied_seq, redirect queue), checks cookie against reuse,
+ * and takes a live copied_seq beyond the published one for a splice reader.
  */
 struct bp_rx_state {
-	__u32 copied_seq; /* receiver's tcp_sock copied_seq: TCP bytes read so far */
-	__u32 rcvbuf;     /* receiver's SO_RCVBUF */
-	__u64 queued;     /* redirected bytes waiting on the receiver's psock queue */
-	__u32 ready;      /* 1: has read with recvmsg (or the recvmsg gate is off) */
-	__u32 spliced;    /* 1: has read with splice: never a redirect target again */
+	__u32 copied_seq; /* receiver's copied_seq after its last consuming recvmsg */
+	__u32 rcvbuf;     /* receiver's SO_RCVBUF at establishment */
+	__u64 queued;     /* redirected bytes on the receiver's psock queue, as the last send saw */
+	__u32 ready;      /* 1: has consumed data with recvmsg (or the recvmsg gate is off) */
+	__u32 spliced;    /* 1: reads with splice: never a redirect target again */
+	__u64 sk;         /* the receiver's struct sock (read with probe reads only) */
+	__u64 cookie;     /* its socket cookie: sk is trusted only while this matches */
 };
 
 /*

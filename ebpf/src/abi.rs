@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -31,11 +31,13 @@ pub enum Counter {
     NatRedirectedMsgs = 20,
     NatRedirectedBytes = 21,
     NatCleared = 22,
+    Coalesced = 23,
+    PeerStale = 24,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 23;
-    pub const ALL: [Counter; 23] = [
+    pub const COUNT: u32 = 25;
+    pub const ALL: [Counter; 25] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -59,6 +61,8 @@ impl Counter {
         Counter::NatRedirectedMsgs,
         Counter::NatRedirectedBytes,
         Counter::NatCleared,
+        Counter::Coalesced,
+        Counter::PeerStale,
     ];
 
     /// The stable name used in JSON output and D-Bus.
@@ -87,6 +91,8 @@ impl Counter {
             Counter::NatRedirectedMsgs => "nat_redirected_msgs",
             Counter::NatRedirectedBytes => "nat_redirected_bytes",
             Counter::NatCleared => "nat_cleared",
+            Counter::Coalesced => "coalesced_msgs",
+            Counter::PeerStale => "peer_stale_msgs",
         }
     }
 }
@@ -96,7 +102,8 @@ pub const CTL_POLICY_SEQ: u32 = 0;
 pub const CTL_PAUSED: u32 = 1;
 pub const CTL_QUEUE_CAP: u32 = 2;
 pub const CTL_RECV_GATE: u32 = 3;
-pub const CTL_MAX: u32 = 4;
+pub const CTL_COALESCE_BELOW: u32 = 4;
+pub const CTL_MAX: u32 = 5;
 
 pub const ACTION_KERNEL: u8 = 0;
 pub const ACTION_ACCELERATE: u8 = 1;
@@ -106,6 +113,7 @@ pub const RULE_MATCH_UID: u8 = 1 << 1;
 
 pub const SK_KNOWN: u32 = 1 << 0;
 pub const SK_NO_REDIRECT_IN: u32 = 1 << 1;
+pub const SK_READY: u32 = 1 << 2;
 
 /// `bp_splicers` keys: a process name (comm), NUL padded.
 pub const COMM_LEN: usize = 16;
@@ -156,6 +164,8 @@ pub struct SkInfo {
     pub cgroup_id: u64,
     pub uid: u32,
     pub flags: u32,
+    pub recv_seq: u32,
+    pub pad: u32,
 }
 
 /// `struct bp_rx_state`: what a sender knows about an accelerated receiver.
@@ -167,6 +177,9 @@ pub struct RxState {
     pub queued: u64,
     pub ready: u32,
     pub spliced: u32,
+    /// The receiver's kernel socket address (only the BPF side dereferences it).
+    pub sk: u64,
+    pub cookie: u64,
 }
 
 // SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding

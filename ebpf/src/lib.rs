@@ -22,9 +22,7 @@ pub mod programs {
     pub const SOCK_OPS: &str = "bypass_sockops";
     pub const SK_MSG: &str = "bypass_sk_msg";
     pub const SOCK_CREATE: &str = "bypass_sock_create";
-    /// kprobe on tcp_bpf_recvmsg: the receiver reads with recvmsg (publishes its state).
-    pub const RX_ENTER: &str = "bypass_rx_enter";
-    /// tp_btf on sock:sock_recv_length: publishes what a read consumed.
+    /// tp_btf on sock:sock_recv_length: marks a receiver that consumed data as ready.
     pub const RX_DONE: &str = "bypass_rx_done";
     /// kprobe on tcp_splice_read: a receiver splices; never redirect to it again.
     pub const SPLICE_KPROBE: &str = "bypass_splice_kprobe";

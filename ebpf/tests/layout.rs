@@ -17,8 +17,8 @@ fn c_layout() -> BTreeMap<String, u64> {
         ("bp_rule", &["local_ip", "remote_ip", "local_prefix", "remote_prefix", "action", "flags",
             "local_port_lo", "local_port_hi", "remote_port_lo", "remote_port_hi", "uid", "cgroup_id"][..]),
         ("bp_policy_meta", &["nrules", "default_action"][..]),
-        ("bp_sk_info", &["cgroup_id", "uid", "flags"][..]),
-        ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced"][..]),
+        ("bp_sk_info", &["cgroup_id", "uid", "flags", "recv_seq", "pad"][..]),
+        ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced", "sk", "cookie"][..]),
         // Link datapath.
         ("bl_port", &["target", "slot", "flags", "offload"][..]),
         ("bl_mac", &["addr", "pad"][..]),
@@ -35,13 +35,13 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_CTR_REDIRECTED_MSGS", "BP_CTR_REDIRECTED_BYTES", "BP_CTR_PASSED_MSGS", "BP_CTR_PASSED_BYTES",
         "BP_CTR_POLICY_KERNEL", "BP_CTR_PAUSED_SKIPS", "BP_CTR_ORDER_WAIT", "BP_CTR_BACKPRESSURE",
         "BP_CTR_NOT_READY", "BP_CTR_SPLICE_KEPT", "BP_CTR_SPLICE_SEEN", "BP_CTR_SPLICE_STRANDED",
-        "BP_CTR_SPLICE_REFUSED", "BP_CTR_STRANDED_DROPS", "BP_CTR_MAX",
+        "BP_CTR_SPLICE_REFUSED", "BP_CTR_STRANDED_DROPS", "BP_CTR_COALESCED", "BP_CTR_PEER_STALE", "BP_CTR_MAX",
         "BP_CTR_ORIGDST_SEEN", "BP_CTR_NAT_PAIRED_LOCAL", "BP_CTR_NAT_PAIRED_INBOUND", "BP_CTR_NAT_UNPAIRED",
         "BP_CTR_NAT_REDIRECTED_MSGS", "BP_CTR_NAT_REDIRECTED_BYTES", "BP_CTR_NAT_CLEARED",
         "BP_NAT_PATH_LOCAL", "BP_NAT_PATH_INBOUND",
-        "BP_CTL_POLICY_SEQ", "BP_CTL_PAUSED", "BP_CTL_QUEUE_CAP", "BP_CTL_RECV_GATE", "BP_CTL_MAX",
+        "BP_CTL_POLICY_SEQ", "BP_CTL_PAUSED", "BP_CTL_QUEUE_CAP", "BP_CTL_RECV_GATE", "BP_CTL_COALESCE_BELOW", "BP_CTL_MAX",
         "BP_ACTION_KERNEL", "BP_ACTION_ACCELERATE",
-        "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN", "BP_SK_NO_REDIRECT_IN", "BP_COMM_LEN",
+        "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN", "BP_SK_NO_REDIRECT_IN", "BP_SK_READY", "BP_COMM_LEN",
         "BP_SPLICER_CONFIGURED", "BP_SPLICER_LEARNED",
         "BL_ABI_VERSION", "BL_MAX_PORTS", "BL_MAX_FDB", "BL_PORT_PEER", "BL_PORT_BRIDGE", "BL_OFF_RX_SAVED",
         "BL_OFF_RX_ON", "BL_OFF_TX_SAVED", "BL_OFF_TX_ON", "BL_CTL_AGEING_NS", "BL_CTL_MAX"] {
@@ -76,14 +76,14 @@ fn c_and_rust_layouts_agree() {
     rust_layout!(r, "bp_rule", Rule, [local_ip, remote_ip, local_prefix, remote_prefix, action, flags,
         local_port_lo, local_port_hi, remote_port_lo, remote_port_hi, uid, cgroup_id]);
     rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
-    rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags]);
-    rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced]);
+    rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags, recv_seq, pad]);
+    rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced, sk, cookie]);
     rust_layout!(r, "bl_port", LinkPort, [target, slot, flags, offload]);
     rust_layout!(r, "bl_mac", LinkMac, [addr, pad]);
     rust_layout!(r, "bl_fdb_entry", LinkFdbEntry, [ifindex, flags, seen_ns]);
     rust_layout!(r, "bl_stats", LinkStats, [redirected_frames, redirected_bytes, passed_frames, passed_bytes]);
     rust_layout!(r, "bp_nat_peer", NatPeer, [peer, path, reserved]);
-    let consts: [(&str, u64); 42] = [
+    let consts: [(&str, u64); 46] = [
         ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
         ("BP_CTR_SOCKETS_INSERTED", Counter::SocketsInserted as u64),
         ("BP_CTR_INSERT_FAILURES", Counter::InsertFailures as u64),
@@ -101,13 +101,17 @@ fn c_and_rust_layouts_agree() {
         ("BP_CTR_SPLICE_STRANDED", Counter::SpliceStranded as u64),
         ("BP_CTR_SPLICE_REFUSED", Counter::SpliceRefused as u64),
         ("BP_CTR_STRANDED_DROPS", Counter::StrandedDrops as u64),
+        ("BP_CTR_COALESCED", Counter::Coalesced as u64),
+        ("BP_CTR_PEER_STALE", Counter::PeerStale as u64),
         ("BP_CTR_MAX", Counter::COUNT.into()),
         ("BP_CTL_POLICY_SEQ", CTL_POLICY_SEQ.into()), ("BP_CTL_PAUSED", CTL_PAUSED.into()),
         ("BP_CTL_QUEUE_CAP", CTL_QUEUE_CAP.into()), ("BP_CTL_RECV_GATE", CTL_RECV_GATE.into()),
+        ("BP_CTL_COALESCE_BELOW", CTL_COALESCE_BELOW.into()),
         ("BP_CTL_MAX", CTL_MAX.into()), ("BP_ACTION_KERNEL", ACTION_KERNEL.into()),
         ("BP_ACTION_ACCELERATE", ACTION_ACCELERATE.into()),
         ("BP_RULE_MATCH_CGROUP", RULE_MATCH_CGROUP.into()), ("BP_RULE_MATCH_UID", RULE_MATCH_UID.into()),
         ("BP_SK_KNOWN", SK_KNOWN.into()), ("BP_SK_NO_REDIRECT_IN", SK_NO_REDIRECT_IN.into()),
+        ("BP_SK_READY", SK_READY.into()),
         ("BP_COMM_LEN", COMM_LEN as u64), ("BP_SPLICER_CONFIGURED", SPLICER_CONFIGURED),
         ("BP_SPLICER_LEARNED", SPLICER_LEARNED),
         ("BP_CTR_ORIGDST_SEEN", Counter::OrigDstSeen as u64),
@@ -139,7 +143,7 @@ fn object_has_every_program_and_map() {
     let obj = bypassd_ebpf::object();
     let hay = |needle: &str| obj.windows(needle.len()).any(|w| w == needle.as_bytes());
     for p in [bypassd_ebpf::programs::SOCK_OPS, bypassd_ebpf::programs::SK_MSG, bypassd_ebpf::programs::SOCK_CREATE,
-        bypassd_ebpf::programs::RX_ENTER, bypassd_ebpf::programs::RX_DONE, bypassd_ebpf::programs::SPLICE_SEEN,
+        bypassd_ebpf::programs::RX_DONE, bypassd_ebpf::programs::SPLICE_SEEN,
         bypassd_ebpf::programs::SPLICE_KPROBE, bypassd_ebpf::programs::SENDFILE_SEEN,
         bypassd_ebpf::programs::SPLICE_GUARD, bypassd_ebpf::programs::GETSOCKOPT] {
         assert!(hay(p), "program {p} missing from the object");

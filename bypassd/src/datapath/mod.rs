@@ -32,6 +32,9 @@ pub use hooks::kernel_release;
 pub use pins::{detach, generations};
 pub use sock::{Connection, comm_key, peer_key};
 
+/// Generation name suffix of a datapath built with the syscall tracepoints.
+const TRACEPOINTS_SUFFIX: &str = "-tp";
+
 /// What the daemon asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -44,6 +47,12 @@ pub struct Target {
     pub splice: SpliceSafety,
     /// Process names whose sockets never receive redirected data (configured splice readers).
     pub splice_readers: Vec<String>,
+    /// Attach the splice/sendfile syscall tracepoints (they slow every syscall on the
+    /// host). Attached at build time only, so the generation name says it ("-tp").
+    pub splice_tracepoints: bool,
+    /// Sends smaller than this take TCP while the receiver still holds a short redirect
+    /// queue (TCP merges them into few segments and wakeups); 0 = off.
+    pub coalesce_below: u32,
 }
 
 /// The policy as the kernel sees it: encoded rules and the default action.
@@ -80,7 +89,11 @@ impl Datapath {
         let cgroup_id = cg.metadata()?.ino();
         std::fs::create_dir_all(&target.pin_dir)
             .with_context(|| format!("creating pin directory {}", target.pin_dir.display()))?;
-        let gen_dir = target.pin_dir.join(pins::gen_name(target.capacity, cgroup_id));
+        let mut name = pins::gen_name(target.capacity, cgroup_id);
+        if target.splice_tracepoints {
+            name.push_str(TRACEPOINTS_SUFFIX);
+        }
+        let gen_dir = target.pin_dir.join(name);
 
         let mut dp = match Self::open(target, &gen_dir, cgroup_id) {
             Ok(dp) => dp,
@@ -109,7 +122,8 @@ impl Datapath {
     /// the newest complete generation.
     pub fn open_pinned(pin_dir: &Path) -> Result<Datapath> {
         let gen_dir = pins::current(pin_dir)?;
-        let name = gen_dir.file_name().and_then(|n| n.to_str()).and_then(pins::GenName::parse);
+        let dir_name = gen_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = pins::GenName::parse(dir_name);
         let target = Target {
             pin_dir: pin_dir.to_path_buf(),
             cgroup: PathBuf::new(),
@@ -117,6 +131,8 @@ impl Datapath {
             queue_cap: 0,
             splice: SpliceSafety::Auto,
             splice_readers: Vec::new(),
+            splice_tracepoints: dir_name.ends_with(TRACEPOINTS_SUFFIX),
+            coalesce_below: 0,
         };
         Self::open(&target, &gen_dir, name.map_or(0, |n| n.cgroup_id))
     }
@@ -205,7 +221,9 @@ impl Datapath {
         let socks: SockHash<&MapData, abi::SockKey> = SockHash::try_from(ebpf.map(maps::SOCKS).context("socks map")?)?;
         let socks_fd = socks.fd().try_clone().context("duplicating the SOCKHASH fd")?;
         let to = hooks::AttachTo { cgroup: cg, sockhash: socks_fd.as_fd() };
-        hooks::attach_all(sock::PROGRAMS, ebpf, &to, dir)
+        let table: Vec<hooks::Program> =
+            sock::PROGRAMS.iter().copied().filter(|p| target.splice_tracepoints || !sock::is_syscall_tracepoint(p)).collect();
+        hooks::attach_all(&table, ebpf, &to, dir)
     }
 
     /// Whether a program of the table is attached in this generation.
@@ -215,12 +233,16 @@ impl Datapath {
 
     /// Log which hooks are attached and which the kernel refused.
     fn log_hooks(&self) {
-        let (on, off): (Vec<_>, Vec<_>) = sock::PROGRAMS.iter().partition(|p| p.is_pinned(&self.gen_dir));
+        let (on, rest): (Vec<&hooks::Program>, Vec<&hooks::Program>) =
+            sock::PROGRAMS.iter().partition(|p| p.is_pinned(&self.gen_dir));
+        let (opt_out, off): (Vec<&hooks::Program>, Vec<&hooks::Program>) =
+            rest.into_iter().partition(|p| !self.target.splice_tracepoints && sock::is_syscall_tracepoint(p));
         let names = |v: &[&hooks::Program]| v.iter().map(|p| p.name).collect::<Vec<_>>().join(", ");
         tracing::info!(
-            "datapath hooks attached: {}{}",
+            "datapath hooks attached: {}{}{}",
             names(&on),
-            if off.is_empty() { String::new() } else { format!("; not available: {}", names(&off)) }
+            if off.is_empty() { String::new() } else { format!("; not available: {}", names(&off)) },
+            if opt_out.is_empty() { String::new() } else { format!("; off (splice_tracepoints = false): {}", names(&opt_out)) }
         );
     }
 
@@ -232,6 +254,9 @@ impl Datapath {
             SpliceSafety::Auto => !self.has(bypassd_ebpf::programs::SPLICE_GUARD),
         };
         self.control.set(abi::CTL_QUEUE_CAP, self.target.queue_cap, 0).context("writing queue cap")?;
+        self.control
+            .set(abi::CTL_COALESCE_BELOW, u64::from(self.target.coalesce_below), 0)
+            .context("writing coalescing threshold")?;
         let readers = if self.target.splice == SpliceSafety::Off { &[][..] } else { &self.target.splice_readers[..] };
         sock::set_configured_splicers(&mut self.splicers, readers)?;
         self.control.set(abi::CTL_RECV_GATE, u64::from(gate), 0).context("writing recvmsg gate")?;

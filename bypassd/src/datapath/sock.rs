@@ -17,18 +17,11 @@ use std::{
 /// SOCKHASH, then the cgroup hooks that start inserting sockets.
 pub const PROGRAMS: &[Program] = &[
     Program {
-        name: p::RX_ENTER,
-        hook: Hook::KProbe("tcp_bpf_recvmsg"),
-        link: Some("rx_enter"),
-        required: false,
-        what: "kprobe tcp_bpf_recvmsg (receivers that read with recvmsg)",
-    },
-    Program {
         name: p::RX_DONE,
         hook: Hook::TpBtf("sock_recv_length"),
         link: Some("rx_done"),
         required: false,
-        what: "tp_btf sock_recv_length (bytes consumed by receivers)",
+        what: "tp_btf sock_recv_length (marks recvmsg readers; every read on the host, exits at once for sockets in no sockmap)",
     },
     Program {
         name: p::SPLICE_KPROBE,
@@ -42,7 +35,7 @@ pub const PROGRAMS: &[Program] = &[
         hook: Hook::TracePoint("syscalls", "sys_enter_splice"),
         link: Some("splice_seen"),
         required: false,
-        what: "tracepoint syscalls:sys_enter_splice (splice readers)",
+        what: "tracepoint syscalls:sys_enter_splice (splice readers; opt-in: every syscall on the host takes the slow path)",
     },
     Program {
         name: p::SENDFILE_SEEN,
@@ -83,6 +76,12 @@ pub const PROGRAMS: &[Program] = &[
     },
 ];
 
+/// The syscall tracepoints: attached only with `splice_tracepoints` (while any is
+/// attached, every thread on the host takes the slow syscall path).
+pub fn is_syscall_tracepoint(p: &Program) -> bool {
+    matches!(p.hook, Hook::TracePoint("syscalls", _))
+}
+
 /// The table entry for a program name.
 pub fn program(name: &str) -> Option<&'static Program> {
     PROGRAMS.iter().find(|p| p.name == name)
@@ -91,11 +90,10 @@ pub fn program(name: &str) -> Option<&'static Program> {
 /// What protects a datapath, for the log and status. `has` tells whether a program
 /// of the table is attached; `gate` whether recvmsg-first gating is on.
 pub fn protections(has: &dyn Fn(&str) -> bool, gate: bool, splice: SpliceSafety, queue_cap: u64, readers: bool) -> Vec<String> {
-    let publication = match (has(p::RX_ENTER), has(p::RX_DONE)) {
-        (true, true) => "kprobe tcp_bpf_recvmsg + tp_btf sock_recv_length",
-        (true, false) => "kprobe tcp_bpf_recvmsg only",
-        (false, true) => "tp_btf sock_recv_length (after each read)",
-        (false, false) => "none (a connection that leaves the redirect path stays on TCP)",
+    let publication = if has(p::RX_DONE) {
+        "live reads of the receiver; tp_btf sock_recv_length marks recvmsg readers"
+    } else {
+        "live reads of the receiver; no recvmsg hook (with the recvmsg gate on, nothing is redirected)"
     };
     let cap = if queue_cap == 0 { "= each receiver's SO_RCVBUF".to_string() } else { format!("{queue_cap} bytes") };
     let mut s = Vec::new();
@@ -117,7 +115,7 @@ pub fn protections(has: &dyn Fn(&str) -> bool, gate: bool, splice: SpliceSafety,
         s.push("OFF: a splice(2) reader of an accelerated socket may hang");
     }
     vec![
-        format!("backpressure: redirect queue cap {cap} (receive-side publication: {publication})"),
+        format!("backpressure: redirect queue cap {cap} ({publication})"),
         format!("splice: {}", s.join(" + ")),
     ]
 }
