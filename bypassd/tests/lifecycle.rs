@@ -109,7 +109,7 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>, what: &str) -> T {
 fn a_changed_bpf_object_builds_a_new_generation_and_the_same_one_is_adopted() {
     let env = Sandbox::new();
     // Unread redirected data needs redirects before the first read (no recvmsg gate).
-    let mut d = Daemon::start(&config(&env, "[datapath]\ncapacity = 1024\nsplice_safety = \"off\"\nqueue_cap = 67108864\n"))
+    let mut d = Daemon::start(&config(&env, "[datapath]\ncapacity = 1024\nsplice_safety = \"off\"\ncoalesce_below = 0\nqueue_cap = 67108864\n"))
         .expect("start bypassd");
     let built = generations(&env);
     assert_eq!(built.len(), 1, "{built:?}");
