@@ -52,7 +52,8 @@ fn assert_passes_explained(env: &Env) {
         + env.counter(Counter::OrderWait)
         + env.counter(Counter::Backpressure)
         + env.counter(Counter::SpliceKept)
-        + env.counter(Counter::Coalesced);
+        + env.counter(Counter::Coalesced)
+        + env.counter(Counter::PeerStale);
     assert_eq!(passed, explained, "kernel-path messages without a safety reason (a peer missing from the SOCKHASH?)");
 }
 

@@ -22,12 +22,14 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// `no_peer` has no counter of its own: it is every passed send the others do not
 /// explain (the peer socket is not in the SOCKHASH: left to the kernel by the
 /// policy, not inserted because the map was full, or already closed).
-pub const PASS_REASONS: [(&str, Option<C>); 5] = [
+pub const PASS_REASONS: [(&str, Option<C>); 7] = [
     ("no_peer", None),
     ("order", Some(C::OrderWait)),
     ("backpressure", Some(C::Backpressure)),
     ("not_ready", Some(C::NotReady)),
     ("splice", Some(C::SpliceKept)),
+    ("coalesced", Some(C::Coalesced)),
+    ("peer_stale", Some(C::PeerStale)),
 ];
 
 #[derive(Debug)]
@@ -175,7 +177,7 @@ mod tests {
         assert!(text.contains("bypassd_build_info{version=\""), "{text}");
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
         // Label values come from fixed lists only.
-        let allowed = ["no_peer", "order", "backpressure", "not_ready", "splice", "policy", "paused", "runtime", "config", "attached", "detached", "degraded"];
+        let allowed = ["no_peer", "order", "backpressure", "not_ready", "splice", "coalesced", "peer_stale", "policy", "paused", "runtime", "config", "attached", "detached", "degraded"];
         for l in text.lines().filter(|l| !l.starts_with('#') && l.contains('{') && !l.starts_with("bypassd_build_info")) {
             let v = l.split('"').nth(1).unwrap();
             assert!(allowed.contains(&v), "unbounded label value in {l}");

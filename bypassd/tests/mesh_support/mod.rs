@@ -82,7 +82,12 @@ impl Env {
         let d = self.datapath();
         let c = |x| d.counter(x).expect("counter");
         let passed = c(Counter::PassedMsgs);
-        let explained = c(Counter::NotReady) + c(Counter::OrderWait) + c(Counter::Backpressure) + c(Counter::SpliceKept);
+        let explained = c(Counter::NotReady)
+            + c(Counter::OrderWait)
+            + c(Counter::Backpressure)
+            + c(Counter::SpliceKept)
+            + c(Counter::Coalesced)
+            + c(Counter::PeerStale);
         assert_eq!(passed, explained, "kernel-path messages without a safety reason (a socket whose peer was not found)");
     }
 }
