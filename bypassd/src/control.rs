@@ -77,6 +77,10 @@ impl Control {
         self.state().links()
     }
 
+    pub fn link_stats(&self) -> Vec<(String, bypassd_ebpf::abi::LinkStats)> {
+        self.state().link_stats()
+    }
+
     /// Netlink events for the link datapath (from the watcher thread).
     pub fn link_events(&self, evs: Vec<crate::datapath::link::watch::Event>) {
         let _w = self.writer();

@@ -266,6 +266,10 @@ impl Daemon {
         self.links.status()
     }
 
+    pub fn link_stats(&self) -> Vec<(String, bypassd_ebpf::abi::LinkStats)> {
+        self.links.entry_stats()
+    }
+
     /// The metrics endpoint's settings (bound once, at start).
     pub fn metrics_config(&self) -> crate::metrics::MetricsConfig {
         self.config.metrics.clone()

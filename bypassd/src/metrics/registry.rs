@@ -79,6 +79,7 @@ impl Collector for Families {
         if let Some(n) = s.accelerated_sockets {
             gauge(&mut e, "bypassd_accelerated_sockets", "Sockets in the SOCKHASH now", n as i64)?;
         }
+        links(&mut e, &s.links)?;
         if s.counters.is_empty() {
             return Ok(()); // no datapath pinned: no datapath counters
         }
@@ -113,8 +114,37 @@ impl Collector for Families {
         counter(&mut e, "bypassd_splice_stranded_sockets", "Splice readers that had redirected bytes queued", c(C::SpliceStranded))?;
         counter(&mut e, "bypassd_splice_refused", "splice/sendfile reads refused by the BPF LSM guard", c(C::SpliceRefused))?;
         counter(&mut e, "bypassd_stranded_drops", "Sends refused because the peer splices with bytes stranded", c(C::StrandedDrops))?;
+        // Service mesh: connections paired through a NAT capture (docs/mesh.md).
+        let paths = [("local", ConstCounter::new(c(C::NatPairedLocal))), ("inbound", ConstCounter::new(c(C::NatPairedInbound)))];
+        labelled(&mut e, "bypassd_nat_pairs", "NAT-captured connections paired from the proxy's SO_ORIGINAL_DST answer, by capture path", MetricType::Counter, "path", &paths)?;
+        counter(&mut e, "bypassd_nat_unpaired", "SO_ORIGINAL_DST answers whose two sockets were not both accelerated", c(C::NatUnpaired))?;
+        counter(&mut e, "bypassd_nat_redirected_messages", "Of the redirected sends: to a NAT peer", c(C::NatRedirectedMsgs))?;
+        counter(&mut e, "bypassd_nat_redirected_bytes", "Of the redirected bytes: to a NAT peer", c(C::NatRedirectedBytes))?;
         Ok(())
     }
+}
+
+/// The link datapath: frames and bytes per [[links]] entry, redirected past the bridge
+/// or passed to it. The `link` label is the entry's name from the config (bounded).
+fn links(e: &mut DescriptorEncoder, links: &[(String, bypassd_ebpf::abi::LinkStats)]) -> Result<(), std::fmt::Error> {
+    if links.is_empty() {
+        return Ok(());
+    }
+    type Pick = fn(&bypassd_ebpf::abi::LinkStats) -> [u64; 2];
+    let families: [(&str, &str, Pick); 2] = [
+        ("bypassd_link_frames", "Frames of a [[links]] entry, by action", |s| [s.redirected_frames, s.passed_frames]),
+        ("bypassd_link_bytes", "Bytes of a [[links]] entry, by action", |s| [s.redirected_bytes, s.passed_bytes]),
+    ];
+    for (name, help, pick) in families {
+        let mut fam = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (link, s) in links {
+            for (action, v) in ["redirected", "passed"].into_iter().zip(pick(s)) {
+                let set = [("link", link.as_str()), ("action", action)];
+                ConstCounter::new(v).encode(fam.encode_family(&set)?)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The OpenMetrics text of one snapshot.
@@ -177,10 +207,31 @@ mod tests {
         assert!(text.contains("bypassd_build_info{version=\""), "{text}");
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
         // Label values come from fixed lists only.
-        let allowed = ["no_peer", "order", "backpressure", "not_ready", "splice", "coalesced", "peer_stale", "policy", "paused", "runtime", "config", "attached", "detached", "degraded"];
+        let allowed = ["no_peer", "order", "backpressure", "not_ready", "splice", "coalesced", "peer_stale", "local", "inbound", "policy", "paused", "runtime", "config", "attached", "detached", "degraded"];
         for l in text.lines().filter(|l| !l.starts_with('#') && l.contains('{') && !l.starts_with("bypassd_build_info")) {
             let v = l.split('"').nth(1).unwrap();
             assert!(allowed.contains(&v), "unbounded label value in {l}");
+        }
+    }
+
+    #[test]
+    fn link_and_mesh_counters_are_served() {
+        let stats = bypassd_ebpf::abi::LinkStats { redirected_frames: 7, redirected_bytes: 700, passed_frames: 2, passed_bytes: 90 };
+        let s = Snapshot {
+            state: "attached".into(),
+            counters: vec![(C::NatPairedLocal, 4), (C::NatPairedInbound, 3), (C::NatRedirectedBytes, 1000)],
+            links: vec![("tap0+veth0".into(), stats)],
+            ..Snapshot::default()
+        };
+        let text = render(s);
+        for want in [
+            "bypassd_link_frames_total{link=\"tap0+veth0\",action=\"redirected\"} 7",
+            "bypassd_link_bytes_total{link=\"tap0+veth0\",action=\"passed\"} 90",
+            "bypassd_nat_pairs_total{path=\"local\"} 4",
+            "bypassd_nat_pairs_total{path=\"inbound\"} 3",
+            "bypassd_nat_redirected_bytes_total 1000",
+        ] {
+            assert!(text.contains(want), "{want} missing from {text}");
         }
     }
 }

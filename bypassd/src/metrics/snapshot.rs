@@ -17,6 +17,8 @@ pub struct Snapshot {
     pub reloads_failed: u64,
     pub rules_runtime: u64,
     pub rules_config: u64,
+    /// Each [[links]] entry's name (from the config: bounded) and counters.
+    pub links: Vec<(String, bypassd_ebpf::abi::LinkStats)>,
 }
 
 impl Snapshot {
@@ -36,6 +38,7 @@ impl Snapshot {
             reloads_failed,
             rules_runtime: count(RuleSource::Runtime),
             rules_config: count(RuleSource::Config),
+            links: control.link_stats(),
             ..Snapshot::default()
         };
         if snap.state != bypassd_api::state::DETACHED

@@ -150,12 +150,15 @@ impl Links {
             .collect()
     }
 
+    /// Each entry's name and counters (summed over its ports and CPUs).
+    pub fn entry_stats(&self) -> Vec<(String, bypassd_ebpf::abi::LinkStats)> {
+        self.entries.iter().map(|e| (e.spec.id(), e.stats())).collect()
+    }
+
     /// Counters per entry: `link.<name>.redirected_frames` and so on.
     pub fn stats(&self) -> Vec<(String, u64)> {
         let mut v = Vec::new();
-        for e in &self.entries {
-            let s = e.stats();
-            let id = e.spec.id();
+        for (id, s) in self.entry_stats() {
             for (k, n) in [
                 ("redirected_frames", s.redirected_frames),
                 ("redirected_bytes", s.redirected_bytes),
