@@ -64,10 +64,12 @@ static __always_inline void nat_forget(const struct bp_sock_key *k)
 		return;
 	peer = n->peer;
 	back = bpf_map_lookup_elem(&bp_nat, &peer);
-	if (back && key_eq(&back->peer, k))
-		bpf_map_delete_elem(&bp_nat, &peer);
-	bpf_map_delete_elem(&bp_nat, k);
-	count(BP_CTR_NAT_CLEARED, 1);
+	/* Count entries as they are deleted: when both sockets close at once, both get
+	 * here, and only the deletes that succeed say what was removed. */
+	if (back && key_eq(&back->peer, k) && !bpf_map_delete_elem(&bp_nat, &peer))
+		count(BP_CTR_NAT_CLEARED, 1);
+	if (!bpf_map_delete_elem(&bp_nat, k))
+		count(BP_CTR_NAT_CLEARED, 1);
 }
 
 static __always_inline void key_from_sock(struct bpf_sock *sk, struct bp_sock_key *k, __u64 netns)

@@ -42,7 +42,7 @@ enum bp_counter {
 	BP_CTR_NAT_UNPAIRED = 19,       /* answers whose two sockets were not both accelerated */
 	BP_CTR_NAT_REDIRECTED_MSGS = 20,  /* of redirected_msgs: sent to a NAT peer */
 	BP_CTR_NAT_REDIRECTED_BYTES = 21, /* of redirected_bytes: sent to a NAT peer */
-	BP_CTR_NAT_CLEARED = 22,        /* pairs removed because one of their sockets closed */
+	BP_CTR_NAT_CLEARED = 22,        /* NAT entries removed (two per pair) because a socket closed */
 	BP_CTR_COALESCED = 23,     /* small sends kept on TCP: the peer still held redirected data */
 	BP_CTR_PEER_STALE = 24,    /* sends kept on TCP: the peer's socket was gone or reused */
 	BP_CTR_MAX = 25,
