@@ -82,17 +82,8 @@ fn serve(mut cmd: Command, listen: &str, extra: &[&str], dir: &Path) -> (Child, 
 }
 
 /// Wait for a spawned bypass-traffic and return its JSON line.
-fn finish(mut child: Child) -> Value {
-    use std::io::Read;
-    let st = child.wait().expect("wait");
-    let out = bypass_testsupport::read_all(&mut child);
-    let mut err = String::new();
-    if let Some(e) = child.stderr.as_mut() {
-        let _ = e.read_to_string(&mut err);
-    }
-    assert!(st.success(), "bypass-traffic failed ({st}): {out} {err}");
-    let line = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON: {out} {err}"));
-    serde_json::from_str(line).expect("JSON")
+fn finish(child: Child) -> Value {
+    bypass_testsupport::traffic_report(child)
 }
 
 #[test]

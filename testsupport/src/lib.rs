@@ -351,6 +351,20 @@ impl Default for Sandbox {
     }
 }
 
+/// Wait for a spawned bypass-traffic and return its JSON report (the last JSON line);
+/// panics with its output when it failed or printed none.
+pub fn traffic_report(mut child: Child) -> serde_json::Value {
+    let st = child.wait().expect("wait");
+    let out = read_all(&mut child);
+    let mut err = String::new();
+    if let Some(e) = child.stderr.as_mut() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(st.success(), "bypass-traffic failed ({st}): {out} {err}");
+    let line = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON: {out} {err}"));
+    serde_json::from_str(line).expect("JSON")
+}
+
 /// The notify datagrams bypassd sent, read by a thread as they arrive. bypassd's
 /// sends block once the socket's queue (net.unix.max_dgram_qlen, 10) is full, as
 /// they would under a systemd that stopped reading: a fixture must keep reading.

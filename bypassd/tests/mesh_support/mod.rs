@@ -106,17 +106,8 @@ fn wait_port(p: &Path, timeout: Duration) -> Option<u16> {
 }
 
 /// Wait for a spawned bypass-traffic and return its JSON report (asserting ok).
-pub fn finish(mut child: Child) -> Value {
-    use std::io::Read;
-    let st = child.wait().expect("wait");
-    let out = bypass_testsupport::read_all(&mut child);
-    let mut err = String::new();
-    if let Some(e) = child.stderr.as_mut() {
-        let _ = e.read_to_string(&mut err);
-    }
-    assert!(st.success(), "bypass-traffic failed ({st}): {out} {err}");
-    let line = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON: {out} {err}"));
-    let v: Value = serde_json::from_str(line).expect("JSON");
+pub fn finish(child: Child) -> Value {
+    let v = bypass_testsupport::traffic_report(child);
     assert_eq!(v["ok"], Value::Bool(true), "transfer failed: {v}");
     v
 }
