@@ -42,19 +42,9 @@ fn counter(pins: &Path, c: Counter) -> u64 {
     Datapath::open_pinned(pins).and_then(|d| d.counter(c)).expect("read counters")
 }
 
-/// Every message that took the kernel path did so for a safety rule (docs/datapath-safety.md):
-/// the receiver had not read with recvmsg yet, had TCP bytes unread (order), had a full
-/// redirect queue (backpressure), or splices; or the adaptive rule moved a small write to
-/// TCP (coalesced). None lacked a peer in the SOCKHASH.
+/// Every kernel-path message had a safety reason (testsupport::counters).
 fn assert_passes_explained(env: &Env) {
-    let passed = env.counter(Counter::PassedMsgs);
-    let explained = env.counter(Counter::NotReady)
-        + env.counter(Counter::OrderWait)
-        + env.counter(Counter::Backpressure)
-        + env.counter(Counter::SpliceKept)
-        + env.counter(Counter::Coalesced)
-        + env.counter(Counter::PeerStale);
-    assert_eq!(passed, explained, "kernel-path messages without a safety reason (a peer missing from the SOCKHASH?)");
+    bypass_testsupport::counters::assert_passes_explained(|c| env.counter(c));
 }
 
 fn assert_ok(v: &Value) {

@@ -1,6 +1,7 @@
 //! Fixtures for bypassd's integration tests. Every fixture creates something unique
 //! to this test (cgroup, pin directory, network namespace, temp dir, daemon) and
 //! removes it on drop, also when the test panics.
+pub mod counters;
 pub mod dbus;
 pub mod mesh;
 pub mod tap;

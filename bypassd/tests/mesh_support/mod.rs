@@ -76,19 +76,10 @@ impl Env {
         c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn send")
     }
 
-    /// Every kernel-path message had a safety reason (docs/datapath-safety.md): none
-    /// lacked its peer, so every pairing the test expects really happened.
+    /// Every kernel-path message had a safety reason (testsupport::counters).
     pub fn assert_passes_explained(&self) {
         let d = self.datapath();
-        let c = |x| d.counter(x).expect("counter");
-        let passed = c(Counter::PassedMsgs);
-        let explained = c(Counter::NotReady)
-            + c(Counter::OrderWait)
-            + c(Counter::Backpressure)
-            + c(Counter::SpliceKept)
-            + c(Counter::Coalesced)
-            + c(Counter::PeerStale);
-        assert_eq!(passed, explained, "kernel-path messages without a safety reason (a socket whose peer was not found)");
+        bypass_testsupport::counters::assert_passes_explained(|c| d.counter(c).expect("read counters"));
     }
 }
 
