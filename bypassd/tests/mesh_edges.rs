@@ -74,6 +74,82 @@ fn reused_client_port_pairs_with_the_new_proxy_socket_only() {
     m.wait_no_nat_pairs(Duration::from_secs(10));
 }
 
+/// A FIN-WAIT-2 socket lingering while its port is reused. The app sends, shuts down its
+/// write side and keeps reading (FIN-WAIT-2: Envoy holds its side on 15001 open, waiting
+/// for the upstream's answer), so its pair stands. It then connects again from the same
+/// port to another captured destination. The kernel allows it (another 4-tuple), but
+/// both connections would meet Envoy as 127.0.0.1:15001 <- app:port, so conntrack remaps
+/// the new one's source port (to 1..511 for a port below 512). The proxy's tuple then
+/// names a port the app does not own: the socket owning (app:remapped -> destination),
+/// here a squatter on every such port, must not be taken for the client. The two
+/// sockets of a real hop share one sequence space (REDIRECT leaves it alone); a squatter
+/// does not, and bypassd checks that before pairing. (An orphaned FIN-WAIT-2 socket is a
+/// timewait socket, whose entries went at its TCP_CLOSE: the reuse test above covers it.)
+#[test]
+fn fin_wait_2_socket_lingering_while_its_port_is_reused_pairs_only_real_hops() {
+    let m = Mesh::new(capture::Capture::Iptables);
+    let (a, b) = (&m.pods.a, &m.pods.b);
+    in_ns(a, &["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0"]); // the squatters, uid 1337
+    let root = |ns: &bypass_testsupport::Netns| ns.command(Some(&m.env.cg), "env");
+    let mut answer = Script::spawn(root(b), &["server", "80", &(MIB).to_string()]);
+    answer.next();
+    let mut lingering = Script::spawn(root(a), &["client", POD_B4, "80", POD_A4, "300", &(4 * MIB).to_string()]);
+    lingering.next();
+    lingering.go();
+    let sent = lingering.next();
+    assert_eq!(answer.next()["received"], sent["sent"], "app -> app bytes intact");
+    let fw2 = in_ns(a, &["ss", "-Htan", "state", "fin-wait-2"]);
+    assert!(fw2.contains(&format!("{POD_A4}:300 ")), "the app's socket lingers in FIN-WAIT-2: {fw2:?}");
+    let pairs = m.env.datapath().nat_pairs().expect("nat pairs");
+    assert!(pairs.iter().any(|(k, _)| k.local_port == 300), "the lingering socket's pair stands: {pairs:?}");
+    assert_eq!(m.counter(Counter::NatPairedLocal), 1);
+
+    let mut echo = Script::spawn(root(b), &["echo", "15008"]); // 15008 is not captured inbound
+    echo.next();
+    let mut squat_cmd = a.command(Some(&m.env.cg), "setpriv");
+    squat_cmd.args(["--reuid", "1337", "--regid", "1337", "--clear-groups", "env"]);
+    let mut squatters = Script::spawn(squat_cmd, &["squat", POD_A4, POD_B4, "15008", "300"]);
+    assert_eq!(squatters.next()["ready"], 510);
+    let unpaired = m.counter(Counter::NatUnpaired);
+    let mut reuse = Script::spawn(root(a), &["client", POD_B4, "15008", POD_A4, "300", &(64 * MIB).to_string()]);
+    reuse.next(); // connected: Envoy's socket for it exists now
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let remapped = loop {
+        let ss = in_ns(a, &["ss", "-Htan"]);
+        let found = ss.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = f.get(4)?.strip_prefix(&format!("{POD_A4}:"))?.parse::<u16>().ok()?;
+            (f.get(3) == Some(&"127.0.0.1:15001") && port != 300).then_some(port)
+        });
+        match found {
+            Some(p) => break p,
+            None => assert!(std::time::Instant::now() < deadline, "Envoy's socket for the reused port not seen:\n{ss}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reuse.go();
+    let sent = reuse.next();
+    let echoed = reuse.next();
+    assert_eq!(echoed["received"], sent["sent"], "the reused port's bytes intact both ways (echo)");
+    assert_eq!(echoed["bytes"].as_u64(), Some(64 * MIB));
+    reuse.wait();
+    assert!(remapped < 512, "conntrack remapped 300 to {remapped}, outside the squatted range");
+    assert_eq!(m.counter(Counter::NatPairedLocal), 1, "Envoy's socket from :{remapped} was paired with the squatter on :{remapped}");
+    assert_eq!(m.counter(Counter::NatUnpaired), unpaired + 1, "the remapped hop stays on TCP");
+    squatters.go();
+    let stray = squatters.next();
+    assert_eq!(stray["stray"], serde_json::json!({}), "bytes delivered to squatters");
+    squatters.wait();
+
+    // The lingering socket still gets its answer, through its own pair.
+    answer.go();
+    let answered = answer.next();
+    assert_eq!(lingering.next()["received"], answered["sent"], "app <- app bytes intact");
+    lingering.wait();
+    answer.wait();
+    m.wait_no_nat_pairs(Duration::from_secs(10));
+}
+
 /// kill -9 of bypassd mid-transfer, then a restart: the pinned datapath keeps pairing,
 /// bytes stay intact, and connections after the restart pair too.
 #[test]

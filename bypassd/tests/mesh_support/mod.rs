@@ -144,3 +144,55 @@ impl Mesh {
         }
     }
 }
+
+/// A step-by-step helper process (tests/mesh_support/linger.py) talking JSON lines:
+/// `next()` reads its next report, `go()` lets it take its next step. Killed on drop.
+pub struct Script {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    what: String,
+}
+
+impl Script {
+    /// `python3 linger.py ARGS` run by `cmd` (a netns/cgroup/uid wrapper already set up).
+    pub fn spawn(mut cmd: Command, args: &[&str]) -> Script {
+        let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mesh_support/linger.py");
+        cmd.arg("python3").arg(py).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("python3 linger.py {args:?}: {e}"));
+        let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Script { child, out, what: args.join(" ") }
+    }
+
+    pub fn next(&mut self) -> Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap_or_else(|e| panic!("reading from linger.py {}: {e}", self.what));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("linger.py {} said {line:?}: {e}", self.what))
+    }
+
+    pub fn go(&mut self) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"go\n").and_then(|()| stdin.flush()).unwrap_or_else(|e| panic!("linger.py {}: {e}", self.what));
+    }
+
+    /// Wait for a clean exit.
+    pub fn wait(mut self) {
+        let st = self.child.wait().expect("wait linger.py");
+        assert!(st.success(), "linger.py {} exited with {st}", self.what);
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run a command in `ns` (sysctl, ss), panicking with its stderr; returns stdout.
+pub fn in_ns(ns: &Netns, args: &[&str]) -> String {
+    let out = Command::new("ip").args(["netns", "exec", &ns.name]).args(args).output().expect("ip netns exec");
+    assert!(out.status.success(), "{args:?} in {}: {}", ns.name, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
