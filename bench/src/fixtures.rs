@@ -81,8 +81,14 @@ pub struct Counters {
     control: Array<MapData, u64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snap(pub [u64; Counter::COUNT as usize]);
+
+impl Default for Snap {
+    fn default() -> Snap {
+        Snap([0; Counter::COUNT as usize]) // (derive stops at 32 elements)
+    }
+}
 
 impl Snap {
     pub fn get(&self, c: Counter) -> u64 {

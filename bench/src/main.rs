@@ -105,7 +105,7 @@ fn main() -> ExitCode {
     // Measure what a systemd host runs: with tracefs, bypassd's tracepoints attach too.
     bypass_testsupport::ensure_tracefs();
     if let Some(Cmd::Mesh) = cli.cmd {
-        return match mesh::run(cli.short, &cli.out_dir()) {
+        return match mesh::run(cli.short, cli.reps, &cli.out_dir()) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) if cli.short => ExitCode::SUCCESS, // short mode: runs, numbers not judged
             Ok(false) => ExitCode::from(2),

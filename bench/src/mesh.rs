@@ -9,6 +9,7 @@ use bypass_testsupport::{
     PinDir, TempDir, TestCgroup,
     mesh::{POD_B4, Pods, capture, envoy::Envoy},
 };
+use crate::fixtures::Snap;
 use bypassd_ebpf::abi::Counter;
 use serde::Serialize;
 use std::{
@@ -28,6 +29,10 @@ pub struct Point {
     pub ratio: f64,
     pub target: String,
     pub met: bool,
+    pub kernel_spread: Spread,
+    pub bypass_spread: Spread,
+    /// bypass / kernel of each repetition's back-to-back pair.
+    pub pair_ratios: Spread,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -201,71 +206,162 @@ impl Drop for Bypassd {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+/// Median, min and max of one point's repetitions.
+#[derive(Serialize, Debug, Default, Clone, Copy)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
 }
 
+fn spread(v: &[f64]) -> Spread {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if v.is_empty() { Spread::default() } else { Spread { median: crate::fixtures::median(v), min, max } }
+}
+
+/// What the datapath did during one workload of a bypassd run (counter deltas).
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct HopShare {
+    pub workload: String,
+    /// Redirected share of each hop's bytes: app <-> sidecar, sidecar <-> sidecar, sidecar <-> app.
+    pub hop_share: [f64; 3],
+    /// Sends kept on TCP, by reason; `no_peer` = none of the reasons (not paired yet).
+    pub passed: std::collections::BTreeMap<String, u64>,
+    pub redirected_msgs: u64,
+}
+
+/// Per-hop shares from counter deltas. Envoy's tcp_proxy forwards byte for byte, so
+/// every hop carries the same bytes: a third of all bytes the datapath saw each.
+fn hop_share(workload: &str, d: &Snap) -> HopShare {
+    let nat = d.get(Counter::NatRedirectedBytes);
+    let local = d.get(Counter::NatLocalRedirectedBytes);
+    let plain = d.get(Counter::RedirectedBytes).saturating_sub(nat);
+    let per_hop = (d.get(Counter::RedirectedBytes) + d.get(Counter::PassedBytes)) as f64 / 3.0;
+    let share = |b: u64| if per_hop > 0.0 { (b as f64 / per_hop).min(1.0) } else { 0.0 };
+    let reasons = [
+        ("order", Counter::OrderWait),
+        ("backpressure", Counter::Backpressure),
+        ("not_ready", Counter::NotReady),
+        ("coalesced", Counter::Coalesced),
+        ("peer_stale", Counter::PeerStale),
+        ("splice", Counter::SpliceKept),
+    ];
+    let mut passed: std::collections::BTreeMap<String, u64> = reasons.iter().map(|(n, c)| (n.to_string(), d.get(*c))).collect();
+    let explained: u64 = passed.values().sum();
+    passed.insert("no_peer".into(), d.get(Counter::PassedMsgs).saturating_sub(explained));
+    HopShare {
+        workload: workload.into(),
+        hop_share: [share(local), share(nat.saturating_sub(local)), share(plain)],
+        passed,
+        redirected_msgs: d.get(Counter::RedirectedMsgs),
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+}
+
+const WORKLOADS: [&str; 3] = ["1k", "256k", "bulk"];
+
 /// Run the mesh section; writes mesh.json and mesh.md to `out`. Ok(false) when a target is missed.
-pub fn run(short: bool, out: &Path) -> Result<bool> {
+pub fn run(short: bool, reps: Option<usize>, out: &Path) -> Result<bool> {
     let w = World::new()?;
-    let (reps, secs, bulk_bytes) = if short { (1, 2, 256u64 << 20) } else { (5, 5, 1u64 << 30) };
+    let (default_reps, secs, bulk_bytes) = if short { (3, 2, 256u64 << 20) } else { (5, 5, 1u64 << 30) };
+    let reps = reps.unwrap_or(default_reps).max(1);
     let d = Duration::from_secs(secs);
     let mut http: [[Vec<Http>; 2]; 2] = Default::default(); // [size][mode]
     let mut bulk: [Vec<f64>; 2] = Default::default();
-    let mut nat_bytes = 0u64;
+    let mut seen: [Snap; 3] = Default::default(); // per workload, summed over the bypassd runs
     let bypassd = bypassd_bin()?;
-    eprintln!("mesh: wrk -> Envoy -> Envoy -> nginx, {reps} rep(s) of {secs} s; bypassd {}", bypassd.display());
+    let load_start = loadavg();
+    eprintln!("mesh: wrk -> Envoy -> Envoy -> nginx, {reps} rep(s) of {secs} s; bypassd {}; load {load_start}", bypassd.display());
     for rep in 0..reps {
         // Alternate which mode goes first, so drift (thermal, other load) cancels out.
         let order = if rep % 2 == 0 { [0usize, 1] } else { [1, 0] };
         for mode in order {
             check_stop()?;
             let daemon = if mode == 1 { Some(Bypassd::start(&w)?) } else { None };
-            for (i, file) in ["1k", "256k"].iter().enumerate() {
-                http[i][mode].push(w.wrk(file, 16, d)?);
+            let counters = if mode == 1 { Some(crate::fixtures::Counters::open(w.pins.path())?) } else { None };
+            for (i, name) in WORKLOADS.iter().enumerate() {
+                let before = counters.as_ref().map(|c| c.read()).transpose()?;
+                match i {
+                    0 | 1 => http[i][mode].push(w.wrk(name, 16, d)?),
+                    _ => bulk[mode].push(w.bulk(bulk_bytes)?),
+                }
+                if let (Some(c), Some(b)) = (&counters, before) {
+                    seen[i].add(&c.read()?.since(&b));
+                }
             }
-            bulk[mode].push(w.bulk(bulk_bytes)?);
+            drop(counters);
             if let Some(dm) = daemon {
-                let dp = bypassd::datapath::Datapath::open_pinned(w.pins.path())?;
-                nat_bytes += dp.counter(Counter::NatRedirectedBytes)?;
-                drop(dp);
                 dm.stop(w.pins.path())?;
             }
-            eprintln!("mesh: rep {} {} done", rep + 1, if mode == 1 { "bypassd" } else { "kernel" });
+            eprintln!("mesh: rep {} {} done (load {})", rep + 1, if mode == 1 { "bypassd" } else { "kernel" }, loadavg());
         }
     }
-    if nat_bytes == 0 {
+    if seen.iter().all(|s| s.get(Counter::NatRedirectedBytes) == 0) {
         bail!("mesh: the bypassd runs redirected nothing through NAT pairs (pairing broken?)");
     }
+    let shares: Vec<HopShare> = WORKLOADS.iter().zip(&seen).map(|(n, s)| hop_share(n, s)).collect();
     let mut points = Vec::new();
-    let mut add = |name: &str, unit: &str, k: f64, b: f64, lower_better: bool, want: Option<f64>| {
-        let ratio = if k > 0.0 { b / k } else { 0.0 };
+    let mut add = |name: &str, unit: &str, k: &[f64], b: &[f64], lower_better: bool, want: Option<f64>| {
+        let (ks, bs) = (spread(k), spread(b));
+        let ratio = if ks.median > 0.0 { bs.median / ks.median } else { 0.0 };
+        // Ratios of the repetitions paired in time order (each pair ran back to back).
+        let pair: Vec<f64> = k.iter().zip(b).filter(|(k, _)| **k > 0.0).map(|(k, b)| b / k).collect();
         let (target, met) = match (want, lower_better) {
             (Some(t), false) => (format!(">= {t:.2}x"), ratio >= t),
             (Some(t), true) => (format!("<= {t:.2}x"), ratio <= t),
             (None, false) => (">= 1.00x".into(), ratio >= 1.0),
             (None, true) => ("<= 1.00x".into(), ratio <= 1.0),
         };
-        points.push(Point { name: name.into(), unit: unit.into(), kernel: k, bypass: b, ratio, target, met });
+        points.push(Point { name: name.into(), unit: unit.into(), kernel: ks.median, bypass: bs.median, ratio, target, met, kernel_spread: ks, bypass_spread: bs, pair_ratios: spread(&pair) });
     };
     for (i, size) in ["1 KiB", "256 KiB"].iter().enumerate() {
-        let m = |mode: usize, f: fn(&Http) -> f64| median(http[i][mode].iter().map(f).collect());
+        let v = |mode: usize, f: fn(&Http) -> f64| http[i][mode].iter().map(f).collect::<Vec<_>>();
         let small = i == 0;
-        add(&format!("HTTP {size} requests/s"), "req/s", m(0, |h| h.rps), m(1, |h| h.rps), false, small.then_some(1.2));
-        add(&format!("HTTP {size} p50 latency"), "ms", m(0, |h| h.p50_ms), m(1, |h| h.p50_ms), true, None);
-        add(&format!("HTTP {size} p99 latency"), "ms", m(0, |h| h.p99_ms), m(1, |h| h.p99_ms), true, small.then_some(0.8));
+        add(&format!("HTTP {size} requests/s"), "req/s", &v(0, |h| h.rps), &v(1, |h| h.rps), false, small.then_some(1.2));
+        add(&format!("HTTP {size} p50 latency"), "ms", &v(0, |h| h.p50_ms), &v(1, |h| h.p50_ms), true, None);
+        add(&format!("HTTP {size} p99 latency"), "ms", &v(0, |h| h.p99_ms), &v(1, |h| h.p99_ms), true, small.then_some(0.8));
     }
-    add("bulk stream through the chain", "MiB/s", median(bulk[0].clone()), median(bulk[1].clone()), false, Some(1.5));
-    let mut md = String::from("# Service mesh: wrk -> Envoy -> Envoy -> nginx (Istio iptables capture)\n\n");
-    md += &format!("{reps} repetition(s) of {secs} s, wrk -t1 -c16, interleaved; medians. Bulk: {} MiB each way, one connection.\n\n", bulk_bytes >> 20);
-    md += "| point | kernel | bypassd | ratio | target | met |\n|---|---|---|---|---|---|\n";
-    for p in &points {
-        md += &format!("| {} | {:.3} {u} | {:.3} {u} | {:.2}x | {} | {} |\n", p.name, p.kernel, p.bypass, p.ratio, p.target, if p.met { "yes" } else { "no" }, u = p.unit);
-    }
+    add("bulk stream through the chain", "MiB/s", &bulk[0], &bulk[1], false, Some(1.5));
+    let md = report(&points, &shares, reps, secs, bulk_bytes, &load_start);
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("mesh.md"), &md)?;
-    std::fs::write(out.join("mesh.json"), serde_json::to_string_pretty(&points)?)?;
+    let json = serde_json::json!({ "points": points, "hops": shares, "reps": reps, "secs": secs, "load_start": load_start, "load_end": loadavg() });
+    std::fs::write(out.join("mesh.json"), serde_json::to_string_pretty(&json)?)?;
     println!("{md}");
     Ok(points.iter().all(|p| p.met))
+}
+
+fn report(points: &[Point], shares: &[HopShare], reps: usize, secs: u64, bulk_bytes: u64, load_start: &str) -> String {
+    let mut md = String::from("# Service mesh: wrk -> Envoy -> Envoy -> nginx (Istio iptables capture)\n\n");
+    md += &format!(
+        "{reps} repetition(s) of {secs} s, wrk -t1 -c16, Envoy --concurrency 1 each, nginx 1 worker; kernel and bypassd \
+         interleaved (order alternating); medians with [min-max]. Bulk: {} MiB each way, one connection. Load {load_start} -> {}.\n\n",
+        bulk_bytes >> 20,
+        loadavg()
+    );
+    md += "| point | kernel | bypassd | ratio | ratio per rep [min-max] | target | met |\n|---|---|---|---|---|---|---|\n";
+    for p in points {
+        let (k, b, r) = (p.kernel_spread, p.bypass_spread, p.pair_ratios);
+        md += &format!(
+            "| {} | {:.3} [{:.3}-{:.3}] {u} | {:.3} [{:.3}-{:.3}] {u} | {:.2}x | {:.2}x [{:.2}-{:.2}] | {} | {} |\n",
+            p.name, k.median, k.min, k.max, b.median, b.min, b.max, p.ratio, r.median, r.min, r.max, p.target,
+            if p.met { "yes" } else { "no" },
+            u = p.unit
+        );
+    }
+    md += "\nRedirected share per hop (bypassd runs, summed) and sends kept on TCP by reason:\n\n";
+    md += "| workload | app<->sidecar | sidecar<->sidecar | sidecar<->app | redirected msgs | TCP: order | backpressure | not_ready | coalesced | peer_stale | no_peer |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+    for h in shares {
+        let g = |k: &str| h.passed.get(k).copied().unwrap_or(0);
+        md += &format!(
+            "| {} | {:.0} % | {:.0} % | {:.0} % | {} | {} | {} | {} | {} | {} | {} |\n",
+            h.workload, h.hop_share[0] * 100.0, h.hop_share[1] * 100.0, h.hop_share[2] * 100.0, h.redirected_msgs,
+            g("order"), g("backpressure"), g("not_ready"), g("coalesced"), g("peer_stale"), g("no_peer")
+        );
+    }
+    md
 }

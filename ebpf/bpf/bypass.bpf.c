@@ -258,6 +258,8 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	if (nat) {
 		count(BP_CTR_NAT_REDIRECTED_MSGS, 1);
 		count(BP_CTR_NAT_REDIRECTED_BYTES, size);
+		if (nat == BP_NAT_PATH_LOCAL)
+			count(BP_CTR_NAT_LOCAL_REDIRECTED_BYTES, size);
 	}
 	return SK_PASS_VERDICT;
 

@@ -37,7 +37,8 @@ static __always_inline int key_eq(const struct bp_sock_key *a, const struct bp_s
 
 /*
  * The key of the socket this one's data goes to: its NAT peer when a proxy's
- * SO_ORIGINAL_DST paired them, else the owner of the swapped tuple. 1 = NAT peer.
+ * SO_ORIGINAL_DST paired them, else the owner of the swapped tuple. Returns the NAT
+ * path (BP_NAT_PATH_*), 0 for the swapped tuple.
  */
 static __always_inline int peer_key_of(struct sk_msg_md *msg, struct bp_sock_key *k)
 {
@@ -47,7 +48,7 @@ static __always_inline int peer_key_of(struct sk_msg_md *msg, struct bp_sock_key
 	n = bpf_map_lookup_elem(&bp_nat, k);
 	if (n) {
 		*k = n->peer;
-		return 1;
+		return n->path ? n->path : BP_NAT_PATH_INBOUND;
 	}
 	swap_key(k);
 	return 0;

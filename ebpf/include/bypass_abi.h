@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 4
+#define BP_ABI_VERSION 5
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -39,13 +39,15 @@ enum bp_counter {
 	BP_CTR_ORIGDST_SEEN = 16,       /* SO_ORIGINAL_DST answers the getsockopt program observed */
 	BP_CTR_NAT_PAIRED_LOCAL = 17,   /* pairs made: app <-> its own proxy (capture in OUTPUT) */
 	BP_CTR_NAT_PAIRED_INBOUND = 18, /* pairs made: peer in another namespace (capture in PREROUTING) */
-	BP_CTR_NAT_UNPAIRED = 19,       /* answers whose two sockets were not both accelerated */
+	BP_CTR_NAT_UNPAIRED = 19,       /* answers not paired: a socket not accelerated, or not the client */
 	BP_CTR_NAT_REDIRECTED_MSGS = 20,  /* of redirected_msgs: sent to a NAT peer */
 	BP_CTR_NAT_REDIRECTED_BYTES = 21, /* of redirected_bytes: sent to a NAT peer */
 	BP_CTR_NAT_CLEARED = 22,        /* NAT entries removed (two per pair) because a socket closed */
 	BP_CTR_COALESCED = 23,     /* small sends kept on TCP: the peer still held redirected data */
 	BP_CTR_PEER_STALE = 24,    /* sends kept on TCP: the peer's socket was gone or reused */
-	BP_CTR_MAX = 25,
+	/* 25-33: reserved for the datapath's own counters (see the merge plan). */
+	BP_CTR_NAT_LOCAL_REDIRECTED_BYTES = 34, /* of nat_redirected_bytes: app <-> its own sidecar */
+	BP_CTR_MAX = 35,
 };
 
 /* Indices in the control array (u64 values). */

@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -33,11 +33,13 @@ pub enum Counter {
     NatCleared = 22,
     Coalesced = 23,
     PeerStale = 24,
+    NatLocalRedirectedBytes = 34,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 25;
-    pub const ALL: [Counter; 25] = [
+    /// Array size (`BP_CTR_MAX`); 25-33 are reserved.
+    pub const COUNT: u32 = 35;
+    pub const ALL: [Counter; 26] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -63,6 +65,7 @@ impl Counter {
         Counter::NatCleared,
         Counter::Coalesced,
         Counter::PeerStale,
+        Counter::NatLocalRedirectedBytes,
     ];
 
     /// The stable name used in JSON output and D-Bus.
@@ -93,6 +96,7 @@ impl Counter {
             Counter::NatCleared => "nat_cleared",
             Counter::Coalesced => "coalesced_msgs",
             Counter::PeerStale => "peer_stale_msgs",
+            Counter::NatLocalRedirectedBytes => "nat_local_redirected_bytes",
         }
     }
 }

@@ -117,9 +117,10 @@ impl Collector for Families {
         // Service mesh: connections paired through a NAT capture (docs/mesh.md).
         let paths = [("local", ConstCounter::new(c(C::NatPairedLocal))), ("inbound", ConstCounter::new(c(C::NatPairedInbound)))];
         labelled(&mut e, "bypassd_nat_pairs", "NAT-captured connections paired from the proxy's SO_ORIGINAL_DST answer, by capture path", MetricType::Counter, "path", &paths)?;
-        counter(&mut e, "bypassd_nat_unpaired", "SO_ORIGINAL_DST answers whose two sockets were not both accelerated", c(C::NatUnpaired))?;
+        counter(&mut e, "bypassd_nat_unpaired", "SO_ORIGINAL_DST answers not paired (a socket not accelerated, or not the client)", c(C::NatUnpaired))?;
         counter(&mut e, "bypassd_nat_redirected_messages", "Of the redirected sends: to a NAT peer", c(C::NatRedirectedMsgs))?;
         counter(&mut e, "bypassd_nat_redirected_bytes", "Of the redirected bytes: to a NAT peer", c(C::NatRedirectedBytes))?;
+        counter(&mut e, "bypassd_nat_local_redirected_bytes", "Of the NAT-redirected bytes: app <-> its own sidecar", c(C::NatLocalRedirectedBytes))?;
         Ok(())
     }
 }
