@@ -83,7 +83,7 @@ fn c_and_rust_layouts_agree() {
     rust_layout!(r, "bl_fdb_entry", LinkFdbEntry, [ifindex, flags, seen_ns]);
     rust_layout!(r, "bl_stats", LinkStats, [redirected_frames, redirected_bytes, passed_frames, passed_bytes]);
     rust_layout!(r, "bp_nat_peer", NatPeer, [peer, path, reserved]);
-    let consts: [(&str, u64); 46] = [
+    let consts: [(&str, u64); 47] = [
         ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
         ("BP_CTR_SOCKETS_INSERTED", Counter::SocketsInserted as u64),
         ("BP_CTR_INSERT_FAILURES", Counter::InsertFailures as u64),
@@ -136,7 +136,12 @@ fn c_and_rust_layouts_agree() {
         r.insert(k.to_string(), v);
     }
     assert_eq!(c, r, "C (left) and Rust (right) ABI definitions differ");
-    assert_eq!(Counter::ALL.len() as u32, Counter::COUNT);
+    // Every counter is listed once and fits the array (indexes may be reserved, unused).
+    let mut idx: Vec<u32> = Counter::ALL.iter().map(|c| *c as u32).collect();
+    idx.sort();
+    idx.dedup();
+    assert_eq!(idx.len(), Counter::ALL.len(), "a counter listed twice in Counter::ALL");
+    assert!(idx.iter().all(|i| *i < Counter::COUNT), "a counter beyond BP_CTR_MAX: {idx:?}");
 }
 
 #[test]
