@@ -99,6 +99,7 @@ fn mesh_transfer(how: capture::Capture, service: &str, conns: usize, bytes: u64)
         c(Counter::RedirectedBytes), c(Counter::NatRedirectedBytes), c(Counter::PassedBytes),
         c(Counter::OrderWait), c(Counter::Backpressure), c(Counter::NotReady)
     );
+    assert_eq!(c(Counter::NatNotClient), 0, "a real client failed the sequence check");
     assert_eq!(c(Counter::NatPairedLocal), conns as u64, "app -> sidecar pairs");
     assert_eq!(c(Counter::NatPairedInbound), conns as u64, "sidecar -> sidecar pairs");
     assert!(seen.nat_local >= conns && seen.nat_inbound >= conns && seen.plain_inbound >= conns, "hops listed as paired: {seen:?}");

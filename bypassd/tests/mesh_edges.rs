@@ -21,7 +21,9 @@ fn thousand_short_connections_each_get_their_own_echo_and_leave_no_pairs() {
     }
     finish(srv);
     m.wait_no_nat_pairs(Duration::from_secs(30));
-    assert_eq!(m.counter(Counter::NatPairedLocal), 1000, "every app -> sidecar connection paired");
+    let why = format!("answers seen {}, unpaired {}", m.counter(Counter::OrigDstSeen), m.counter(Counter::NatUnpaired));
+    assert_eq!(m.counter(Counter::NatNotClient), 0, "a real client failed the sequence check ({why})");
+    assert_eq!(m.counter(Counter::NatPairedLocal), 1000, "every app -> sidecar connection paired ({why})");
     assert_eq!(m.counter(Counter::NatPairedInbound), 1000, "every sidecar -> sidecar connection paired");
     // Two entries a pair (one per socket), each deleted exactly once.
     assert_eq!(m.counter(Counter::NatCleared), 4000, "every pair's two entries removed exactly once");
@@ -136,6 +138,7 @@ fn fin_wait_2_socket_lingering_while_its_port_is_reused_pairs_only_real_hops() {
     assert!(remapped < 512, "conntrack remapped 300 to {remapped}, outside the squatted range");
     assert_eq!(m.counter(Counter::NatPairedLocal), 1, "Envoy's socket from :{remapped} was paired with the squatter on :{remapped}");
     assert_eq!(m.counter(Counter::NatUnpaired), unpaired + 1, "the remapped hop stays on TCP");
+    assert_eq!(m.counter(Counter::NatNotClient), 1, "the squatter failed the sequence check");
     squatters.go();
     let stray = squatters.next();
     assert_eq!(stray["stray"], serde_json::json!({}), "bytes delivered to squatters");

@@ -185,6 +185,7 @@ int bypass_getsockopt(struct bpf_sockopt *ctx)
 	/* The tuple's owner must be this connection's client, not a port's other user. */
 	ptp = bpf_tcp_sock(sk);
 	if (!ptp || !same_stream(crx, ptp)) {
+		count(BP_CTR_NAT_NOT_CLIENT, 1);
 		count(BP_CTR_NAT_UNPAIRED, 1);
 		return 1;
 	}

@@ -39,7 +39,7 @@ enum bp_counter {
 	BP_CTR_ORIGDST_SEEN = 16,       /* SO_ORIGINAL_DST answers the getsockopt program observed */
 	BP_CTR_NAT_PAIRED_LOCAL = 17,   /* pairs made: app <-> its own proxy (capture in OUTPUT) */
 	BP_CTR_NAT_PAIRED_INBOUND = 18, /* pairs made: peer in another namespace (capture in PREROUTING) */
-	BP_CTR_NAT_UNPAIRED = 19,       /* answers not paired: a socket not accelerated, or not the client */
+	BP_CTR_NAT_UNPAIRED = 19,       /* answers not paired (a socket not accelerated, or nat_not_client) */
 	BP_CTR_NAT_REDIRECTED_MSGS = 20,  /* of redirected_msgs: sent to a NAT peer */
 	BP_CTR_NAT_REDIRECTED_BYTES = 21, /* of redirected_bytes: sent to a NAT peer */
 	BP_CTR_NAT_CLEARED = 22,        /* NAT entries removed (two per pair) because a socket closed */
@@ -47,7 +47,8 @@ enum bp_counter {
 	BP_CTR_PEER_STALE = 24,    /* sends kept on TCP: the peer's socket was gone or reused */
 	/* 25-33: reserved for the datapath's own counters (see the merge plan). */
 	BP_CTR_NAT_LOCAL_REDIRECTED_BYTES = 34, /* of nat_redirected_bytes: app <-> its own sidecar */
-	BP_CTR_MAX = 35,
+	BP_CTR_NAT_NOT_CLIENT = 35, /* answers not paired: the tuple's owner is another connection */
+	BP_CTR_MAX = 36,
 };
 
 /* Indices in the control array (u64 values). */

@@ -34,12 +34,13 @@ pub enum Counter {
     Coalesced = 23,
     PeerStale = 24,
     NatLocalRedirectedBytes = 34,
+    NatNotClient = 35,
 }
 
 impl Counter {
     /// Array size (`BP_CTR_MAX`); 25-33 are reserved.
-    pub const COUNT: u32 = 35;
-    pub const ALL: [Counter; 26] = [
+    pub const COUNT: u32 = 36;
+    pub const ALL: [Counter; 27] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -66,6 +67,7 @@ impl Counter {
         Counter::Coalesced,
         Counter::PeerStale,
         Counter::NatLocalRedirectedBytes,
+        Counter::NatNotClient,
     ];
 
     /// The stable name used in JSON output and D-Bus.
@@ -97,6 +99,7 @@ impl Counter {
             Counter::Coalesced => "coalesced_msgs",
             Counter::PeerStale => "peer_stale_msgs",
             Counter::NatLocalRedirectedBytes => "nat_local_redirected_bytes",
+            Counter::NatNotClient => "nat_not_client",
         }
     }
 }

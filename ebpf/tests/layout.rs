@@ -38,7 +38,7 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_CTR_SPLICE_REFUSED", "BP_CTR_STRANDED_DROPS", "BP_CTR_COALESCED", "BP_CTR_PEER_STALE", "BP_CTR_MAX",
         "BP_CTR_ORIGDST_SEEN", "BP_CTR_NAT_PAIRED_LOCAL", "BP_CTR_NAT_PAIRED_INBOUND", "BP_CTR_NAT_UNPAIRED",
         "BP_CTR_NAT_REDIRECTED_MSGS", "BP_CTR_NAT_REDIRECTED_BYTES", "BP_CTR_NAT_CLEARED",
-        "BP_CTR_NAT_LOCAL_REDIRECTED_BYTES", "BP_NAT_PATH_LOCAL", "BP_NAT_PATH_INBOUND",
+        "BP_CTR_NAT_LOCAL_REDIRECTED_BYTES", "BP_CTR_NAT_NOT_CLIENT", "BP_NAT_PATH_LOCAL", "BP_NAT_PATH_INBOUND",
         "BP_CTL_POLICY_SEQ", "BP_CTL_PAUSED", "BP_CTL_QUEUE_CAP", "BP_CTL_RECV_GATE", "BP_CTL_COALESCE_BELOW", "BP_CTL_MAX",
         "BP_ACTION_KERNEL", "BP_ACTION_ACCELERATE",
         "BP_RULE_MATCH_CGROUP", "BP_RULE_MATCH_UID", "BP_SK_KNOWN", "BP_SK_NO_REDIRECT_IN", "BP_SK_READY", "BP_COMM_LEN",
@@ -83,7 +83,7 @@ fn c_and_rust_layouts_agree() {
     rust_layout!(r, "bl_fdb_entry", LinkFdbEntry, [ifindex, flags, seen_ns]);
     rust_layout!(r, "bl_stats", LinkStats, [redirected_frames, redirected_bytes, passed_frames, passed_bytes]);
     rust_layout!(r, "bp_nat_peer", NatPeer, [peer, path, reserved]);
-    let consts: [(&str, u64); 47] = [
+    let consts: [(&str, u64); 48] = [
         ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
         ("BP_CTR_SOCKETS_INSERTED", Counter::SocketsInserted as u64),
         ("BP_CTR_INSERT_FAILURES", Counter::InsertFailures as u64),
@@ -122,6 +122,7 @@ fn c_and_rust_layouts_agree() {
         ("BP_CTR_NAT_REDIRECTED_BYTES", Counter::NatRedirectedBytes as u64),
         ("BP_CTR_NAT_CLEARED", Counter::NatCleared as u64),
         ("BP_CTR_NAT_LOCAL_REDIRECTED_BYTES", Counter::NatLocalRedirectedBytes as u64),
+        ("BP_CTR_NAT_NOT_CLIENT", Counter::NatNotClient as u64),
         ("BP_NAT_PATH_LOCAL", NAT_PATH_LOCAL.into()), ("BP_NAT_PATH_INBOUND", NAT_PATH_INBOUND.into()),
     ];
     let link_consts: [(&str, u64); 11] = [

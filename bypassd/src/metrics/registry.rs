@@ -120,6 +120,7 @@ impl Collector for Families {
         counter(&mut e, "bypassd_nat_unpaired", "SO_ORIGINAL_DST answers not paired (a socket not accelerated, or not the client)", c(C::NatUnpaired))?;
         counter(&mut e, "bypassd_nat_redirected_messages", "Of the redirected sends: to a NAT peer", c(C::NatRedirectedMsgs))?;
         counter(&mut e, "bypassd_nat_redirected_bytes", "Of the redirected bytes: to a NAT peer", c(C::NatRedirectedBytes))?;
+        counter(&mut e, "bypassd_nat_not_client", "Of the unpaired answers: the tuple's owner was another connection (port remapped)", c(C::NatNotClient))?;
         counter(&mut e, "bypassd_nat_local_redirected_bytes", "Of the NAT-redirected bytes: app <-> its own sidecar", c(C::NatLocalRedirectedBytes))?;
         Ok(())
     }
