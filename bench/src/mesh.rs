@@ -33,6 +33,9 @@ pub struct Point {
     pub bypass_spread: Spread,
     /// bypass / kernel of each repetition's back-to-back pair.
     pub pair_ratios: Spread,
+    /// Every repetition's value, in run order.
+    pub kernel_reps: Vec<f64>,
+    pub bypass_reps: Vec<f64>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -297,7 +300,11 @@ pub fn run(short: bool, reps: Option<usize>, out: &Path) -> Result<bool> {
             if let Some(dm) = daemon {
                 dm.stop(w.pins.path())?;
             }
-            eprintln!("mesh: rep {} {} done (load {})", rep + 1, if mode == 1 { "bypassd" } else { "kernel" }, loadavg());
+            let (h1, bk) = (http[0][mode].last().copied().unwrap_or_default(), bulk[mode].last().copied().unwrap_or_default());
+            eprintln!(
+                "mesh: rep {} {}: 1 KiB {:.0} req/s p99 {:.2} ms, bulk {bk:.0} MiB/s (load {})",
+                rep + 1, if mode == 1 { "bypassd" } else { "kernel" }, h1.rps, h1.p99_ms, loadavg()
+            );
         }
     }
     if seen.iter().all(|s| s.get(Counter::NatRedirectedBytes) == 0) {
@@ -316,7 +323,7 @@ pub fn run(short: bool, reps: Option<usize>, out: &Path) -> Result<bool> {
             (None, false) => (">= 1.00x".into(), ratio >= 1.0),
             (None, true) => ("<= 1.00x".into(), ratio <= 1.0),
         };
-        points.push(Point { name: name.into(), unit: unit.into(), kernel: ks.median, bypass: bs.median, ratio, target, met, kernel_spread: ks, bypass_spread: bs, pair_ratios: spread(&pair) });
+        points.push(Point { name: name.into(), unit: unit.into(), kernel: ks.median, bypass: bs.median, ratio, target, met, kernel_spread: ks, bypass_spread: bs, pair_ratios: spread(&pair), kernel_reps: k.to_vec(), bypass_reps: b.to_vec() });
     };
     for (i, size) in ["1 KiB", "256 KiB"].iter().enumerate() {
         let v = |mode: usize, f: fn(&Http) -> f64| http[i][mode].iter().map(f).collect::<Vec<_>>();
