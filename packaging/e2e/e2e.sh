@@ -4,8 +4,9 @@
 # Builds (or reuses) a Debian bookworm rootfs with mmdebstrap, boots it with
 # systemd-nspawn inside cgroups this script creates, and checks, inside it:
 #   1 install the .deb   2 accelerated, intact transfer   3 reload (good and broken)
-#   4 restart during a transfer   5 poweroff and boot again   6 upgrade during a
-#   transfer   7 purge during a transfer   8 the same cycle with the .rpm
+#   4 restart during a transfer   5 a [[links]] pair between two netns (link datapath)
+#   6 poweroff and boot again   7 upgrade during a transfer   8 purge during a
+#   transfer   9 the same cycle with the .rpm
 # It prints PASS/FAIL per check and `e2e: N passed, M failed`, exits non-zero on any
 # failure, and always tears down: poweroff, kill the exact nspawn pid if needed,
 # remove its cgroups depth-first. The container mounts its own bpffs instance, so
@@ -59,6 +60,7 @@ cleanup() {
   trap - EXIT INT TERM
   stop_container
   kill_transfers
+  links_teardown
   if [ "$KEEP" = 0 ]; then rm -rf "$ROOT"; fi
   exit "$rc"
 }
@@ -84,7 +86,7 @@ run_check() { # N TITLE FUNCTION
   NOTES='' REASON=''
   echo "== check $n: $title"
   t0=$(now)
-  if { [ -n "$CPID" ] && alive "$CPID"; } || [ "$fn" = check5_reboot ]; then
+  if { [ -n "$CPID" ] && alive "$CPID"; } || [ "$fn" = check6_reboot ]; then
     "$fn"
   else
     fail "the container is not running"
@@ -257,7 +259,101 @@ check4_restart() {
   note "restart during a held transfer (pid $pid0 -> $pid1, datapath adopted); transfer intact; $((red2 - red1)) bytes redirected after the restart"
 }
 
-check5_reboot() {
+# The container shares the host's network namespace (no --private-network), so the
+# link check's devices live there: two netns of its own, each with a veth whose host
+# end is one side of the pair. Unique names; removed by the check and by cleanup().
+LNS_A="bypassd-e2e-$$-a" LNS_B="bypassd-e2e-$$-b" LDEV_A="bpe$$a" LDEV_B="bpe$$b" LINKS_UP=0
+LDROP=/etc/bypassd/conf.d/50-e2e-links.toml
+links_teardown() {
+  [ "$LINKS_UP" = 1 ] || return 0
+  ip link del "$LDEV_A" 2>/dev/null; ip link del "$LDEV_B" 2>/dev/null
+  ip netns del "$LNS_A" 2>/dev/null; ip netns del "$LNS_B" 2>/dev/null
+  LINKS_UP=0
+}
+links_setup() {
+  local ns dev ip
+  LINKS_UP=1
+  for x in "$LNS_A $LDEV_A 10.213.0.1" "$LNS_B $LDEV_B 10.213.0.2"; do
+    read -r ns dev ip <<<"$x"
+    ip netns add "$ns" && ip link add "$dev" type veth peer name eth0 netns "$ns" &&
+      ip -n "$ns" addr add "$ip/24" dev eth0 && ip -n "$ns" link set eth0 up && ip -n "$ns" link set lo up &&
+      ip link set "$dev" up || return 1
+  done
+}
+# TCP A -> B over the pair: BYTES each way, sha256 checked by bypass-traffic. Prints its report.
+links_transfer() { # BYTES TIMEOUT
+  local pf=$WORK/links-port out rc
+  rm -f "$pf"
+  ip netns exec "$LNS_B" "$TRAFFIC" serve --listen 10.213.0.2:0 --timeout-secs "$2" --port-file "$pf" >"$LOG/links-serve.json" 2>&1 &
+  local srv=$!
+  for _ in $(seq 50); do [ -s "$pf" ] && break; sleep 0.1; done
+  out=$(ip netns exec "$LNS_A" timeout -k 2 "$(( $2 + 5 ))" "$TRAFFIC" send --connect "10.213.0.2:$(cat "$pf" 2>/dev/null)" --bytes "$1" --timeout-secs "$2" 2>&1); rc=$?
+  kill "$srv" 2>/dev/null; wait "$srv" 2>/dev/null
+  echo "$out"
+  return $rc
+}
+links_json() { cx bypassctl --json status | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin).get("links", [])))'; }
+tx_csum() { ethtool -k "$1" | sed -n 's/^tx-checksumming: \([a-z]*\).*/\1/p'; }
+
+check5_links() {
+  local id out st red0 red1 fr0 fr1 pid0 tx0 l since
+  command -v ip >/dev/null && command -v ethtool >/dev/null || { fail "ip and ethtool are needed on the host (bash scripts/deps-links)"; return 1; }
+  links_setup || { fail "creating the test's netns and veths failed"; return 1; }
+  id="$LDEV_A+$LDEV_B"
+  # Baseline: nothing joins the two host ends, so B is unreachable from A.
+  out=$(links_transfer 4096 3) && { fail "traffic crossed before the link existed: $out"; return 1; }
+  tx0=$(tx_csum "$LDEV_A")
+  [ "$tx0" = on ] || { fail "setup: $LDEV_A has tx-checksumming $tx0 (veth default is on)"; return 1; }
+  # The operator's drop-in; the packaged unit is unchanged (no drop-in of the unit).
+  [ -z "$(unit_prop DropInPaths)" ] || { fail "bypassd.service has drop-ins: $(unit_prop DropInPaths)"; return 1; }
+  cx sh -c "mkdir -p /etc/bypassd/conf.d && printf '[[links]]\npair = [\"%s\", \"%s\"]\nchecksum_offload = { tx = \"off\" }\n' '$LDEV_A' '$LDEV_B' > $LDROP" ||
+    { fail "writing $LDROP failed"; return 1; }
+  out=$(cx bypassd --check-config /etc/bypassd/bypassd.toml 2>&1) || { fail "the config with $LDROP does not check: $out"; return 1; }
+  cx systemctl reload bypassd || { fail "systemctl reload failed"; return 1; }
+  for _ in $(seq 50); do
+    l=$(links_json); st=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1]); print(l[0]["state"] if l else "")' "$l")
+    [ "$st" = attached ] && break; sleep 0.2
+  done
+  [ "$st" = attached ] || { fail "link $id is '${st:-absent}' after reload: $l"; return 1; }
+  out=$(python3 -c '
+import json, sys
+l = json.loads(sys.argv[1])[0]
+ifs = l["interfaces"]
+assert l["mode"] == "pair" and l["name"] == sys.argv[2], l
+assert len(ifs) == 2 and all(i["attached"] and i["ifindex"] > 0 for i in ifs), ifs
+assert all("tx-checksum off" in i["offloads"] and "tso off" in i["offloads"] for i in ifs), ifs
+print("; ".join(f"{i[\"name\"]} ifindex {i[\"ifindex\"]}: {i[\"offloads\"]}" for i in ifs))' "$l" "$id" 2>&1) ||
+    { fail "bypassctl status --json: $out"; return 1; }
+  say "bypassctl status: link $id attached; $out"
+  cx bypassctl status | grep -q "^Link: *pair $id attached" || { fail "bypassctl status lacks 'Link: pair $id attached': $(cx bypassctl status | grep -A2 Link)"; return 1; }
+  [ "$(tx_csum "$LDEV_A")" = off ] && [ "$(tx_csum "$LDEV_B")" = off ] || { fail "ethtool on the host does not show tx-checksumming off"; return 1; }
+  red0=$(stat_of "link.$id.redirected_bytes"); fr0=$(stat_of "link.$id.redirected_frames")
+  out=$(links_transfer $((16 << 20)) 60) || { fail "transfer over the link failed: $out"; return 1; }
+  [ "$(json ok <<<"$out")" = true ] && [ "$(json bytes_received <<<"$out")" = $((16 << 20)) ] ||
+    { fail "transfer over the link not intact: $out"; return 1; }
+  red1=$(stat_of "link.$id.redirected_bytes"); fr1=$(stat_of "link.$id.redirected_frames")
+  say "transfer A -> B over the link: $(json bytes_sent <<<"$out") bytes each way, ok, sha256_sent $(json sha256_sent <<<"$out" | cut -c1-16)…; link.$id.redirected_frames $fr0 -> $fr1, redirected_bytes $red0 -> $red1"
+  [ $((red1 - red0)) -ge $((32 << 20)) ] || { fail "the link redirected only $((red1 - red0)) bytes of 2 x 16 MiB"; return 1; }
+  # Restart: the pinned links are adopted; frames flowed meanwhile.
+  pid0=$(unit_prop MainPID); since=$(cx date +%s)
+  cx systemctl restart bypassd && wait_active 30 && wait_bus || { fail "restart with the link failed"; return 1; }
+  l=$(links_json)
+  python3 -c 'import json,sys; l=json.loads(sys.argv[1]); assert l and l[0]["state"] == "attached", l' "$l" 2>/dev/null ||
+    { fail "after restart: $l"; return 1; }
+  journal_has "$since" "link $id adopted" || { fail "the restarted daemon did not adopt the link pins"; return 1; }
+  # The link leaves the config: detached, pins gone, offloads restored, A and B apart again.
+  cx rm -f "$LDROP"
+  cx systemctl reload bypassd || { fail "systemctl reload (link removed) failed"; return 1; }
+  for _ in $(seq 50); do [ "$(links_json)" = "[]" ] && break; sleep 0.2; done
+  [ "$(links_json)" = "[]" ] || { fail "the link is still listed after its drop-in was removed"; return 1; }
+  cx test -e /sys/fs/bpf/bypassd/links && { fail "link pins left: $(cx ls -R /sys/fs/bpf/bypassd/links)"; return 1; }
+  [ "$(tx_csum "$LDEV_A")" = on ] && [ "$(tx_csum "$LDEV_B")" = on ] || { fail "tx-checksumming not restored on the host ends"; return 1; }
+  out=$(links_transfer 4096 3) && { fail "traffic still crosses after the link was removed: $out"; return 1; }
+  links_teardown
+  note "pair $id between two netns via a conf.d drop-in under the packaged unit's hardening (pid $pid0 -> $(unit_prop MainPID) on restart, adopted): status attached with tx-checksum/tso off, 16 MiB each way intact, link.$id.redirected_bytes +$((red1 - red0)) frames +$((fr1 - fr0)); removed: no pins, offloads restored, A and B apart"
+}
+
+check6_reboot() {
   local t0 out ins0 red0 ins1 red1
   t0=$(now)
   stop_container
@@ -278,7 +374,7 @@ check5_reboot() {
   note "enabled, active, attached after poweroff and boot; runtime policy kept (8 MiB transfer redirected: +$((red1 - red0)) bytes)"
 }
 
-check6_upgrade() {
+check7_upgrade() {
   local sha0 sha1 pid0 pid1 since out rc red1 red2 v
   sha0=$(cx sha256sum /etc/bypassd/bypassd.toml | cut -d' ' -f1)
   start_held_transfer u6 || return 1
@@ -305,7 +401,7 @@ check6_upgrade() {
   note "upgrade to $v during a held transfer restarted bypassd (pid $pid0 -> $pid1, adopted); edited config kept byte for byte (no .dpkg-* files); transfer intact; $((red2 - red1)) bytes redirected after the upgrade"
 }
 
-check7_purge() {
+check8_purge() {
   local out rc f left cg2
   start_held_transfer p7 || return 1
   out=$(cx dpkg -P bypassd 2>&1 </dev/null); rc=$?
@@ -335,7 +431,7 @@ check7_purge() {
   note "purge during a held transfer: transfer intact; no unit, no files, no pins, no state, no bus name, no cgroup programs left"
 }
 
-check8_rpm() {
+check9_rpm() {
   local since out rc f left
   since=$(cx date +%s)
   out=$(cx rpm -i --nodeps --force-debian "/root/e2e/pkg1/$(basename "$RPM")" 2>&1); rc=$?
@@ -368,8 +464,8 @@ check8_rpm() {
 echo "e2e: packages $(basename "$DEB1"), $(basename "$DEB2"), $(basename "$RPM"); work dir $WORK"
 stop_stale "$PIDFILE" "$ROOT"
 remove_empty_cgroups bypassd-e2e-
-ensure_rootfs "$WORK" || { echo "e2e: 0 passed, 8 failed"; exit 1; }
-unpack_rootfs "$ROOT" || { echo "e2e: unpacking the rootfs failed"; echo "e2e: 0 passed, 8 failed"; exit 1; }
+ensure_rootfs "$WORK" || { echo "e2e: 0 passed, 9 failed"; exit 1; }
+unpack_rootfs "$ROOT" || { echo "e2e: unpacking the rootfs failed"; echo "e2e: 0 passed, 9 failed"; exit 1; }
 mkdir -p "$ROOT/root/e2e/pkg1" "$ROOT/root/e2e/pkg2"
 cp "$DEB1" "$RPM" "$ROOT/root/e2e/pkg1/"
 cp "$DEB2" "$ROOT/root/e2e/pkg2/"
@@ -377,7 +473,7 @@ install -m 755 "$TRAFFIC" "$ROOT/root/e2e/bypass-traffic"
 
 if ! boot; then
   echo "FAIL boot: the container did not boot"
-  echo "e2e: 0 passed, 8 failed"
+  echo "e2e: 0 passed, 9 failed"
   exit 1
 fi
 
@@ -385,10 +481,11 @@ run_check 1 "install the .deb" check1_install
 run_check 2 "accelerated and intact transfer" check2_transfer
 run_check 3 "reload: edited config applied, broken config refused" check3_reload
 run_check 4 "restart during a transfer" check4_restart
-run_check 5 "poweroff and boot again" check5_reboot
-run_check 6 "upgrade during a transfer" check6_upgrade
-run_check 7 "purge during a transfer" check7_purge
-run_check 8 "rpm install, active, status, remove" check8_rpm
+run_check 5 "a [[links]] pair between two netns" check5_links
+run_check 6 "poweroff and boot again" check6_reboot
+run_check 7 "upgrade during a transfer" check7_upgrade
+run_check 8 "purge during a transfer" check8_purge
+run_check 9 "rpm install, active, status, remove" check9_rpm
 
 t0=$(now)
 stop_container
