@@ -292,6 +292,9 @@ links_transfer() { # BYTES TIMEOUT
   echo "$out"
   return $rc
 }
+link_stat() { # NAME: one counter of `bypassctl --json stats` whose name has dots
+  cx bypassctl --json stats | python3 -c 'import json,sys; print(json.load(sys.stdin).get(sys.argv[1], ""))' "$1"
+}
 links_json() { cx bypassctl --json status | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin).get("links", [])))'; }
 tx_csum() { ethtool -k "$1" | sed -n 's/^tx-checksumming: \([a-z]*\).*/\1/p'; }
 
@@ -301,12 +304,13 @@ check5_links() {
   local rc
   check5_links_run; rc=$?
   if cx test -e "$LDROP"; then cx rm -f "$LDROP"; cx systemctl reload bypassd; fi
+  cx rmdir /etc/bypassd/conf.d 2>/dev/null # ours if empty: purge must find nothing left
   links_teardown
   return $rc
 }
 
 check5_links_run() {
-  local id out st red0 red1 fr0 fr1 pid0 tx0 l since
+  local id out st red0 red1 fr0 fr1 pid0 tx0 l since pa pb
   command -v ip >/dev/null && command -v ethtool >/dev/null || { fail "ip and ethtool are needed on the host (bash scripts/deps-links)"; return 1; }
   links_setup || { fail "creating the test's netns and veths failed"; return 1; }
   id="$LDEV_A+$LDEV_B"
@@ -337,13 +341,19 @@ print("; ".join("%s ifindex %s: %s" % (i["name"], i["ifindex"], i["offloads"]) f
   say "bypassctl status: link $id attached; $out"
   cx bypassctl status | grep -q "^Link: *pair $id attached" || { fail "bypassctl status lacks 'Link: pair $id attached': $(cx bypassctl status | grep -A2 Link)"; return 1; }
   [ "$(tx_csum "$LDEV_A")" = off ] && [ "$(tx_csum "$LDEV_B")" = off ] || { fail "ethtool on the host does not show tx-checksumming off"; return 1; }
-  red0=$(stat_of "link.$id.redirected_bytes"); fr0=$(stat_of "link.$id.redirected_frames")
+  red0=$(link_stat "link.$id.redirected_bytes"); fr0=$(link_stat "link.$id.redirected_frames")
+  [ -n "$red0" ] && [ -n "$fr0" ] || { fail "bypassctl stats has no link.$id.* counters: $(cx bypassctl stats | grep link)"; return 1; }
   out=$(links_transfer $((16 << 20)) 60) || { fail "transfer over the link failed: $out"; return 1; }
   [ "$(json ok <<<"$out")" = true ] && [ "$(json bytes_received <<<"$out")" = $((16 << 20)) ] ||
     { fail "transfer over the link not intact: $out"; return 1; }
-  red1=$(stat_of "link.$id.redirected_bytes"); fr1=$(stat_of "link.$id.redirected_frames")
+  red1=$(link_stat "link.$id.redirected_bytes"); fr1=$(link_stat "link.$id.redirected_frames")
   say "transfer A -> B over the link: $(json bytes_sent <<<"$out") bytes each way, ok, sha256_sent $(json sha256_sent <<<"$out" | cut -c1-16)…; link.$id.redirected_frames $fr0 -> $fr1, redirected_bytes $red0 -> $red1"
   [ $((red1 - red0)) -ge $((32 << 20)) ] || { fail "the link redirected only $((red1 - red0)) bytes of 2 x 16 MiB"; return 1; }
+  # Per port: each side counts the frames arriving on it, one direction's 16 MiB each.
+  pa=$(link_stat "link.$id.port.$LDEV_A.redirected_bytes"); pb=$(link_stat "link.$id.port.$LDEV_B.redirected_bytes")
+  [ "${pa:-0}" -ge $((16 << 20)) ] && [ "${pb:-0}" -ge $((16 << 20)) ] ||
+    { fail "per-port redirected_bytes: $LDEV_A ${pa:-none}, $LDEV_B ${pb:-none} (expected >= 16 MiB each)"; return 1; }
+  say "per port: $LDEV_A redirected_bytes $pa, $LDEV_B redirected_bytes $pb"
   # Restart: the pinned links are adopted; frames flowed meanwhile.
   pid0=$(unit_prop MainPID); since=$(cx date +%s)
   cx systemctl restart bypassd && wait_active 30 && wait_bus || { fail "restart with the link failed"; return 1; }

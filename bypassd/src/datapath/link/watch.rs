@@ -70,8 +70,14 @@ pub fn spawn(on: impl Fn(Vec<Event>) + Send + Sync + 'static) -> Result<()> {
     let sock = nl::socket(RTMGRP_LINK | RTMGRP_NEIGH).context("subscribing to netlink link and neighbour events")?;
     std::thread::Builder::new()
         .name("link-watch".into())
-        .spawn(move || watch(&sock, None, &sink))
+        .spawn({
+            let sink = sink.clone();
+            move || watch(&sock, None, &sink)
+        })
         .context("starting the netlink watcher thread")?;
+    // Entries were set up before there was a sink: re-check now, which starts the
+    // watchers of their other netns.
+    sink(vec![Event::Links]);
     Ok(())
 }
 
