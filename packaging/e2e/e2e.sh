@@ -5,8 +5,9 @@
 # systemd-nspawn inside cgroups this script creates, and checks, inside it:
 #   1 install the .deb   2 accelerated, intact transfer   3 reload (good and broken)
 #   4 restart during a transfer   5 a [[links]] pair between two netns (link datapath)
-#   6 poweroff and boot again   7 upgrade during a transfer   8 purge during a
-#   transfer   9 the same cycle with the .rpm
+#   6 a [[links]] pair inside a service's netns (netns =, unit drop-in)
+#   7 poweroff and boot again   8 upgrade during a transfer   9 purge during a
+#   transfer   10 the same cycle with the .rpm
 # It prints PASS/FAIL per check and `e2e: N passed, M failed`, exits non-zero on any
 # failure, and always tears down: poweroff, kill the exact nspawn pid if needed,
 # remove its cgroups depth-first. The container mounts its own bpffs instance, so
@@ -86,7 +87,7 @@ run_check() { # N TITLE FUNCTION
   NOTES='' REASON=''
   echo "== check $n: $title"
   t0=$(now)
-  if { [ -n "$CPID" ] && alive "$CPID"; } || [ "$fn" = check6_reboot ]; then
+  if { [ -n "$CPID" ] && alive "$CPID"; } || [ "$fn" = check7_reboot ]; then
     "$fn"
   else
     fail "the container is not running"
@@ -373,7 +374,59 @@ print("; ".join("%s ifindex %s: %s" % (i["name"], i["ifindex"], i["offloads"]) f
   note "pair $id between two netns via a conf.d drop-in under the packaged unit's hardening (pid $pid0 -> $(unit_prop MainPID) on restart, adopted): status attached with tx-checksum/tso off, 16 MiB each way intact, link.$id.redirected_bytes +$((red1 - red0)) frames +$((fr1 - fr0)); removed: no pins, offloads restored, A and B apart"
 }
 
-check6_reboot() {
+# A pod's netns: a transient service of the container with PrivateNetwork=yes holds
+# it (bypassd reaches it as /proc/PID/ns/net); the two host ends of check 5's veths
+# are moved into it. netns entries need CAP_SYS_ADMIN for setns(2): a unit drop-in.
+UDROP=/etc/systemd/system/bypassd.service.d/e2e-netns.conf
+check6_netns() {
+  local rc
+  check6_netns_run; rc=$?
+  cx systemctl stop e2e-podns >/dev/null 2>&1
+  if cx test -e "$LDROP" || cx test -e "$UDROP"; then
+    cx rm -f "$LDROP" "$UDROP"; cx rmdir /etc/systemd/system/bypassd.service.d 2>/dev/null
+    cx systemctl daemon-reload; cx systemctl restart bypassd
+  fi
+  cx rmdir /etc/bypassd/conf.d 2>/dev/null
+  links_teardown
+  return $rc
+}
+
+check6_netns_run() {
+  local cpid hpid f id l st out red0 red1 exp d
+  links_setup || { fail "creating the test's netns and veths failed"; return 1; }
+  cx systemd-run --unit=e2e-podns -p PrivateNetwork=yes --service-type=exec /bin/sleep 600 >/dev/null ||
+    { fail "starting the pod netns holder (systemd-run -p PrivateNetwork=yes)"; return 1; }
+  cpid=$(cx systemctl show e2e-podns -p MainPID --value)
+  f=$(for r in $(cgroup_roots); do find "$r/$CG" -path '*e2e-podns.service/cgroup.procs'; done 2>/dev/null | head -n 1)
+  hpid=$(head -n 1 "$f" 2>/dev/null)
+  [ -n "$cpid" ] && [ "$cpid" != 0 ] && [ -n "$hpid" ] || { fail "no pid for the pod netns holder (container $cpid, host ${hpid:-none})"; return 1; }
+  for d in "$LDEV_A" "$LDEV_B"; do
+    ip link set "$d" netns "$hpid" && nsenter -t "$hpid" -n ip link set "$d" up || { fail "moving $d into the pod netns"; return 1; }
+  done
+  cx sh -c "mkdir -p ${UDROP%/*} && printf '[Service]\nCapabilityBoundingSet=CAP_SYS_ADMIN\nRestrictNamespaces=net\n' > $UDROP && systemctl daemon-reload" ||
+    { fail "writing $UDROP"; return 1; }
+  exp=$(cx systemd-analyze security bypassd.service --no-pager 2>&1 | sed -n 's/.*Overall exposure level for bypassd.service: \([0-9.]*\).*/\1/p')
+  cx sh -c "mkdir -p /etc/bypassd/conf.d && printf '[[links]]\npair = [\"%s\", \"%s\"]\nnetns = \"/proc/%s/ns/net\"\n' '$LDEV_A' '$LDEV_B' '$cpid' > $LDROP" ||
+    { fail "writing $LDROP failed"; return 1; }
+  cx systemctl restart bypassd && wait_active 30 && wait_bus || { fail "bypassd did not restart with the netns drop-ins"; return 1; }
+  id="$LDEV_A+$LDEV_B@_proc_${cpid}_ns_net"
+  for _ in $(seq 50); do
+    l=$(links_json); st=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1]); print(l[0]["state"] if l else "")' "$l")
+    [ "$st" = attached ] && break; sleep 0.2
+  done
+  [ "$st" = attached ] || { fail "netns link is '${st:-absent}': $l $(journal "$(cx date -d '-60 sec' +%s)" | grep -i 'link\|netns' | tail -5)"; return 1; }
+  out=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1])[0]; assert l["name"] == sys.argv[2] and l["netns"] == sys.argv[3], l; print(l["netns"])' "$l" "$id" "/proc/$cpid/ns/net" 2>&1) ||
+    { fail "status of the netns link: $out"; return 1; }
+  say "bypassctl status: link $id attached in netns $out (unit drop-in: CAP_SYS_ADMIN, RestrictNamespaces=net; exposure ${exp:-?})"
+  red0=$(link_stat "link.$id.redirected_bytes")
+  out=$(links_transfer $((8 << 20)) 60) || { fail "transfer over the netns link failed: $out"; return 1; }
+  [ "$(json ok <<<"$out")" = true ] && [ "$(json bytes_received <<<"$out")" = $((8 << 20)) ] || { fail "transfer not intact: $out"; return 1; }
+  red1=$(link_stat "link.$id.redirected_bytes")
+  [ $((red1 - ${red0:-0})) -ge $((16 << 20)) ] || { fail "the netns link redirected only $((red1 - ${red0:-0})) bytes of 2 x 8 MiB"; return 1; }
+  note "pair $id inside a PrivateNetwork=yes service's netns (/proc/$cpid/ns/net) with the unit drop-in (exposure ${exp:-?}): attached, 8 MiB each way intact, redirected_bytes +$((red1 - red0))"
+}
+
+check7_reboot() {
   local t0 out ins0 red0 ins1 red1
   t0=$(now)
   stop_container
@@ -394,7 +447,7 @@ check6_reboot() {
   note "enabled, active, attached after poweroff and boot; runtime policy kept (8 MiB transfer redirected: +$((red1 - red0)) bytes)"
 }
 
-check7_upgrade() {
+check8_upgrade() {
   local sha0 sha1 pid0 pid1 since out rc red1 red2 v
   sha0=$(cx sha256sum /etc/bypassd/bypassd.toml | cut -d' ' -f1)
   start_held_transfer u6 || return 1
@@ -421,7 +474,7 @@ check7_upgrade() {
   note "upgrade to $v during a held transfer restarted bypassd (pid $pid0 -> $pid1, adopted); edited config kept byte for byte (no .dpkg-* files); transfer intact; $((red2 - red1)) bytes redirected after the upgrade"
 }
 
-check8_purge() {
+check9_purge() {
   local out rc f left cg2
   start_held_transfer p7 || return 1
   out=$(cx dpkg -P bypassd 2>&1 </dev/null); rc=$?
@@ -451,7 +504,7 @@ check8_purge() {
   note "purge during a held transfer: transfer intact; no unit, no files, no pins, no state, no bus name, no cgroup programs left"
 }
 
-check9_rpm() {
+check10_rpm() {
   local since out rc f left
   since=$(cx date +%s)
   out=$(cx rpm -i --nodeps --force-debian "/root/e2e/pkg1/$(basename "$RPM")" 2>&1); rc=$?
@@ -484,8 +537,8 @@ check9_rpm() {
 echo "e2e: packages $(basename "$DEB1"), $(basename "$DEB2"), $(basename "$RPM"); work dir $WORK"
 stop_stale "$PIDFILE" "$ROOT"
 remove_empty_cgroups bypassd-e2e-
-ensure_rootfs "$WORK" || { echo "e2e: 0 passed, 9 failed"; exit 1; }
-unpack_rootfs "$ROOT" || { echo "e2e: unpacking the rootfs failed"; echo "e2e: 0 passed, 9 failed"; exit 1; }
+ensure_rootfs "$WORK" || { echo "e2e: 0 passed, 10 failed"; exit 1; }
+unpack_rootfs "$ROOT" || { echo "e2e: unpacking the rootfs failed"; echo "e2e: 0 passed, 10 failed"; exit 1; }
 mkdir -p "$ROOT/root/e2e/pkg1" "$ROOT/root/e2e/pkg2"
 cp "$DEB1" "$RPM" "$ROOT/root/e2e/pkg1/"
 cp "$DEB2" "$ROOT/root/e2e/pkg2/"
@@ -493,7 +546,7 @@ install -m 755 "$TRAFFIC" "$ROOT/root/e2e/bypass-traffic"
 
 if ! boot; then
   echo "FAIL boot: the container did not boot"
-  echo "e2e: 0 passed, 9 failed"
+  echo "e2e: 0 passed, 10 failed"
   exit 1
 fi
 
@@ -502,10 +555,11 @@ run_check 2 "accelerated and intact transfer" check2_transfer
 run_check 3 "reload: edited config applied, broken config refused" check3_reload
 run_check 4 "restart during a transfer" check4_restart
 run_check 5 "a [[links]] pair between two netns" check5_links
-run_check 6 "poweroff and boot again" check6_reboot
-run_check 7 "upgrade during a transfer" check7_upgrade
-run_check 8 "purge during a transfer" check8_purge
-run_check 9 "rpm install, active, status, remove" check9_rpm
+run_check 6 "a [[links]] pair inside a service's netns" check6_netns
+run_check 7 "poweroff and boot again" check7_reboot
+run_check 8 "upgrade during a transfer" check8_upgrade
+run_check 9 "purge during a transfer" check9_purge
+run_check 10 "rpm install, active, status, remove" check10_rpm
 
 t0=$(now)
 stop_container
