@@ -25,6 +25,11 @@ pub fn run_in<T: Send>(path: Option<&str>, f: impl FnOnce() -> T + Send) -> Resu
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::Missing(path.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && path.starts_with("/proc/") => {
+            return Err(Error::Other(anyhow::Error::new(e).context(format!(
+                "opening netns {path} (the ns file of a process with capabilities bypassd lacks needs CAP_SYS_PTRACE; /run/netns/NAME files do not)"
+            ))));
+        }
         Err(e) => return Err(Error::Other(anyhow::Error::new(e).context(format!("opening netns {path}")))),
     };
     std::thread::scope(|s| {
