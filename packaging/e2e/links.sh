@@ -56,7 +56,7 @@ check5_links() {
 
 check5_links_run() {
   local id out st red0 red1 fr0 fr1 pid0 tx0 l since pa pb
-  command -v ip >/dev/null && command -v ethtool >/dev/null || { fail "ip and ethtool are needed on the host (bash scripts/deps-links)"; return 1; }
+  command -v ip >/dev/null && command -v ethtool >/dev/null || { fail "ip and ethtool are needed on the host (bash packaging/ci-deps.sh)"; return 1; }
   links_setup || { fail "creating the test's netns and veths failed"; return 1; }
   id="$LDEV_A+$LDEV_B"
   # Baseline: nothing joins the two host ends, so B is unreachable from A.

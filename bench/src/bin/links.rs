@@ -292,9 +292,9 @@ impl Drop for Kill {
 fn report(rows: &[Row], short: bool, reps: usize, load: String) -> String {
     let mut s = format!(
         "# Link datapath vs. the Linux bridge (qperf{})\n\n{TALK}.\nRatios: latency = mode / bridge (below 1 is faster), bandwidth = mode / bridge (above 1 is more). \
-         Each point ran {reps} times per mode, interleaved with the bridge; ratio = median / median, spread = min–max of the paired per-run ratios. \
+         Each point ran {reps} times per mode for 1 s, interleaved with the bridge; ratio = median / median, spread = min–max of the paired per-run ratios. \
          Load average at start: {load}.\n",
-        if short { ", short mode: 1 run of 1 s per point, not judged" } else { "" }
+        if short { ", short mode: 3 sizes, not judged" } else { "" }
     );
     for topo in ["vm-pod", "pod-pod"] {
         s.push_str(&format!("\n## {topo}\n\n| test | size | bridge (median) | mode | value (median) | ratio | spread |\n|---|---|---|---|---|---|---|\n"));
