@@ -136,7 +136,8 @@ impl From<IfName> for String {
 /// Checks across entries. Returns the span to point at and the message.
 pub fn validate(links: &[Spanned<LinkSpec>]) -> Result<(), (Range<usize>, String)> {
     // (netns, interface) -> (entry index, span, whether it is a bridge).
-    let mut seen: Vec<((Option<&str>, &str), usize, Range<usize>, bool)> = Vec::new();
+    type Seen<'a> = ((Option<&'a str>, &'a str), usize, Range<usize>, bool);
+    let mut seen: Vec<Seen> = Vec::new();
     for (i, entry) in links.iter().enumerate() {
         let spec = entry.get_ref();
         let key = format!("links[{}]", i + 1);
