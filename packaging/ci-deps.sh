@@ -25,6 +25,8 @@ if [ "$want_e2e" = 1 ]; then
   apt_for[mmdebstrap]=mmdebstrap
   apt_for[nsenter]=util-linux
   apt_for[python3]=python3-minimal   # reads the JSON reports in packaging/e2e/e2e.sh
+  apt_for[ip]=iproute2               # the link checks' netns and veths (packaging/e2e/links.sh)
+  apt_for[ethtool]=ethtool           # reads their offloads back
 fi
 
 missing=()

@@ -14,7 +14,7 @@
 //! | `GetStatus` | method | everyone | `() → (sssbsssstuuuas)` ([`Status`]) |
 //! | `GetStats` | method | everyone | `() → a(st)` ([`Stats`]) |
 //! | `ListConnections` | method | everyone | `() → a(ssstb)` ([`Connection`]) |
-//! | `ListLinks` | method | everyone | `() → a(ssssa(subs))` ([`LinkStatus`]) |
+//! | `ListLinks` | method | everyone | `() → a(sssssa(substttt))` ([`LinkStatus`]) |
 //! | `ListPolicy` | method | everyone | `() → s default_action, a(ussssbs) rules` ([`PolicyRule`]) |
 //! | `PolicyDiff` | method | everyone | `s rules_toml → b changed, a(ussssbs) current, a(ussssbs) proposed` (a dry run of `PolicyApply`) |
 //! | `Reload` | method | root | `() → ()` |

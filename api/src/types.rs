@@ -78,7 +78,7 @@ pub struct PolicyRule {
 /// One `[[links]]` entry of the link datapath, as `ListLinks` returns it.
 #[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq, Eq)]
 pub struct LinkStatus {
-    /// "tap0+veth-vm0" (pair) or "br0" (bridge).
+    /// "tap0+veth-vm0" (pair) or "br0" (bridge); "...@pod1" when in another netns.
     pub name: String,
     /// "pair" or "bridge".
     pub mode: String,
@@ -86,6 +86,8 @@ pub struct LinkStatus {
     pub state: String,
     /// Why it is pending or degraded (empty when attached).
     pub reason: String,
+    /// The netns file of `netns =` (empty: bypassd's own netns).
+    pub netns: String,
     pub interfaces: Vec<LinkInterface>,
 }
 
@@ -99,4 +101,10 @@ pub struct LinkInterface {
     pub attached: bool,
     /// Effective offloads as read back, e.g. "rx-checksum off tx-checksum on tso on".
     pub offloads: String,
+    /// Frames and bytes arriving on this interface that the link program redirected
+    /// (skipping the bridge) or passed on to the kernel path, since its pins were made.
+    pub redirected_frames: u64,
+    pub redirected_bytes: u64,
+    pub passed_frames: u64,
+    pub passed_bytes: u64,
 }

@@ -111,10 +111,14 @@ impl Out {
         }
         for l in links {
             let state = if l.reason.is_empty() { l.state.clone() } else { format!("{}: {}", l.state, l.reason) };
-            println!("{:<14} {} {} {state}", "Link:", l.mode, l.name);
+            let ns = if l.netns.is_empty() { String::new() } else { format!(" (netns {})", l.netns) };
+            println!("{:<14} {} {} {state}{ns}", "Link:", l.mode, l.name);
             for i in &l.interfaces {
                 let att = if i.attached { "attached" } else if i.ifindex == 0 { "missing" } else { "not attached" };
-                println!("{:<14}   {} (ifindex {}) {att}; {}", "", i.name, i.ifindex, i.offloads);
+                println!(
+                    "{:<14}   {} (ifindex {}) {att}; {}; in: {} frames redirected, {} passed",
+                    "", i.name, i.ifindex, i.offloads, i.redirected_frames, i.passed_frames
+                );
             }
         }
     }

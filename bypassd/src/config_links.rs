@@ -22,6 +22,10 @@ pub struct LinkSpec {
     /// How frames reach a veth whose peer sits in another netns.
     #[serde(default)]
     pub redirect: Redirect,
+    /// The network namespace the interfaces live in (a pod's, say): a file that
+    /// refers to it, such as /run/netns/NAME or /proc/PID/ns/net. Default: bypassd's own.
+    #[serde(default)]
+    pub netns: Option<Spanned<String>>,
 }
 
 impl LinkSpec {
@@ -34,9 +38,26 @@ impl LinkSpec {
         }
     }
 
-    /// A short, stable name: "tap0+veth-vm0" or "br0".
+    /// A short, stable name: "tap0+veth-vm0" or "br0", with "@<netns>" for an entry
+    /// in another netns ("@pod1" for /run/netns/pod1, else the path's `/` as `_`).
     pub fn id(&self) -> String {
-        self.interfaces().join("+")
+        let names = self.interfaces().join("+");
+        match self.netns_path() {
+            None => names,
+            Some(p) => {
+                let ns = p.strip_prefix("/run/netns/").filter(|n| !n.contains('/')).map_or_else(|| p.replace('/', "_"), String::from);
+                format!("{names}@{ns}")
+            }
+        }
+    }
+
+    /// The bridge's interface name (bridge mode).
+    pub fn bridge_name(&self) -> Option<&str> {
+        self.bridge.as_ref().map(|b| b.get_ref().0.as_str())
+    }
+
+    pub fn netns_path(&self) -> Option<&str> {
+        self.netns.as_ref().map(|n| n.get_ref().as_str())
     }
 
     pub fn is_bridge(&self) -> bool {
@@ -114,11 +135,19 @@ impl From<IfName> for String {
 
 /// Checks across entries. Returns the span to point at and the message.
 pub fn validate(links: &[Spanned<LinkSpec>]) -> Result<(), (Range<usize>, String)> {
-    // Interface -> (entry index, span, whether it is a bridge).
-    let mut seen: Vec<(&str, usize, Range<usize>, bool)> = Vec::new();
+    // (netns, interface) -> (entry index, span, whether it is a bridge).
+    type Seen<'a> = ((Option<&'a str>, &'a str), usize, Range<usize>, bool);
+    let mut seen: Vec<Seen> = Vec::new();
     for (i, entry) in links.iter().enumerate() {
         let spec = entry.get_ref();
         let key = format!("links[{}]", i + 1);
+        if let Some(ns) = &spec.netns {
+            let p = ns.get_ref();
+            if !p.starts_with('/') || p.contains('\0') || p.split('/').any(|c| c == "..") {
+                return Err((ns.span(), format!("key `{key}.netns`: `{p}` is not an absolute path to a netns file (e.g. /run/netns/NAME)")));
+            }
+        }
+        let netns = spec.netns_path();
         let mut names: Vec<(&Spanned<IfName>, bool)> = Vec::new();
         match (&spec.pair, &spec.bridge) {
             (Some(_), Some(b)) => {
@@ -138,7 +167,7 @@ pub fn validate(links: &[Spanned<LinkSpec>]) -> Result<(), (Range<usize>, String
         }
         for (n, is_bridge) in names {
             let name = n.get_ref().0.as_str();
-            if let Some((_, j, _, other_bridge)) = seen.iter().find(|(s, ..)| *s == name) {
+            if let Some((_, j, _, other_bridge)) = seen.iter().find(|(s, ..)| *s == (netns, name)) {
                 let what = if spec.is_bridge() { "bridge" } else { "pair" };
                 let msg = if *other_bridge != is_bridge {
                     format!(
@@ -150,7 +179,7 @@ pub fn validate(links: &[Spanned<LinkSpec>]) -> Result<(), (Range<usize>, String
                 };
                 return Err((n.span(), msg));
             }
-            seen.push((name, i, n.span(), is_bridge));
+            seen.push(((netns, name), i, n.span(), is_bridge));
         }
     }
     Ok(())
@@ -209,6 +238,17 @@ mod tests {
         assert!(e.contains("already used"), "{e}");
         let e = err("[[links]]\nbridge = \"br0\"\npair = [\"a\", \"b\"]\n");
         assert!(e.contains("not both"), "{e}");
+        // The same names in another netns are other interfaces.
+        let ok = "[[links]]\npair = [\"tap0\", \"veth0\"]\n[[links]]\npair = [\"tap0\", \"veth0\"]\nnetns = \"/run/netns/pod1\"\n";
+        let c = Config::parse(Path::new("t.toml"), ok).unwrap();
+        assert_eq!(c.links[1].get_ref().id(), "tap0+veth0@pod1");
+        assert_eq!(c.links[1].get_ref().netns_path(), Some("/run/netns/pod1"));
+        let e = err(&ok.replace("/run/netns/pod1", "pod1"));
+        assert!(e.starts_with("/etc/bypassd/t.toml:5:") && e.contains("`links[2].netns`") && e.contains("absolute path"), "{e}");
+        let e = err(&format!("{ok}[[links]]\nbridge = \"br0\"\npair = [\"x\", \"veth0\"]\nnetns = \"/run/netns/pod1\"\n"));
+        assert!(e.contains("not both"), "{e}");
+        let e = err("[[links]]\npair = [\"a\", \"b\"]\nnetns = \"/run/netns/p\"\n[[links]]\npair = [\"c\", \"b\"]\nnetns = \"/run/netns/p\"\n");
+        assert!(e.starts_with("/etc/bypassd/t.toml:5:") && e.contains("already used by links[1]"), "{e}");
         let e = err("[[links]]\nredirect = \"auto\"\n");
         assert!(e.contains("`links[1]`") && e.contains("needs"), "{e}");
     }

@@ -77,7 +77,7 @@ impl Control {
         self.state().links()
     }
 
-    pub fn link_stats(&self) -> Vec<(String, bypassd_ebpf::abi::LinkStats)> {
+    pub fn link_stats(&self) -> Vec<crate::datapath::link::EntryStats> {
         self.state().link_stats()
     }
 

@@ -254,7 +254,7 @@ impl Daemon {
         for ev in evs {
             match ev {
                 Event::Links => relink = true,
-                Event::Fdb { mac, ifindex, gone } => self.links.fdb_update(mac, ifindex, gone),
+                Event::Fdb { netns, mac, ifindex, gone } => self.links.fdb_update(netns.as_deref(), mac, ifindex, gone),
             }
         }
         if relink {
@@ -266,7 +266,7 @@ impl Daemon {
         self.links.status()
     }
 
-    pub fn link_stats(&self) -> Vec<(String, bypassd_ebpf::abi::LinkStats)> {
+    pub fn link_stats(&self) -> Vec<datapath::link::EntryStats> {
         self.links.entry_stats()
     }
 

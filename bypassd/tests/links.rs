@@ -301,3 +301,101 @@ fn bridge_mode_vm_to_vm_pod_to_pod_and_a_moved_mac_is_followed() {
     assert_eq!((bad, dup), (0, 0));
     assert!(got >= 1980, "only {got}/2000 datagrams reached the MAC's new port");
 }
+
+/// `/metrics` of a daemon listening on 127.0.0.1:9477 in netns `ns`.
+fn metrics(ns: &str) -> String {
+    use std::io::{Read, Write};
+    in_netns(Some(ns), || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9477").expect("connect to the metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .unwrap()
+}
+
+/// A sample's value from OpenMetrics text (0 when absent).
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// The ports of a VM live in a netns that is not bypassd's (KubeVirt: the pod's).
+/// `netns =` attaches, applies offloads and watches there; a missing netns file is a
+/// pending entry; a deleted and re-created interface in it is re-attached. Per-port
+/// counters (metrics `port` label) account for each side's own frames.
+#[test]
+fn pair_inside_another_netns_is_attached_watched_and_counted_per_port() {
+    use bypass_testsupport::{Daemon, Netns};
+    let env = Env::new();
+    let mut t = Topo::new(&[Kind::Vm(false), Kind::Pod]);
+    let own = Netns::new(); // bypassd's netns: it has none of the interfaces
+    let ghost = format!("/run/netns/{}-gone", t.node.name);
+    let cfg = format!(
+        "{}\nnetns = \"/run/netns/{}\"\nchecksum_offload = {{ tx = \"off\" }}\n\n[[links]]\npair = [\"a0\", \"b0\"]\nnetns = \"{ghost}\"\n\n[metrics]\nlisten = \"127.0.0.1:9477\"\n",
+        pair_cfg(&t, VM, POD, "").trim_end(),
+        t.node.name
+    );
+    let mut d = in_netns(Some(&own.name), || Daemon::start(&env.config(&cfg))).unwrap().expect("start bypassd");
+    let log = d.log();
+    assert_eq!(env.pinned().len(), 2, "{log}");
+    assert!(log.contains(&format!("watching netlink events in netns /run/netns/{}", t.node.name)), "{log}");
+    assert!(log.contains(&format!("netns {ghost} missing; attached when it appears")), "{log}");
+    // The offload was applied to the pod's port inside that netns (read there by ethtool).
+    assert!(!offloads(&t, &t.eps[POD].port).1, "tx-checksum is still on inside the netns");
+
+    // Both ways through the link; each side counts the frames arriving on it.
+    let (vm, pod) = (t.eps[VM].port.clone(), t.eps[POD].port.clone());
+    let id = format!("{vm}+{pod}@{}", t.node.name);
+    let m0 = metrics(&own.name);
+    check_skips_bridge(&env, &t, VM, POD, 0);
+    let m1 = metrics(&own.name);
+    let port = |m: &str, p: &str, what: &str| sample(m, &format!("bypassd_link_port_{what}_total{{link=\"{id}\",port=\"{p}\",action=\"redirected\"}}"));
+    let total = |m: &str| sample(m, &format!("bypassd_link_bytes_total{{link=\"{id}\",action=\"redirected\"}}"));
+    let (dv, dp) = (port(&m1, &vm, "bytes") - port(&m0, &vm, "bytes"), port(&m1, &pod, "bytes") - port(&m0, &pod, "bytes"));
+    // 32 MiB each way plus UDP: each side has at least one direction's bytes.
+    assert!(dv >= 32 << 20 && dp >= 32 << 20, "per-port redirected bytes: {vm} +{dv}, {pod} +{dp}\n{m1}");
+    assert_eq!(dv + dp, total(&m1) - total(&m0), "the ports do not add up to the entry\n{m1}");
+
+    // The VM's tap goes and comes back inside that netns: followed there.
+    t.unplug(VM);
+    wait_until("the stale tap link to go", 4, || env.pinned().len() == 1);
+    t.plug(VM);
+    wait_until("the new tap to be attached", 4, || env.pinned().len() == 2);
+    check_skips_bridge(&env, &t, VM, POD, 0);
+
+    // Leaving the config: detached and the offload restored, inside the netns.
+    env.reconfigure(&mut d, "");
+    assert!(offloads(&t, &pod).1, "tx-checksum not restored inside the netns");
+    assert!(env.pinned().is_empty());
+}
+
+/// Bridge mode copies the bridge's FDB when it attaches: a MAC the bridge learned
+/// before bypassd started is redirected from the first frame, with no frame from it
+/// to learn from (the receiver stays silent: no IPv6, a permanent ARP entry).
+#[test]
+fn bridge_mode_redirects_macs_the_bridge_knew_before_it_started() {
+    let env = Env::new();
+    let t = Topo::new(&[Kind::Pod, Kind::Pod]);
+    let (ns0, ns1) = (t.eps[0].ns.name.clone(), t.eps[1].ns.name.clone());
+    sh(Some(&ns1), &["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"]);
+    let mac1 = sh(Some(&ns1), &["cat", "/sys/class/net/eth0/address"]).trim().to_string();
+    sh(Some(&ns0), &["ip", "neigh", "replace", &t.eps[1].ip, "lladdr", &mac1, "dev", "eth0", "nud", "permanent"]);
+    // Topo::new made pod 1 answer (ARP), so the bridge knows its MAC.
+    let fdb = sh(Some(&t.node.name), &["bridge", "fdb", "show", "br", &t.br]);
+    assert!(fdb.contains(&mac1), "setup: the bridge has not learned {mac1}: {fdb}");
+
+    let d = env.daemon(&t, &format!("[[links]]\nbridge = \"{}\"\n", t.br));
+    assert!(d.log().contains("MACs taken from the bridge's FDB"), "{}", d.log());
+    let before = link_counters(&env);
+    let fwd = t.bridge_forwarded();
+    let (got, bad, dup) = linkenv::udp(&ns0, &ns1, &t.eps[1].ip, 1000, 1400);
+    assert_eq!((bad, dup), (0, 0));
+    assert!(got >= 990, "only {got}/1000 datagrams arrived");
+    let after = link_counters(&env);
+    let redirected = after.redirected_frames - before.redirected_frames;
+    let bridged = t.bridge_forwarded() - fwd;
+    // Without the dump every one of them would cross the bridge (nothing to learn from).
+    assert!(redirected >= 1000, "only {redirected} frames redirected, {bridged} bridged");
+    assert!(bridged <= 5, "the bridge still forwarded {bridged} frames");
+}

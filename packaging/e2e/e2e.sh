@@ -4,8 +4,10 @@
 # Builds (or reuses) a Debian bookworm rootfs with mmdebstrap, boots it with
 # systemd-nspawn inside cgroups this script creates, and checks, inside it:
 #   1 install the .deb   2 accelerated, intact transfer   3 reload (good and broken)
-#   4 restart during a transfer   5 poweroff and boot again   6 upgrade during a
-#   transfer   7 purge during a transfer   8 the same cycle with the .rpm
+#   4 restart during a transfer   5 a [[links]] pair between two netns (link datapath)
+#   6 a [[links]] pair inside a service's netns (netns =, unit drop-in)
+#   7 poweroff and boot again   8 upgrade during a transfer   9 purge during a
+#   transfer   10 the same cycle with the .rpm
 # It prints PASS/FAIL per check and `e2e: N passed, M failed`, exits non-zero on any
 # failure, and always tears down: poweroff, kill the exact nspawn pid if needed,
 # remove its cgroups depth-first. The container mounts its own bpffs instance, so
@@ -47,6 +49,8 @@ CG=bypassd-e2e-$$
 PIDFILE=$WORK/nspawn.pid
 # shellcheck source=packaging/e2e/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=packaging/e2e/links.sh
+. "$(dirname "${BASH_SOURCE[0]}")/links.sh"
 BYTES=$((64 << 20))       # plain transfers
 HELD_BYTES=$((32 << 20))  # transfers held open across restart/upgrade/purge
 
@@ -59,6 +63,7 @@ cleanup() {
   trap - EXIT INT TERM
   stop_container
   kill_transfers
+  links_teardown
   if [ "$KEEP" = 0 ]; then rm -rf "$ROOT"; fi
   exit "$rc"
 }
@@ -84,7 +89,7 @@ run_check() { # N TITLE FUNCTION
   NOTES='' REASON=''
   echo "== check $n: $title"
   t0=$(now)
-  if { [ -n "$CPID" ] && alive "$CPID"; } || [ "$fn" = check5_reboot ]; then
+  if { [ -n "$CPID" ] && alive "$CPID"; } || [ "$fn" = check7_reboot ]; then
     "$fn"
   else
     fail "the container is not running"
@@ -257,7 +262,7 @@ check4_restart() {
   note "restart during a held transfer (pid $pid0 -> $pid1, datapath adopted); transfer intact; $((red2 - red1)) bytes redirected after the restart"
 }
 
-check5_reboot() {
+check7_reboot() {
   local t0 out ins0 red0 ins1 red1
   t0=$(now)
   stop_container
@@ -278,7 +283,7 @@ check5_reboot() {
   note "enabled, active, attached after poweroff and boot; runtime policy kept (8 MiB transfer redirected: +$((red1 - red0)) bytes)"
 }
 
-check6_upgrade() {
+check8_upgrade() {
   local sha0 sha1 pid0 pid1 since out rc red1 red2 v
   sha0=$(cx sha256sum /etc/bypassd/bypassd.toml | cut -d' ' -f1)
   start_held_transfer u6 || return 1
@@ -305,7 +310,7 @@ check6_upgrade() {
   note "upgrade to $v during a held transfer restarted bypassd (pid $pid0 -> $pid1, adopted); edited config kept byte for byte (no .dpkg-* files); transfer intact; $((red2 - red1)) bytes redirected after the upgrade"
 }
 
-check7_purge() {
+check9_purge() {
   local out rc f left cg2
   start_held_transfer p7 || return 1
   out=$(cx dpkg -P bypassd 2>&1 </dev/null); rc=$?
@@ -335,7 +340,7 @@ check7_purge() {
   note "purge during a held transfer: transfer intact; no unit, no files, no pins, no state, no bus name, no cgroup programs left"
 }
 
-check8_rpm() {
+check10_rpm() {
   local since out rc f left
   since=$(cx date +%s)
   out=$(cx rpm -i --nodeps --force-debian "/root/e2e/pkg1/$(basename "$RPM")" 2>&1); rc=$?
@@ -368,8 +373,8 @@ check8_rpm() {
 echo "e2e: packages $(basename "$DEB1"), $(basename "$DEB2"), $(basename "$RPM"); work dir $WORK"
 stop_stale "$PIDFILE" "$ROOT"
 remove_empty_cgroups bypassd-e2e-
-ensure_rootfs "$WORK" || { echo "e2e: 0 passed, 8 failed"; exit 1; }
-unpack_rootfs "$ROOT" || { echo "e2e: unpacking the rootfs failed"; echo "e2e: 0 passed, 8 failed"; exit 1; }
+ensure_rootfs "$WORK" || { echo "e2e: 0 passed, 10 failed"; exit 1; }
+unpack_rootfs "$ROOT" || { echo "e2e: unpacking the rootfs failed"; echo "e2e: 0 passed, 10 failed"; exit 1; }
 mkdir -p "$ROOT/root/e2e/pkg1" "$ROOT/root/e2e/pkg2"
 cp "$DEB1" "$RPM" "$ROOT/root/e2e/pkg1/"
 cp "$DEB2" "$ROOT/root/e2e/pkg2/"
@@ -377,7 +382,7 @@ install -m 755 "$TRAFFIC" "$ROOT/root/e2e/bypass-traffic"
 
 if ! boot; then
   echo "FAIL boot: the container did not boot"
-  echo "e2e: 0 passed, 8 failed"
+  echo "e2e: 0 passed, 10 failed"
   exit 1
 fi
 
@@ -385,10 +390,12 @@ run_check 1 "install the .deb" check1_install
 run_check 2 "accelerated and intact transfer" check2_transfer
 run_check 3 "reload: edited config applied, broken config refused" check3_reload
 run_check 4 "restart during a transfer" check4_restart
-run_check 5 "poweroff and boot again" check5_reboot
-run_check 6 "upgrade during a transfer" check6_upgrade
-run_check 7 "purge during a transfer" check7_purge
-run_check 8 "rpm install, active, status, remove" check8_rpm
+run_check 5 "a [[links]] pair between two netns" check5_links
+run_check 6 "a [[links]] pair inside a service's netns" check6_netns
+run_check 7 "poweroff and boot again" check7_reboot
+run_check 8 "upgrade during a transfer" check8_upgrade
+run_check 9 "purge during a transfer" check9_purge
+run_check 10 "rpm install, active, status, remove" check10_rpm
 
 t0=$(now)
 stop_container

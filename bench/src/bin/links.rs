@@ -11,8 +11,13 @@
 //! Latency on these paths varies up to 2x between runs on a loaded 2-CPU machine:
 //! short mode is a smoke test, not a measurement.
 //!
+//! Every point runs each mode `--reps` times (default 5, short mode 1), interleaved:
+//! repetition i of every mode runs back to back, bypassd started afresh for each link
+//! mode. The report gives medians, their ratio to the bridge, and the min–max of the
+//! paired per-repetition ratios.
+//!
 //! `cargo build --release -p bypassd -p bypass-bench && target/release/bypass-bench-links
-//! [--short] [--out FILE]`. Needs root, qperf, iproute2 (scripts/deps-links).
+//! [--short] [--reps N] [--out FILE]`. Needs root, qperf, iproute2 (scripts/deps-links).
 use anyhow::{Context, Result, bail};
 use bypass_testsupport::{Netns, PinDir, TempDir, TestCgroup, tap::{TapRelay, in_netns}};
 use std::{
@@ -163,22 +168,56 @@ struct Row {
     mode: String,
     test: &'static str,
     size: u32,
-    value: f64,
+    /// One value per repetition, in run order (repetition i of every mode ran
+    /// back to back, so value i of two modes form a pair).
+    values: Vec<f64>,
 }
 
-fn measure(w: &World, a: usize, b: usize, topo: &'static str, mode: &str, sizes: &[u32], reps: usize, secs: u32, rows: &mut Vec<Row>) -> Result<()> {
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A mode of one topology: its name and its [[links]] config (None: the bridge alone).
+struct Mode {
+    name: &'static str,
+    links: Option<String>,
+}
+
+/// Every (test, size) point of the topology, each mode `reps` times, interleaved per
+/// point: repetition i runs every mode back to back (in alternating order, so a
+/// drift of the machine's load hits both sides alike) before repetition i + 1.
+#[allow(clippy::too_many_arguments)]
+fn measure(w: &World, topo: &'static str, modes: &[Mode], sizes: &[u32], reps: usize, secs: u32, bin: &Path, cg: &TestCgroup, rows: &mut Vec<Row>) -> Result<()> {
     for test in TESTS {
         let mut sizes: Vec<u32> = sizes.iter().map(|&s| if test == "udp_bw" { s.min(1400) } else { s }).collect();
         sizes.dedup();
         for size in sizes {
-            let mut v = Vec::new();
-            for _ in 0..reps {
-                v.push(qperf(w, a, b, test, size, secs)?);
+            let mut values = vec![Vec::new(); modes.len()];
+            for rep in 0..reps {
+                let mut order: Vec<usize> = (0..modes.len()).collect();
+                if rep % 2 == 1 {
+                    order.reverse();
+                }
+                for i in order {
+                    let pins = PinDir::new();
+                    let _d = match &modes[i].links {
+                        Some(l) => Some(Bypassd::start(w, bin, &pins, cg, l, 2)?),
+                        None => None,
+                    };
+                    values[i].push(qperf(w, 0, 1, test, size, secs)?);
+                }
             }
-            v.sort_by(f64::total_cmp);
-            let value = v[v.len() / 2];
-            eprintln!("  {topo:7} {mode:22} {test:7} {size:>6} B  {value:10.2} {}", if test.ends_with("_lat") { "µs" } else { "MB/s" });
-            rows.push(Row { topo, mode: mode.to_string(), test, size, value });
+            let unit = if test.ends_with("_lat") { "µs" } else { "MB/s" };
+            for (m, v) in modes.iter().zip(values) {
+                eprintln!("  {topo:7} {:26} {test:7} {size:>6} B  median {:10.2} {unit}  ({} runs)", m.name, median(&v), v.len());
+                rows.push(Row { topo, mode: m.name.to_string(), test, size, values: v });
+            }
         }
     }
     Ok(())
@@ -188,14 +227,20 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let short = args.iter().any(|a| a == "--short");
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let reps_arg = match args.iter().position(|a| a == "--reps") {
+        Some(i) => Some(args.get(i + 1).and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0).context("--reps needs a positive number")?),
+        None => None,
+    };
     let (sizes, reps, secs): (Vec<u32>, usize, u32) =
-        if short { (vec![1, 1400, 16384], 1, 1) } else { (vec![1, 64, 1024, 1400, 4096, 16384], 3, 1) };
+        if short { (vec![1, 1400, 16384], 1, 1) } else { (vec![1, 64, 1024, 1400, 4096, 16384], 5, 1) };
+    let reps = reps_arg.unwrap_or(reps);
     let bin = std::env::var_os("BYPASSD_BIN")
         .map(PathBuf::from)
         .or_else(|| std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("bypassd"))))
         .context("no bypassd binary")?;
     let cg = TestCgroup::new();
     let mut rows = Vec::new();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     // VM <-> pod: bridge, pair, pair with tx checksum off (TSO off with it).
     {
@@ -203,13 +248,13 @@ fn main() -> Result<()> {
         let srv = w.eps[1].ns.command(None, "qperf").args(["-lp", "19790"]).stdout(Stdio::null()).spawn()?;
         let _srv = Kill(srv);
         std::thread::sleep(Duration::from_millis(300));
-        measure(&w, 0, 1, "vm-pod", "bridge", &sizes, reps, secs, &mut rows)?;
         let pair = format!("[[links]]\npair = [\"{}\", \"{}\"]\n", w.eps[0].port, w.eps[1].port);
-        for (mode, extra) in [("pair", ""), ("pair tx-csum off", "checksum_offload = { tx = \"off\" }\n")] {
-            let pins = PinDir::new();
-            let _d = Bypassd::start(&w, &bin, &pins, &cg, &format!("{pair}{extra}"), 2)?;
-            measure(&w, 0, 1, "vm-pod", mode, &sizes, reps, secs, &mut rows)?;
-        }
+        let modes = [
+            Mode { name: "bridge", links: None },
+            Mode { name: "pair", links: Some(pair.clone()) },
+            Mode { name: "pair tx-csum off", links: Some(format!("{pair}checksum_offload = {{ tx = \"off\" }}\n")) },
+        ];
+        measure(&w, "vm-pod", &modes, &sizes, reps, secs, &bin, &cg, &mut rows)?;
     }
     // pod <-> pod on one bridge: bridge, bridge mode (redirect), bridge mode (redirect_peer).
     {
@@ -217,16 +262,16 @@ fn main() -> Result<()> {
         let srv = w.eps[1].ns.command(None, "qperf").args(["-lp", "19790"]).stdout(Stdio::null()).spawn()?;
         let _srv = Kill(srv);
         std::thread::sleep(Duration::from_millis(300));
-        measure(&w, 0, 1, "pod-pod", "bridge", &sizes, reps, secs, &mut rows)?;
-        for (mode, redirect) in [("bridge mode redirect", "egress"), ("bridge mode redirect_peer", "auto")] {
-            let pins = PinDir::new();
-            let links = format!("[[links]]\nbridge = \"{}\"\nredirect = \"{redirect}\"\n", w.br);
-            let _d = Bypassd::start(&w, &bin, &pins, &cg, &links, 2)?;
-            measure(&w, 0, 1, "pod-pod", mode, &sizes, reps, secs, &mut rows)?;
-        }
+        let bm = |r: &str| Some(format!("[[links]]\nbridge = \"{}\"\nredirect = \"{r}\"\n", w.br));
+        let modes = [
+            Mode { name: "bridge", links: None },
+            Mode { name: "bridge mode redirect", links: bm("egress") },
+            Mode { name: "bridge mode redirect_peer", links: bm("auto") },
+        ];
+        measure(&w, "pod-pod", &modes, &sizes, reps, secs, &bin, &cg, &mut rows)?;
     }
 
-    let md = report(&rows, short);
+    let md = report(&rows, short, reps, load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
     println!("{md}");
     if let Some(p) = out {
         std::fs::write(&p, &md).with_context(|| format!("writing {}", p.display()))?;
@@ -242,20 +287,30 @@ impl Drop for Kill {
     }
 }
 
-/// A table per topology: each mode's value and its ratio to the bridge.
-fn report(rows: &[Row], short: bool) -> String {
+/// A table per topology: each mode's median and its ratio to the bridge's, with
+/// the spread of the per-repetition ratios (repetition i of both ran back to back).
+fn report(rows: &[Row], short: bool, reps: usize, load: String) -> String {
     let mut s = format!(
-        "# Link datapath vs. the Linux bridge (qperf{})\n\n{TALK}.\nRatios: latency = mode / bridge (below 1 is faster), bandwidth = mode / bridge (above 1 is more).\n",
-        if short { ", short mode: 1 run of 1 s per point, not judged" } else { ", median of 3 runs of 1 s" }
+        "# Link datapath vs. the Linux bridge (qperf{})\n\n{TALK}.\nRatios: latency = mode / bridge (below 1 is faster), bandwidth = mode / bridge (above 1 is more). \
+         Each point ran {reps} times per mode for 1 s, interleaved with the bridge; ratio = median / median, spread = min–max of the paired per-run ratios. \
+         Load average at start: {load}.\n",
+        if short { ", short mode: 3 sizes, not judged" } else { "" }
     );
     for topo in ["vm-pod", "pod-pod"] {
-        s.push_str(&format!("\n## {topo}\n\n| test | size | bridge | mode | value | ratio |\n|---|---|---|---|---|---|\n"));
+        s.push_str(&format!("\n## {topo}\n\n| test | size | bridge (median) | mode | value (median) | ratio | spread |\n|---|---|---|---|---|---|---|\n"));
         for r in rows.iter().filter(|r| r.topo == topo && r.mode != "bridge") {
             let Some(base) = rows.iter().find(|b| b.topo == topo && b.mode == "bridge" && b.test == r.test && b.size == r.size) else { continue };
             let unit = if r.test.ends_with("_lat") { "µs" } else { "MB/s" };
+            let paired: Vec<f64> = r.values.iter().zip(&base.values).map(|(v, b)| v / b).collect();
+            let (lo, hi) = paired.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
             s.push_str(&format!(
-                "| {} | {} B | {:.2} {unit} | {} | {:.2} {unit} | {:.2} |\n",
-                r.test, r.size, base.value, r.mode, r.value, r.value / base.value
+                "| {} | {} B | {:.2} {unit} | {} | {:.2} {unit} | {:.2} | {lo:.2}–{hi:.2} |\n",
+                r.test,
+                r.size,
+                median(&base.values),
+                r.mode,
+                median(&r.values),
+                median(&r.values) / median(&base.values)
             ));
         }
     }

@@ -127,22 +127,33 @@ impl Collector for Families {
 }
 
 /// The link datapath: frames and bytes per [[links]] entry, redirected past the bridge
-/// or passed to it. The `link` label is the entry's name from the config (bounded).
-fn links(e: &mut DescriptorEncoder, links: &[(String, bypassd_ebpf::abi::LinkStats)]) -> Result<(), std::fmt::Error> {
+/// or passed to it, and per port (interface) of the entry now. The `link` label is the
+/// entry's name from the config, `port` one of its interfaces (both bounded).
+fn links(e: &mut DescriptorEncoder, links: &[crate::datapath::link::EntryStats]) -> Result<(), std::fmt::Error> {
     if links.is_empty() {
         return Ok(());
     }
     type Pick = fn(&bypassd_ebpf::abi::LinkStats) -> [u64; 2];
-    let families: [(&str, &str, Pick); 2] = [
-        ("bypassd_link_frames", "Frames of a [[links]] entry, by action", |s| [s.redirected_frames, s.passed_frames]),
-        ("bypassd_link_bytes", "Bytes of a [[links]] entry, by action", |s| [s.redirected_bytes, s.passed_bytes]),
+    let frames: Pick = |s| [s.redirected_frames, s.passed_frames];
+    let bytes: Pick = |s| [s.redirected_bytes, s.passed_bytes];
+    let families: [(&str, &str, Pick, bool); 4] = [
+        ("bypassd_link_frames", "Frames of a [[links]] entry, by action", frames, false),
+        ("bypassd_link_bytes", "Bytes of a [[links]] entry, by action", bytes, false),
+        ("bypassd_link_port_frames", "Frames arriving on one port of a [[links]] entry, by action", frames, true),
+        ("bypassd_link_port_bytes", "Bytes arriving on one port of a [[links]] entry, by action", bytes, true),
     ];
-    for (name, help, pick) in families {
+    for (name, help, pick, per_port) in families {
         let mut fam = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (link, s) in links {
-            for (action, v) in ["redirected", "passed"].into_iter().zip(pick(s)) {
-                let set = [("link", link.as_str()), ("action", action)];
-                ConstCounter::new(v).encode(fam.encode_family(&set)?)?;
+        for l in links {
+            let rows: Vec<(Option<&str>, &bypassd_ebpf::abi::LinkStats)> =
+                if per_port { l.ports.iter().map(|(p, s)| (Some(p.as_str()), s)).collect() } else { vec![(None, &l.total)] };
+            for (port, s) in rows {
+                for (action, v) in ["redirected", "passed"].into_iter().zip(pick(s)) {
+                    let mut set = vec![("link", l.name.as_str())];
+                    set.extend(port.map(|p| ("port", p)));
+                    set.push(("action", action));
+                    ConstCounter::new(v).encode(fam.encode_family(&set)?)?;
+                }
             }
         }
     }
@@ -219,16 +230,19 @@ mod tests {
     #[test]
     fn link_and_mesh_counters_are_served() {
         let stats = bypassd_ebpf::abi::LinkStats { redirected_frames: 7, redirected_bytes: 700, passed_frames: 2, passed_bytes: 90 };
+        let port = bypassd_ebpf::abi::LinkStats { redirected_frames: 5, redirected_bytes: 500, passed_frames: 1, passed_bytes: 40 };
         let s = Snapshot {
             state: "attached".into(),
             counters: vec![(C::NatPairedLocal, 4), (C::NatPairedInbound, 3), (C::NatRedirectedBytes, 1000)],
-            links: vec![("tap0+veth0".into(), stats)],
+            links: vec![crate::datapath::link::EntryStats { name: "tap0+veth0".into(), total: stats, ports: vec![("tap0".into(), port)] }],
             ..Snapshot::default()
         };
         let text = render(s);
         for want in [
             "bypassd_link_frames_total{link=\"tap0+veth0\",action=\"redirected\"} 7",
             "bypassd_link_bytes_total{link=\"tap0+veth0\",action=\"passed\"} 90",
+            "bypassd_link_port_frames_total{link=\"tap0+veth0\",port=\"tap0\",action=\"redirected\"} 5",
+            "bypassd_link_port_bytes_total{link=\"tap0+veth0\",port=\"tap0\",action=\"passed\"} 40",
             "bypassd_nat_pairs_total{path=\"local\"} 4",
             "bypassd_nat_pairs_total{path=\"inbound\"} 3",
             "bypassd_nat_redirected_bytes_total 1000",

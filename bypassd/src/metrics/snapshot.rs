@@ -17,8 +17,8 @@ pub struct Snapshot {
     pub reloads_failed: u64,
     pub rules_runtime: u64,
     pub rules_config: u64,
-    /// Each [[links]] entry's name (from the config: bounded) and counters.
-    pub links: Vec<(String, bypassd_ebpf::abi::LinkStats)>,
+    /// Each [[links]] entry's name (from the config: bounded) and counters, in all and per port.
+    pub links: Vec<crate::datapath::link::EntryStats>,
 }
 
 impl Snapshot {

@@ -1,6 +1,6 @@
 //! One `[[links]]` entry: its pin folder (program, maps, one TCX link per
 //! interface), and reconciling it with the interfaces the host has right now.
-use super::{ethtool, ifaces, tcx};
+use super::{ethtool, fdb, ifaces, tcx};
 use crate::datapath::pins::{self, map_pin, prog_pin};
 use crate::config_links::{LinkSpec, Redirect};
 use anyhow::{Context, Result, anyhow};
@@ -23,13 +23,15 @@ pub struct Iface {
     pub ifindex: u32,
     pub attached: bool,
     pub offloads: Option<ethtool::Offloads>,
+    /// Its index in the stats map while it is a port of the entry.
+    pub slot: Option<u32>,
 }
 
 /// The pinned program and maps of an entry.
 struct Bpf {
     prog: SchedClassifier,
     ports: HashMap<MapData, u32, abi::LinkPort>,
-    fdb: HashMap<MapData, abi::LinkMac, abi::LinkFdbEntry>,
+    fdb: fdb::Fdb,
     stats: PerCpuArray<MapData, abi::LinkStats>,
     control: Array<MapData, u64>,
 }
@@ -44,6 +46,9 @@ pub struct Entry {
     pub problems: Vec<String>,
     /// Interfaces that do not exist (yet).
     pub missing: Vec<String>,
+    /// Bridge mode: the bridge's FDB was copied since the maps were opened and the
+    /// last port was attached.
+    fdb_synced: bool,
 }
 
 /// The entry's folder name under `<pin_dir>/links/` (pins.rs).
@@ -126,7 +131,7 @@ fn pinned_links(dir: &Path) -> Vec<(String, PathBuf)> {
 impl Entry {
     pub fn new(spec: LinkSpec, root: &Path) -> Entry {
         let dir = root.join(dir_name(&spec));
-        Entry { spec, dir, bpf: None, adopted: false, ifaces: Vec::new(), problems: Vec::new(), missing: Vec::new() }
+        Entry { spec, dir, bpf: None, adopted: false, ifaces: Vec::new(), problems: Vec::new(), missing: Vec::new(), fdb_synced: false }
     }
 
     /// Open the pinned folder, or build it.
@@ -135,6 +140,7 @@ impl Entry {
             return Ok(());
         }
         self.bpf = None;
+        self.fdb_synced = false;
         match open(&self.dir) {
             Ok(b) => {
                 self.adopted = true;
@@ -162,7 +168,7 @@ impl Entry {
             missing.extend(names.iter().filter(|n| host.ifindex(n).is_none()).cloned());
             return (names, missing, notes);
         }
-        let br = self.spec.id();
+        let br = self.spec.bridge_name().unwrap_or_default().to_string();
         if host.ifindex(&br).is_none() {
             missing.push(br);
             return (Vec::new(), missing, notes);
@@ -227,7 +233,7 @@ impl Entry {
         let mut ifs = Vec::new();
         for name in names {
             let Some(ifindex) = host.ifindex(name) else {
-                ifs.push(Iface { name: name.clone(), ifindex: 0, attached: false, offloads: None });
+                ifs.push(Iface { name: name.clone(), ifindex: 0, attached: false, offloads: None, slot: None });
                 continue;
             };
             let pin = pins::tcx_pin(&dir, name);
@@ -237,11 +243,12 @@ impl Entry {
                     Ok(()) => {
                         tracing::info!("link {}: attached to {name} (ifindex {ifindex})", spec.id());
                         attached = true;
+                        self.fdb_synced = false;
                     }
                     Err(e) => self.problems.push(format!("{e:#}")),
                 }
             }
-            ifs.push(Iface { name: name.clone(), ifindex, attached, offloads: None });
+            ifs.push(Iface { name: name.clone(), ifindex, attached, offloads: None, slot: None });
         }
 
         // Port map: slots kept per ifindex, originals of changed offloads kept with them.
@@ -253,7 +260,10 @@ impl Entry {
             let slot = match prev {
                 Some(p) => p.slot,
                 None => {
-                    let s = (0..abi::BL_MAX_PORTS).find(|s| !used.contains(s)).context("too many ports in one link entry")?;
+                    // A slot no port has counted in yet, so a new port's counters start at 0.
+                    let free = || (0..abi::BL_MAX_PORTS).filter(|s| !used.contains(s));
+                    let unused = |s: &u32| bpf.stats.get(s, 0).is_ok_and(|v| v.iter().all(|c| c.redirected_frames == 0 && c.passed_frames == 0));
+                    let s = free().find(unused).or_else(|| free().next()).context("too many ports in one link entry")?;
                     used.push(s);
                     s
                 }
@@ -289,7 +299,7 @@ impl Entry {
             }
         }
         if spec.is_bridge() {
-            bpf.control.set(abi::BL_CTL_AGEING_NS, host.ageing_ns(&spec.id()), 0)?;
+            bpf.control.set(abi::BL_CTL_AGEING_NS, host.ageing_ns(spec.bridge_name().unwrap_or_default()), 0)?;
             // FDB entries pointing at ports that are gone would only ever pass; drop them.
             let stale: Vec<abi::LinkMac> = bpf
                 .fdb
@@ -301,56 +311,52 @@ impl Entry {
             for k in stale {
                 let _ = bpf.fdb.remove(&k);
             }
+            if !self.fdb_synced {
+                let ifs: Vec<u32> = ports.iter().map(|(i, _)| *i).collect();
+                match fdb::sync(&mut bpf.fdb, &ifs) {
+                    Ok(n) => {
+                        tracing::info!("link {}: {n} MACs taken from the bridge's FDB", spec.id());
+                        self.fdb_synced = true;
+                    }
+                    Err(e) => tracing::warn!("link {}: reading the bridge's FDB: {e:#} (MACs are learned from frames meanwhile)", spec.id()),
+                }
+            }
         }
         for i in &mut ifs {
             if i.ifindex != 0 {
                 i.offloads = ethtool::read(&i.name).ok();
             }
+            i.slot = ports.iter().find(|(k, _)| *k == i.ifindex).map(|(_, p)| p.slot);
         }
         self.ifaces = ifs;
         Ok(())
     }
 
-    /// Follow the bridge's FDB (netlink): the bridge just saw `mac` on port `ifindex`
-    /// (it is there now, as fresh as a frame the program learns from), or forgot it
-    /// there. Redirected frames never reach the bridge, so its entries age out while
-    /// ours stay fresh: only an entry pointing at that very port is forgotten.
+    /// Follow the bridge's FDB (netlink events, fdb::update).
     pub fn fdb_update(&mut self, mac: [u8; 6], ifindex: u32, gone: bool) {
         let Some(bpf) = self.bpf.as_mut() else { return };
-        let key = abi::LinkMac { addr: mac, pad: 0 };
-        let r = if gone {
-            match bpf.fdb.get(&key, 0) {
-                Ok(e) if e.ifindex == ifindex => bpf.fdb.remove(&key),
-                _ => Ok(()),
-            }
-        } else if bpf.ports.get(&ifindex, 0).is_ok() {
-            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-                .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
-            bpf.fdb.insert(key, abi::LinkFdbEntry { ifindex, flags: 0, seen_ns: now }, 0)
-        } else {
-            // Not one of our ports (e.g. the bridge itself): frames to it are not ours to move.
-            match bpf.fdb.get(&key, 0) {
-                Ok(_) => bpf.fdb.remove(&key),
-                Err(_) => Ok(()),
-            }
-        };
-        if let Err(e) = r {
+        let is_port = bpf.ports.get(&ifindex, 0).is_ok();
+        if let Err(e) = fdb::update(&mut bpf.fdb, is_port, mac, ifindex, gone) {
             tracing::debug!("link {}: FDB update: {e}", self.spec.id());
         }
     }
 
-    /// Frames and bytes redirected and passed, summed over ports and CPUs.
+    /// Frames and bytes redirected and passed, summed over ports and CPUs (ports
+    /// that left the entry included, so the totals never go down).
     pub fn stats(&self) -> abi::LinkStats {
         let mut t = abi::LinkStats::default();
-        let Some(bpf) = &self.bpf else { return t };
         for slot in 0..abi::BL_MAX_PORTS {
-            if let Ok(v) = bpf.stats.get(&slot, 0) {
-                for s in v.iter() {
-                    t.redirected_frames += s.redirected_frames;
-                    t.redirected_bytes += s.redirected_bytes;
-                    t.passed_frames += s.passed_frames;
-                    t.passed_bytes += s.passed_bytes;
-                }
+            add(&mut t, &self.slot_stats(slot));
+        }
+        t
+    }
+
+    /// The counters of one port (stats slot), summed over CPUs.
+    pub fn slot_stats(&self, slot: u32) -> abi::LinkStats {
+        let mut t = abi::LinkStats::default();
+        if let Some(v) = self.bpf.as_ref().and_then(|b| b.stats.get(&slot, 0).ok()) {
+            for s in v.iter() {
+                add(&mut t, s);
             }
         }
         t
@@ -361,6 +367,13 @@ impl Entry {
         self.bpf = None;
         retire_dir(&self.dir)
     }
+}
+
+fn add(t: &mut abi::LinkStats, s: &abi::LinkStats) {
+    t.redirected_frames += s.redirected_frames;
+    t.redirected_bytes += s.redirected_bytes;
+    t.passed_frames += s.passed_frames;
+    t.passed_bytes += s.passed_bytes;
 }
 
 /// Retire one pinned entry folder (ours, possibly left by an earlier configuration).

@@ -130,17 +130,76 @@ pub fn parse_link(body: &[u8]) -> Option<Link> {
 
 /// Every interface in this netns.
 pub fn links() -> Result<Vec<Link>> {
+    let mut body = [0u8; IFINFOMSG_LEN];
+    body[0] = libc::AF_UNSPEC as u8;
+    Ok(dump(RTM_GETLINK, &body, "link")?.iter().filter(|(t, _)| *t == RTM_NEWLINK).filter_map(|(_, b)| parse_link(b)).collect())
+}
+
+/// One bridge FDB entry (AF_BRIDGE neighbour) as RTM_NEWNEIGH describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neigh {
+    /// The port the MAC is behind.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    /// NUD_* state: NUD_PERMANENT marks the bridge's and ports' own addresses.
+    pub state: u16,
+    /// The bridge (NDA_MASTER), 0 if not given.
+    pub master: u32,
+    /// How long ago the bridge last saw the MAC there, in centiseconds (USER_HZ).
+    pub updated_cs: u32,
+}
+
+const NDMSG_LEN: usize = 12;
+const NDA_LLADDR: u16 = 2;
+const NDA_CACHEINFO: u16 = 3;
+const NDA_MASTER: u16 = 9;
+pub const AF_BRIDGE: u8 = 7;
+pub const NUD_PERMANENT: u16 = 0x80;
+pub const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
+
+/// Parse an AF_BRIDGE neighbour message (None for other families or no MAC).
+pub fn parse_neigh(body: &[u8]) -> Option<Neigh> {
+    if body.len() < NDMSG_LEN || body[0] != AF_BRIDGE {
+        return None;
+    }
+    let mut n = Neigh { ifindex: u32_at(body, 4), mac: [0; 6], state: u16_at(body, 8), master: 0, updated_cs: 0 };
+    let mut have_mac = false;
+    for (t, p) in attrs(&body[NDMSG_LEN..]) {
+        match t {
+            NDA_LLADDR if p.len() == 6 => {
+                n.mac.copy_from_slice(p);
+                have_mac = true;
+            }
+            NDA_MASTER => n.master = u32_at(p, 0),
+            // struct nda_cacheinfo { confirmed, used, updated, refcnt }
+            NDA_CACHEINFO => n.updated_cs = u32_at(p, 8),
+            _ => {}
+        }
+    }
+    have_mac.then_some(n)
+}
+
+/// Every bridge FDB entry in this netns (all bridges).
+pub fn fdb() -> Result<Vec<Neigh>> {
+    let mut body = [0u8; NDMSG_LEN];
+    body[0] = AF_BRIDGE;
+    Ok(dump(RTM_GETNEIGH, &body, "bridge FDB")?.iter().filter(|(t, _)| *t == RTM_NEWNEIGH).filter_map(|(_, b)| parse_neigh(b)).collect())
+}
+
+/// A NLM_F_DUMP request of `ty` with `body`: every message of the answer (type, body).
+fn dump(ty: u16, body: &[u8], what: &str) -> Result<Vec<(u16, Vec<u8>)>> {
     let sock = socket(0)?;
-    let mut req = [0u8; NLMSG_HDRLEN + IFINFOMSG_LEN];
+    let mut req = vec![0u8; NLMSG_HDRLEN + body.len()];
     let len = req.len() as u32;
     req[0..4].copy_from_slice(&len.to_ne_bytes());
-    req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
+    req[4..6].copy_from_slice(&ty.to_ne_bytes());
     req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    req[NLMSG_HDRLEN] = libc::AF_UNSPEC as u8;
+    req[NLMSG_HDRLEN..].copy_from_slice(body);
     // SAFETY: req is valid for reads of its length.
     if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("netlink RTM_GETLINK");
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("netlink {what} dump request"));
     }
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
@@ -148,19 +207,18 @@ pub fn links() -> Result<Vec<Link>> {
         // SAFETY: buf is valid for writes of its length.
         let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
-            return Err(std::io::Error::last_os_error()).context("reading the netlink link dump");
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("reading the netlink {what} dump"));
         }
-        for (ty, body) in messages(&buf[..n as usize]) {
-            match ty {
+        for (t, b) in messages(&buf[..n as usize]) {
+            match t {
                 NLMSG_DONE => return Ok(out),
                 NLMSG_ERROR => {
-                    let errno = -(u32_at(body, 0) as i32);
+                    let errno = -(u32_at(b, 0) as i32);
                     if errno != 0 {
-                        bail!("netlink link dump failed: {}", std::io::Error::from_raw_os_error(errno));
+                        bail!("netlink {what} dump failed: {}", std::io::Error::from_raw_os_error(errno));
                     }
                 }
-                RTM_NEWLINK => out.extend(parse_link(body)),
-                _ => {}
+                _ => out.push((t, b.to_vec())),
             }
         }
     }
