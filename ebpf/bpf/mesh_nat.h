@@ -96,11 +96,11 @@ static __always_inline void key_from_sock(struct bpf_sock *sk, struct bp_sock_ke
 	finish_key(k, netns);
 }
 
-/* The client's sequence numbers, read through bp_rx's address (as the peer view does). */
+/* Sequence numbers of a socket, read through bp_rx's address (as the peer view does). */
 struct tcp_sock___bpnat {
 	__u32 rcv_nxt;
-	__u32 snd_nxt;
 	__u32 snd_una;
+	__u32 write_seq;
 } __attribute__((preserve_access_index));
 
 static __always_inline int seq_le(__u32 a, __u32 b)
@@ -111,31 +111,33 @@ static __always_inline int seq_le(__u32 a, __u32 b)
 /*
  * Is the socket that owns the derived tuple really the proxy socket's other end?
  * REDIRECT leaves sequence numbers alone, so each way both ends share one sequence
- * space: the sender's snd_una <= the receiver's rcv_nxt <= the sender's snd_nxt. When
- * conntrack had to remap the client's port (that port already meets the proxy on
- * another connection, e.g. a socket lingering in FIN-WAIT-2), the proxy's tuple names a
- * port the client does not own, and whoever owns (that port -> the original
- * destination) is another connection with its own random ISNs: not paired. Each value
- * only grows and is read after the bound below it and before the bound above it, so
- * concurrent progress cannot fail a real pair. A failed check only leaves TCP.
+ * space: the sender's snd_una <= the receiver's rcv_nxt <= the sender's write_seq (not
+ * snd_nxt: on loopback and veth the receiver may process a segment before the sender
+ * advances snd_nxt past it). When conntrack had to remap the client's port (that port
+ * already meets the proxy on another connection, e.g. a socket lingering in
+ * FIN-WAIT-2), the proxy's tuple names a port the client does not own, and whoever
+ * owns (that port -> the original destination) is another connection with its own
+ * random ISNs: not paired. Each value only grows and is read after the bound below it
+ * and before the bound above it, so concurrent progress cannot fail a real pair.
  */
-static __always_inline int same_stream(struct bp_rx_state *crx, struct bpf_tcp_sock *p)
+static __always_inline int same_stream(struct bp_rx_state *crx, struct bp_rx_state *prx)
 {
-	struct tcp_sock___bpnat *c = (void *)crx->sk;
-	struct sock___bp *csk = (void *)crx->sk;
-	__u32 c_una, p_rcv, c_nxt, p_una, c_rcv, p_nxt;
+	struct tcp_sock___bpnat *c = (void *)crx->sk, *p = (void *)prx->sk;
+	struct sock___bp *csk = (void *)crx->sk, *psk = (void *)prx->sk;
+	__u32 c_una, p_rcv, c_end, p_una, c_rcv, p_end;
 
 	c_una = BPF_CORE_READ(c, snd_una);
-	p_rcv = p->rcv_nxt;
-	c_nxt = BPF_CORE_READ(c, snd_nxt);
-	p_una = p->snd_una;
+	p_rcv = BPF_CORE_READ(p, rcv_nxt);
+	c_end = BPF_CORE_READ(c, write_seq);
+	p_una = BPF_CORE_READ(p, snd_una);
 	c_rcv = BPF_CORE_READ(c, rcv_nxt);
-	p_nxt = p->snd_nxt;
-	/* Still the socket bp_rx vouched for (TCP sockets are reused by RCU)? */
-	if (BPF_CORE_READ(csk, __sk_common.skc_cookie.counter) != crx->cookie)
+	p_end = BPF_CORE_READ(p, write_seq);
+	/* Still the sockets bp_rx vouched for (TCP sockets are reused by RCU)? */
+	if (BPF_CORE_READ(csk, __sk_common.skc_cookie.counter) != crx->cookie ||
+	    BPF_CORE_READ(psk, __sk_common.skc_cookie.counter) != prx->cookie)
 		return 0;
-	return seq_le(c_una, p_rcv) && seq_le(p_rcv, c_nxt) && seq_le(p_una, c_rcv) &&
-	       seq_le(c_rcv, p_nxt);
+	return seq_le(c_una, p_rcv) && seq_le(p_rcv, c_end) && seq_le(p_una, c_rcv) &&
+	       seq_le(c_rcv, p_end);
 }
 
 /* Runs after the kernel's own handler (it sees the answer the proxy gets). */
@@ -146,8 +148,7 @@ int bypass_getsockopt(struct bpf_sockopt *ctx)
 	__u8 *optval = ctx->optval, *end = ctx->optval_end;
 	struct bpf_sock *sk = ctx->sk;
 	struct bp_sock_key pk, ck; /* the proxy's accepted socket, the client's socket */
-	struct bp_rx_state *crx;
-	struct bpf_tcp_sock *ptp;
+	struct bp_rx_state *crx, *prx;
 	__u64 netns;
 
 	if (ctx->optname != BP_SO_ORIGINAL_DST || ctx->retval != 0 || !sk)
@@ -178,13 +179,13 @@ int bypass_getsockopt(struct bpf_sockopt *ctx)
 
 	/* Only two accelerated sockets pair; the others stay on TCP, as before. */
 	crx = bpf_map_lookup_elem(&bp_rx, &ck);
-	if (!bpf_map_lookup_elem(&bp_rx, &pk) || !crx) {
+	prx = bpf_map_lookup_elem(&bp_rx, &pk);
+	if (!prx || !crx) {
 		count(BP_CTR_NAT_UNPAIRED, 1);
 		return 1;
 	}
 	/* The tuple's owner must be this connection's client, not a port's other user. */
-	ptp = bpf_tcp_sock(sk);
-	if (!ptp || !same_stream(crx, ptp)) {
+	if (!same_stream(crx, prx)) {
 		count(BP_CTR_NAT_NOT_CLIENT, 1);
 		count(BP_CTR_NAT_UNPAIRED, 1);
 		return 1;
