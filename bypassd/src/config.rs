@@ -88,6 +88,10 @@ pub struct DatapathConfig {
     /// (TCP merges them); 0 = always redirect when the safety rules allow it.
     #[serde(default = "default_coalesce_below")]
     pub coalesce_below: u32,
+    /// Which accelerated sockets run sk_msg on their sends; the others are redirect
+    /// targets only and send through plain TCP at the kernel's speed.
+    #[serde(default)]
+    pub send_mode: SendMode,
 }
 
 /// Off: a detour to TCP lasts until the reader has read everything (the order rule),
@@ -105,6 +109,7 @@ impl Default for DatapathConfig {
             splice_readers: default_splice_readers(),
             splice_tracepoints: false,
             coalesce_below: default_coalesce_below(),
+            send_mode: SendMode::default(),
         }
     }
 }
@@ -170,6 +175,32 @@ pub enum SpliceSafety {
     RecvFirst,
     /// No protection (a splice reader of an accelerated socket may hang).
     Off,
+}
+
+/// `[datapath] send_mode`: which accelerated sockets are senders (run sk_msg).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SendMode {
+    /// Every accelerated socket, from establishment.
+    #[default]
+    All,
+    /// Targets only until their traffic turns request/response; streams of writes
+    /// keep the kernel's send path (its coalescing beats per-write redirects).
+    Auto,
+    /// None: nothing is redirected (sends at the kernel's speed; for comparison).
+    None,
+}
+
+impl SendMode {
+    /// The BP_CTL_SEND_MODE value.
+    pub fn abi(self) -> u64 {
+        use bypassd_ebpf::abi;
+        match self {
+            SendMode::All => abi::SEND_ALL,
+            SendMode::Auto => abi::SEND_AUTO,
+            SendMode::None => abi::SEND_NONE,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]

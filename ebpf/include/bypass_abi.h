@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 4
+#define BP_ABI_VERSION 5
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -45,7 +45,12 @@ enum bp_counter {
 	BP_CTR_NAT_CLEARED = 22,        /* NAT entries removed (two per pair) because a socket closed */
 	BP_CTR_COALESCED = 23,     /* small sends kept on TCP: the peer still held redirected data */
 	BP_CTR_PEER_STALE = 24,    /* sends kept on TCP: the peer's socket was gone or reused */
-	BP_CTR_MAX = 25,
+	/* 25-27: reserved (datapath share counters, merged separately). */
+	/* Senders (see sendmode.h): sockets whose sends run sk_msg. */
+	BP_CTR_SENDER_AT_INSERT = 28, /* made senders at establishment (send_mode = all) */
+	BP_CTR_SENDER_PROMOTED = 29,  /* made senders later: their traffic turned request/response */
+	BP_CTR_SENDER_FAILED = 30,    /* could not join bp_senders: stay targets only (kernel-speed sends) */
+	BP_CTR_MAX = 31,
 };
 
 /* Indices in the control array (u64 values). */
@@ -55,8 +60,21 @@ enum bp_control {
 	BP_CTL_QUEUE_CAP = 2,  /* max bytes queued for one receiver; 0 = its SO_RCVBUF */
 	BP_CTL_RECV_GATE = 3,  /* non-zero: a receiver is a redirect target only after a recvmsg */
 	BP_CTL_COALESCE_BELOW = 4, /* sends smaller than this take TCP while the peer holds redirected data */
-	BP_CTL_MAX = 5,
+	BP_CTL_SEND_MODE = 5,  /* BP_SEND_*: which sockets run sk_msg on their sends */
+	BP_CTL_MAX = 6,
 };
+
+/* BP_CTL_SEND_MODE values. */
+#define BP_SEND_ALL 0  /* every accelerated socket is a sender from establishment */
+#define BP_SEND_AUTO 1 /* targets only until their traffic turns request/response */
+#define BP_SEND_NONE 2 /* targets only: nothing is redirected */
+
+/* bp_rx_state.send: this socket's sender state. */
+#define BP_SENDER_NONE 0      /* a redirect target only: sends take plain TCP */
+#define BP_SENDER_WANTED 1    /* asked for promotion (auto); the daemon inserts it */
+#define BP_SENDER_AT_INSERT 2 /* a sender since establishment */
+#define BP_SENDER_PROMOTED 3  /* a sender since its promotion */
+#define BP_SENDER_FAILED 4    /* joining bp_senders failed: stays a target only */
 
 /* Rule actions. */
 #define BP_ACTION_KERNEL 0
@@ -136,6 +154,11 @@ struct bp_rx_state {
 	__u32 spliced;    /* 1: reads with splice: never a redirect target again */
 	__u64 sk;         /* the receiver's struct sock (read with probe reads only) */
 	__u64 cookie;     /* its socket cookie: sk is trusted only while this matches */
+	__u32 send;       /* BP_SENDER_*: does this socket's own sending run sk_msg */
+	__u16 turns;      /* send_mode auto: RTT samples at which the conversation had turned */
+	__u16 samples;    /* ...of all RTT samples watched */
+	__u32 seen_in;    /* data_segs_in at the last RTT sample */
+	__u32 pad;
 };
 
 /*

@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -33,11 +33,16 @@ pub enum Counter {
     NatCleared = 22,
     Coalesced = 23,
     PeerStale = 24,
+    // 25-27: reserved (datapath share counters, merged separately).
+    SenderAtInsert = 28,
+    SenderPromoted = 29,
+    SenderFailed = 30,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 25;
-    pub const ALL: [Counter; 25] = [
+    /// Size of the counter array (BP_CTR_MAX); indices may have gaps (reserved).
+    pub const COUNT: u32 = 31;
+    pub const ALL: [Counter; 28] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -63,6 +68,9 @@ impl Counter {
         Counter::NatCleared,
         Counter::Coalesced,
         Counter::PeerStale,
+        Counter::SenderAtInsert,
+        Counter::SenderPromoted,
+        Counter::SenderFailed,
     ];
 
     /// The stable name used in JSON output and D-Bus.
@@ -93,6 +101,9 @@ impl Counter {
             Counter::NatCleared => "nat_cleared",
             Counter::Coalesced => "coalesced_msgs",
             Counter::PeerStale => "peer_stale_msgs",
+            Counter::SenderAtInsert => "senders_at_insert",
+            Counter::SenderPromoted => "senders_promoted",
+            Counter::SenderFailed => "sender_failures",
         }
     }
 }
@@ -103,7 +114,20 @@ pub const CTL_PAUSED: u32 = 1;
 pub const CTL_QUEUE_CAP: u32 = 2;
 pub const CTL_RECV_GATE: u32 = 3;
 pub const CTL_COALESCE_BELOW: u32 = 4;
-pub const CTL_MAX: u32 = 5;
+pub const CTL_SEND_MODE: u32 = 5;
+pub const CTL_MAX: u32 = 6;
+
+/// `BP_CTL_SEND_MODE` values: which sockets run sk_msg on their sends.
+pub const SEND_ALL: u64 = 0;
+pub const SEND_AUTO: u64 = 1;
+pub const SEND_NONE: u64 = 2;
+
+/// `bp_rx_state.send`: a socket's sender state.
+pub const SENDER_NONE: u32 = 0;
+pub const SENDER_WANTED: u32 = 1;
+pub const SENDER_AT_INSERT: u32 = 2;
+pub const SENDER_PROMOTED: u32 = 3;
+pub const SENDER_FAILED: u32 = 4;
 
 pub const ACTION_KERNEL: u8 = 0;
 pub const ACTION_ACCELERATE: u8 = 1;
@@ -180,6 +204,14 @@ pub struct RxState {
     /// The receiver's kernel socket address (only the BPF side dereferences it).
     pub sk: u64,
     pub cookie: u64,
+    /// `SENDER_*`: whether this socket's own sends run sk_msg.
+    pub send: u32,
+    /// send_mode auto: RTT samples at which the conversation had turned, of `samples`.
+    pub turns: u16,
+    pub samples: u16,
+    /// data_segs_in at the last RTT sample.
+    pub seen_in: u32,
+    pub pad: u32,
 }
 
 // SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding
