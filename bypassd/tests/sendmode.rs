@@ -56,7 +56,9 @@ fn auto_keeps_a_stream_of_small_writes_on_the_kernel_send_path() {
     t.args(["pair", "--bind", "127.0.0.1", "--bytes", &(32 * MIB).to_string(), "--reply-bytes", "0", "--max-write", "64"]);
     let v = run_json(t);
     assert_ok(&v);
-    assert_eq!(v["bytes_received"].as_u64(), Some(32 * MIB), "{v}");
+    assert_eq!(v["bytes_sent"].as_u64(), Some(32 * MIB), "{v}");
+    let c = &v["per_conn"][0];
+    assert_eq!(c["peer_sha256_received"], c["sha256_sent"], "the server got other bytes: {v}");
     assert_eq!(counter(&sb, Counter::SocketsInserted), 2, "both sockets are accelerated (redirect targets)");
     // Nobody became a sender: the writes never ran sk_msg (no redirect, no pass counted).
     assert_eq!(counter(&sb, Counter::SenderPromoted), 0);
