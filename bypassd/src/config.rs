@@ -410,6 +410,16 @@ mod tests {
     }
 
     #[test]
+    fn send_mode_takes_three_values_and_names_a_bad_one() {
+        assert_eq!(parse("[datapath]\nsend_mode = \"auto\"\n").unwrap().datapath.send_mode, SendMode::Auto);
+        assert_eq!(parse("[datapath]\nsend_mode = \"none\"\n").unwrap().datapath.send_mode, SendMode::None);
+        let e = parse("[datapath]\n\nsend_mode = \"sometimes\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        let s = e.to_string();
+        assert!(s.contains("send_mode") && s.contains("sometimes"), "{s}");
+    }
+
+    #[test]
     fn bad_type_and_bad_value_are_located() {
         let e = parse("[datapath]\ncapacity = \"many\"\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
