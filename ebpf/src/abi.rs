@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -33,16 +33,17 @@ pub enum Counter {
     NatCleared = 22,
     Coalesced = 23,
     PeerStale = 24,
-    // 25-27: reserved (datapath share counters, merged separately).
+    WindowGrown = 25,
+    BackpressureGrown = 26,
+    PressureHeld = 27,
     SenderAtInsert = 28,
     SenderPromoted = 29,
     SenderFailed = 30,
 }
 
 impl Counter {
-    /// Size of the counter array (BP_CTR_MAX); indices may have gaps (reserved).
     pub const COUNT: u32 = 31;
-    pub const ALL: [Counter; 28] = [
+    pub const ALL: [Counter; 31] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -68,6 +69,9 @@ impl Counter {
         Counter::NatCleared,
         Counter::Coalesced,
         Counter::PeerStale,
+        Counter::WindowGrown,
+        Counter::BackpressureGrown,
+        Counter::PressureHeld,
         Counter::SenderAtInsert,
         Counter::SenderPromoted,
         Counter::SenderFailed,
@@ -101,6 +105,9 @@ impl Counter {
             Counter::NatCleared => "nat_cleared",
             Counter::Coalesced => "coalesced_msgs",
             Counter::PeerStale => "peer_stale_msgs",
+            Counter::WindowGrown => "windows_grown",
+            Counter::BackpressureGrown => "backpressure_grown_msgs",
+            Counter::PressureHeld => "pressure_held_msgs",
             Counter::SenderAtInsert => "senders_at_insert",
             Counter::SenderPromoted => "senders_promoted",
             Counter::SenderFailed => "sender_failures",
@@ -204,6 +211,12 @@ pub struct RxState {
     /// The receiver's kernel socket address (only the BPF side dereferences it).
     pub sk: u64,
     pub cookie: u64,
+    /// Bytes ever redirected to it; minus `queued`, what it has read of them.
+    pub redirected: u64,
+    pub pace_read: u64,
+    pub pace_ns: u64,
+    /// Redirect bound grown beyond queue_cap by the reader's pace (0: none).
+    pub window: u32,
     /// `SENDER_*`: whether this socket's own sends run sk_msg.
     pub send: u32,
     /// send_mode auto: RTT samples at which the conversation had turned, of `samples`.
@@ -211,7 +224,6 @@ pub struct RxState {
     pub samples: u16,
     /// data_segs_in at the last RTT sample.
     pub seen_in: u32,
-    pub pad: u32,
 }
 
 // SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding
