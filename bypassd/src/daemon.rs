@@ -109,6 +109,7 @@ fn target(cfg: &Config, cgroup_root: &Path) -> Target {
         splice_readers: cfg.datapath.splice_readers.iter().map(|n| n.0.clone()).collect(),
         splice_tracepoints: cfg.datapath.splice_tracepoints,
         coalesce_below: cfg.datapath.coalesce_below,
+        send_mode: cfg.datapath.send_mode,
     }
 }
 

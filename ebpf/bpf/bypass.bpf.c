@@ -43,6 +43,8 @@ char _license[] SEC("license") = "GPL";
 
 #include "peer.h"
 #include "window.h"
+/* Which sockets run sk_msg: bp_senders, promotion (sock_ops RTT samples, iter/sockmap). */
+#include "sendmode.h"
 
 SEC("cgroup/sock_create")
 int bypass_sock_create(struct bpf_sock *sk)
@@ -77,9 +79,14 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 	struct bp_rx_state rx = {};
 	struct tcp_sock___bp *tp;
 	struct bpf_sock *sk;
+	__u32 cb_flags;
 	__u64 cookie;
 	long err;
 
+	if (ops->op == BPF_SOCK_OPS_RTT_CB) {
+		sendmode_rtt(ops);
+		return 1;
+	}
 	if (ops->op == BPF_SOCK_OPS_STATE_CB) {
 		/* A closing socket's receive state goes; the SOCKHASH drops it by itself. */
 		if (ops->args[1] == BPF_TCP_CLOSE) {
@@ -140,7 +147,9 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 		bpf_map_delete_elem(&bp_cookies, &cookie);
 		goto undo;
 	}
-	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	cb_flags = ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG;
+	sendmode_insert(ops, &key, &cb_flags);
+	bpf_sock_ops_cb_flags_set(ops, cb_flags);
 	count(BP_CTR_SOCKETS_INSERTED, 1);
 	return 1;
 undo:

@@ -5,7 +5,7 @@ use super::pins;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf,
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockopt, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockopt, Iter, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
 };
 use std::{
     fs::File,
@@ -20,8 +20,10 @@ pub enum Hook {
     SockOps,
     /// cgroup/sock_create, on the target cgroup (bpf_link).
     SockCreate,
-    /// sk_msg verdict on the SOCKHASH: the attachment lives in the map, no link.
+    /// sk_msg verdict on the senders' SOCKHASH: the attachment lives in the map, no link.
     SkMsg,
+    /// iter/sockmap over the targets' SOCKHASH, run by the daemon (link made by sockopt_link).
+    IterSockmap,
     /// kprobe on a kernel function.
     KProbe(&'static str),
     /// BTF-enabled raw tracepoint (tp_btf) on an event.
@@ -48,10 +50,13 @@ pub struct Program {
     pub what: &'static str,
 }
 
-/// What programs attach to: the target cgroup and the SOCKHASH.
+/// What programs attach to: the target cgroup and the two SOCKHASHes.
 pub struct AttachTo<'a> {
     pub cgroup: &'a File,
+    /// bp_socks: every accelerated socket (redirect targets).
     pub sockhash: BorrowedFd<'a>,
+    /// bp_senders: the sockets whose sends run sk_msg.
+    pub senders: BorrowedFd<'a>,
 }
 
 impl Program {
@@ -86,7 +91,15 @@ impl Program {
             Hook::SkMsg => {
                 let p: &mut SkMsg = prog.try_into()?;
                 p.load()?;
-                attach_to_map(p.fd()?.as_fd(), to.sockhash, BPF_SK_MSG_VERDICT)?;
+                attach_to_map(p.fd()?.as_fd(), to.senders, BPF_SK_MSG_VERDICT)?;
+                None
+            }
+            Hook::IterSockmap => {
+                let btf = aya::Btf::from_sys_fs()?;
+                let p: &mut Iter = prog.try_into()?;
+                p.load("sockmap", &btf)?;
+                let pin = pins::link_pin(dir, self.link.context("the iterator needs a link pin")?);
+                super::sockopt_link::attach_iter_sockmap(p.fd()?.as_fd(), to.sockhash, &pin)?;
                 None
             }
             Hook::KProbe(func) => {

@@ -12,6 +12,7 @@
 pub mod hooks;
 pub mod link;
 pub mod pins;
+pub mod promote;
 pub mod sock;
 mod sockopt_link;
 
@@ -27,7 +28,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use crate::config::SpliceSafety;
+pub use crate::config::{SendMode, SpliceSafety};
 pub use hooks::kernel_release;
 pub use pins::{detach, generations};
 pub use sock::{Connection, comm_key, peer_key};
@@ -53,6 +54,8 @@ pub struct Target {
     /// Sends smaller than this take TCP while the receiver still holds a short redirect
     /// queue (TCP merges them into few segments and wakeups); 0 = off.
     pub coalesce_below: u32,
+    /// Which sockets run sk_msg on their sends (the others send at kernel speed).
+    pub send_mode: SendMode,
 }
 
 /// The policy as the kernel sees it: encoded rules and the default action.
@@ -75,9 +78,12 @@ pub struct Datapath {
     rules: Array<MapData, abi::Rule>,
     policy: Array<MapData, abi::PolicyMeta>,
     socks: SockHash<MapData, abi::SockKey>,
+    senders: SockHash<MapData, abi::SockKey>,
     rx: HashMap<MapData, abi::SockKey, abi::RxState>,
     splicers: HashMap<MapData, [u8; abi::COMM_LEN], u64>,
     nat: HashMap<MapData, abi::SockKey, abi::NatPeer>,
+    /// Runs the promotion iterator while this generation is the daemon's (auto mode).
+    _promoter: Option<promote::Promoter>,
 }
 
 impl Datapath {
@@ -110,6 +116,7 @@ impl Datapath {
             dp.set_paused(paused)?;
         }
         dp.apply_tuning()?;
+        dp._promoter = promote::spawn(&dp.gen_dir);
         dp.log_hooks();
         for old in pins::generations(&target.pin_dir).into_iter().filter(|g| *g != gen_dir) {
             tracing::info!("retiring datapath generation {} (its open connections finish on it)", old.display());
@@ -133,6 +140,7 @@ impl Datapath {
             splice_readers: Vec::new(),
             splice_tracepoints: dir_name.ends_with(TRACEPOINTS_SUFFIX),
             coalesce_below: 0,
+            send_mode: SendMode::default(),
         };
         Self::open(&target, &gen_dir, name.map_or(0, |n| n.cgroup_id))
     }
@@ -157,9 +165,11 @@ impl Datapath {
             rules: Array::try_from(load(maps::RULES)?)?,
             policy: Array::try_from(load(maps::POLICY)?)?,
             socks: SockHash::try_from(load(maps::SOCKS)?)?,
+            senders: SockHash::try_from(load(maps::SENDERS)?)?,
             rx: HashMap::try_from(load(maps::RX)?)?,
             splicers: HashMap::try_from(load(maps::SPLICERS)?)?,
             nat: HashMap::try_from(load(maps::NAT)?)?,
+            _promoter: None,
         })
     }
 
@@ -174,6 +184,7 @@ impl Datapath {
         hooks::check_kernel()?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::SOCKS, target.capacity)
+            .map_max_entries(maps::SENDERS, target.capacity)
             .map_max_entries(maps::RX, target.capacity)
             .map_max_entries(maps::COOKIES, target.capacity)
             .map_max_entries(maps::NAT, target.capacity)
@@ -208,6 +219,7 @@ impl Datapath {
             // Safety settings too (the gate may be lifted by apply_tuning once the LSM guard is known).
             control.set(abi::CTL_QUEUE_CAP, target.queue_cap, 0)?;
             control.set(abi::CTL_RECV_GATE, u64::from(target.splice != SpliceSafety::Off), 0)?;
+            control.set(abi::CTL_SEND_MODE, target.send_mode.abi(), 0)?;
         }
         if target.splice != SpliceSafety::Off {
             let mut sp: HashMap<&mut MapData, [u8; abi::COMM_LEN], u64> =
@@ -220,7 +232,10 @@ impl Datapath {
 
         let socks: SockHash<&MapData, abi::SockKey> = SockHash::try_from(ebpf.map(maps::SOCKS).context("socks map")?)?;
         let socks_fd = socks.fd().try_clone().context("duplicating the SOCKHASH fd")?;
-        let to = hooks::AttachTo { cgroup: cg, sockhash: socks_fd.as_fd() };
+        let senders: SockHash<&MapData, abi::SockKey> =
+            SockHash::try_from(ebpf.map(maps::SENDERS).context("senders map")?)?;
+        let senders_fd = senders.fd().try_clone().context("duplicating the senders' SOCKHASH fd")?;
+        let to = hooks::AttachTo { cgroup: cg, sockhash: socks_fd.as_fd(), senders: senders_fd.as_fd() };
         let table: Vec<hooks::Program> =
             sock::PROGRAMS.iter().copied().filter(|p| target.splice_tracepoints || !sock::is_syscall_tracepoint(p)).collect();
         hooks::attach_all(&table, ebpf, &to, dir)
@@ -260,9 +275,11 @@ impl Datapath {
         let readers = if self.target.splice == SpliceSafety::Off { &[][..] } else { &self.target.splice_readers[..] };
         sock::set_configured_splicers(&mut self.splicers, readers)?;
         self.control.set(abi::CTL_RECV_GATE, u64::from(gate), 0).context("writing recvmsg gate")?;
+        self.control.set(abi::CTL_SEND_MODE, self.target.send_mode.abi(), 0).context("writing send mode")?;
         let has = |n: &str| self.has(n);
         self.protections =
             sock::protections(&has, gate, self.target.splice, self.target.queue_cap, !self.target.splice_readers.is_empty());
+        self.protections.push(sock::senders_line(self.target.send_mode, self.has(bypassd_ebpf::programs::PROMOTE)));
         Ok(())
     }
 
@@ -345,7 +362,7 @@ impl Datapath {
 
     /// Sockets in the SOCKHASH, paired up into connections (peers found as sk_msg finds them).
     pub fn connections(&self) -> Result<Vec<Connection>> {
-        sock::connections(&self.socks, &self.nat_pairs()?.into_iter().collect())
+        sock::connections(&self.socks, &self.senders, &self.nat_pairs()?.into_iter().collect())
     }
 }
 
