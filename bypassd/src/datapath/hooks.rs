@@ -142,6 +142,7 @@ pub fn attach_all(table: &[Program], ebpf: &mut Ebpf, to: &AttachTo<'_>, dir: &P
             Err(e) if p.required => return Err(e).with_context(|| format!("attaching {} ({})", p.name, p.what)),
             Err(e) => tracing::warn!("{}: not available on this kernel ({e:#})", p.what),
         }
+        crate::startup::step(format!("program {}", p.name));
     }
     Ok(())
 }

@@ -95,7 +95,9 @@ impl Datapath {
         }
         let gen_dir = target.pin_dir.join(name);
 
-        let mut dp = match Self::open(target, &gen_dir, cgroup_id) {
+        let opened = Self::open(target, &gen_dir, cgroup_id);
+        crate::startup::step("adopt check");
+        let mut dp = match opened {
             Ok(dp) => dp,
             Err(e) => {
                 if gen_dir.exists() {
@@ -111,10 +113,12 @@ impl Datapath {
         }
         dp.apply_tuning()?;
         dp.log_hooks();
+        crate::startup::step("tuning");
         for old in pins::generations(&target.pin_dir).into_iter().filter(|g| *g != gen_dir) {
             tracing::info!("retiring datapath generation {} (its open connections finish on it)", old.display());
             pins::retire(&old)?;
         }
+        crate::startup::step("retire old generations");
         Ok(dp)
     }
 
@@ -172,6 +176,7 @@ impl Datapath {
         paused: bool,
     ) -> Result<Datapath> {
         hooks::check_kernel()?;
+        crate::startup::step("kernel feature probes");
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::SOCKS, target.capacity)
             .map_max_entries(maps::RX, target.capacity)
@@ -179,6 +184,7 @@ impl Datapath {
             .map_max_entries(maps::NAT, target.capacity)
             .load(bypassd_ebpf::object())
             .context("loading the BPF object (maps)")?;
+        crate::startup::step("BTF, object, maps");
 
         let tmp = pins::building_dir(&target.pin_dir);
         if tmp.exists() {
@@ -193,6 +199,7 @@ impl Datapath {
         std::fs::rename(&tmp, gen_dir).with_context(|| format!("renaming {} to {}", tmp.display(), gen_dir.display()))?;
         let mut dp = Self::open(target, gen_dir, cgroup_id)?;
         dp.adopted = false;
+        crate::startup::step("open pins");
         Ok(dp)
     }
 
@@ -217,6 +224,7 @@ impl Datapath {
             }
         }
         write_policy(ebpf, policy)?;
+        crate::startup::step("map pins, control, policy");
 
         let socks: SockHash<&MapData, abi::SockKey> = SockHash::try_from(ebpf.map(maps::SOCKS).context("socks map")?)?;
         let socks_fd = socks.fd().try_clone().context("duplicating the SOCKHASH fd")?;
