@@ -8,8 +8,10 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let include = manifest.join("include");
-    println!("cargo:rerun-if-changed={}", manifest.join("bpf/mesh_nat.h").display());
-    println!("cargo:rerun-if-changed={}", include.join("bypass_abi.h").display());
+    // Directories: cargo rebuilds when any file in them changes, so a new header
+    // (bpf/*.h, included by the .bpf.c files) needs no line here.
+    println!("cargo:rerun-if-changed={}", manifest.join("bpf").display());
+    println!("cargo:rerun-if-changed={}", include.display());
     println!("cargo:rerun-if-env-changed=BPF_CLANG");
 
     let clang = env::var("BPF_CLANG").unwrap_or_else(|_| "clang".into());
@@ -23,20 +25,19 @@ fn main() {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "x86_64-linux-gnu".into());
     // bpf_tracing.h (kprobe arguments) and the splice guard's syscall numbers
-    // (bypass.bpf.c, BP_NR_*) depend on the architecture: only these two are known.
+    // (bpf/splice.h, BP_NR_*) depend on the architecture: only these two are known.
     let target = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let arch = match target.as_str() {
         "x86_64" => "x86",
         "aarch64" => "arm64",
         other => fail(&format!(
             "target architecture `{other}` is not supported (x86_64 and aarch64 are): \
-             add its syscall numbers for splice/sendfile to bpf/bypass.bpf.c first"
+             add its syscall numbers for splice/sendfile to bpf/splice.h first"
         )),
     };
     // The socket datapath and the link datapath are separate objects.
     for name in ["bypass", "link"] {
         let src = manifest.join(format!("bpf/{name}.bpf.c"));
-        println!("cargo:rerun-if-changed={}", src.display());
         let obj = out.join(format!("{name}.bpf.o"));
         let status = Command::new(&clang)
             .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])

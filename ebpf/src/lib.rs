@@ -1,5 +1,5 @@
-//! The bypassd socket datapath: the BPF object built from `bpf/bypass.bpf.c` and the
-//! Rust mirror of its ABI (`include/bypass_abi.h`).
+//! The bypassd socket datapath: the BPF object built from `bpf/bypass.bpf.c` (and the
+//! headers it includes from `bpf/`) and the Rust mirror of its ABI (`include/bypass_abi.h`).
 pub mod abi;
 
 /// A compiled object from OUT_DIR, aligned so aya can parse it in place.

@@ -1,0 +1,62 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * Part of bypass.bpf.c (included once, in the order it lists): the kernel structures
+ * read through CO-RE (only the fields used) and the sk_user_data flag mask.
+ */
+#ifndef BYPASS_KERNEL_H
+#define BYPASS_KERNEL_H
+
+/*
+ * Kernel structures read through CO-RE: only the named fields are used and relocated
+ * to the running kernel's layout (the ___bp suffix is a local flavour, stripped when
+ * matching). Read with bpf_probe_read_kernel (BPF_CORE_READ), so kprobes can use them.
+ */
+#pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
+struct sock_common___bp {
+	struct {
+		long long counter;
+	} skc_cookie;
+};
+
+struct sock___bp {
+	struct sock_common___bp __sk_common;
+	int sk_rcvbuf;
+	void *sk_user_data;
+};
+
+struct tcp_sock___bp {
+	__u32 write_seq;
+	__u32 copied_seq;
+};
+
+struct sk_psock___bp {
+	__u32 msg_tot_len;
+};
+
+struct socket___bp {
+	void *file;
+	struct sock___bp *sk;
+};
+
+struct file___bp {
+	void *private_data;
+};
+
+struct fdtable___bp {
+	unsigned int max_fds;
+	struct file___bp **fd;
+};
+
+struct files_struct___bp {
+	struct fdtable___bp *fdt;
+};
+
+struct task_struct___bp {
+	struct files_struct___bp *files;
+};
+#pragma clang attribute pop
+
+/* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
+#define BP_USER_DATA_PTRMASK (~7UL)
+
+#endif
