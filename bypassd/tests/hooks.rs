@@ -3,8 +3,13 @@
 //! host, so it is attached only while the recvmsg gate is on and the policy can admit a
 //! socket; the kernel's own list of links is the proof, and the log says the same.
 //!
+//! Per-socket work follows the same rule: a cgroup or uid rule reads the socket's own
+//! origin, so no socket needs storage for it, and sockets opened before bypassd started
+//! match too.
+//!
 //! Needs root. Each test has its own cgroup, pin directory and daemon, removed on drop.
-use bypass_testsupport::{Daemon, PinDir, TempDir, TestCgroup, bin, require_root, run_json};
+use bypass_testsupport::{Daemon, PinDir, TempDir, TestCgroup, bin, require_root, run_json, traffic_report, wait_port_file};
+use std::{process::Stdio, time::Duration};
 use bypassd::datapath::Datapath;
 use bypassd_ebpf::{abi::Counter, programs::RX_DONE};
 
@@ -96,4 +101,27 @@ fn recv_hook_is_not_attached_when_the_recvmsg_gate_is_off() {
     let d = Daemon::start(&env.config("splice_safety = \"off\"", ACCELERATE)).expect("start bypassd");
     assert!(!env.rx_hook_runs(), "splice_safety = off needs no recvmsg hook: {}", d.log());
     assert!(env.transfer() > 0, "with the gate off, sockets are redirect targets at once");
+}
+
+#[test]
+fn listener_opened_before_bypassd_is_matched_by_its_cgroup_rule() {
+    let env = Env::new();
+    let dir = TempDir::new();
+    // The server listens before any bypassd runs: its socket was never seen by sock_create.
+    let port_file = dir.path().join("port");
+    let mut srv = env.cg.command(bin("bypass-traffic"));
+    srv.args(["serve", "--listen", "127.0.0.1:0", "--port-file"]).arg(&port_file);
+    let srv = srv.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn serve");
+    let port = wait_port_file(&port_file, Duration::from_secs(10));
+    let rule = format!("default = \"kernel\"\n\n[[policy.rules]]\nname = \"this cgroup\"\naction = \"accelerate\"\ncgroup = \"{}\"\n", env.cg.rel);
+    let _d = Daemon::start(&env.config("", &rule)).expect("start bypassd");
+    let mut c = env.cg.command(bin("bypass-traffic"));
+    c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", &(16u64 << 20).to_string()]);
+    let v = run_json(c);
+    assert_eq!(v["ok"], serde_json::Value::Bool(true), "transfer failed: {v}");
+    assert_eq!(traffic_report(srv)["ok"], serde_json::Value::Bool(true));
+    // Both ends matched the rule (the accepted socket by its listener's cgroup), so bytes
+    // were redirected; with origin kept only in storage made at creation, none were.
+    assert!(env.counter(Counter::SocketsInserted) >= 2, "inserted {}", env.counter(Counter::SocketsInserted));
+    assert!(env.counter(Counter::RedirectedBytes) > 0, "nothing redirected");
 }

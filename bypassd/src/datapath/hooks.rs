@@ -188,12 +188,8 @@ impl Program {
             return Ok(false);
         }
         let id = aya::programs::ProgramInfo::from_pin(&pin).with_context(|| format!("reading {}", pin.display()))?.id();
-        for l in aya::programs::loaded_links() {
-            if l.context("listing the kernel's BPF links")?.program_id() == id {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        // A link may go between listing its id and opening it (someone else's detach).
+        Ok(aya::programs::loaded_links().flatten().any(|l| l.program_id() == id))
     }
 
     /// Detach by unpinning its link (the link holds no other reference of ours).
