@@ -222,7 +222,14 @@ impl Datapath {
         std::fs::rename(&tmp, gen_dir).with_context(|| format!("renaming {} to {}", tmp.display(), gen_dir.display()))?;
         let mut dp = Self::open(target, gen_dir, cgroup_id)?;
         dp.adopted = false;
-        crate::startup::step("open pins");
+        // The BTF parses (tens of MiB, one on its own thread's arena) are freed by now:
+        // hand the pages back, or they stay resident for the daemon's life (RSS target).
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap memory; no pointer is invalidated.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        crate::startup::step("open pins, trim heap");
         Ok(dp)
     }
 
