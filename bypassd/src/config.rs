@@ -396,6 +396,10 @@ mod tests {
         let e = parse("[daemon]\npin_dir = \"relative/dir\"\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.to_string().contains("not an absolute path"), "{e}");
+        // A spanned key (the cgroup) is named as written, not by toml's private field.
+        let e = parse("[daemon]\ncgroup = \"relative\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().contains("key `daemon.cgroup`: `relative` is not an absolute path"), "{e}");
         let e = parse("[daemon]\nlog_level = \"loud\"\n").unwrap_err();
         assert!(e.to_string().contains("loud"), "{e}");
     }

@@ -14,8 +14,8 @@
  * Layout: this file holds the hooks on the send and receive paths (sock_create,
  * sock_ops, sk_msg, the rx hook); the headers, in include order, hold the maps
  * (maps.h), keys (keys.h), the policy walk (policy.h), the kernel structures read
- * through CO-RE (kernel.h), NAT pairing (mesh_nat.h), the peer view (peer.h) and the
- * splice detection and guard programs (splice.h).
+ * through CO-RE (kernel.h), NAT pairing (mesh_nat.h), the peer view (peer.h), the
+ * redirect window (window.h) and the splice detection and guard programs (splice.h).
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
@@ -42,6 +42,7 @@ char _license[] SEC("license") = "GPL";
 #include "mesh_nat.h"
 
 #include "peer.h"
+#include "window.h"
 
 SEC("cgroup/sock_create")
 int bypass_sock_create(struct bpf_sock *sk)
@@ -169,8 +170,10 @@ undo:
  *   the peer (our write_seq == its live copied_seq). The receiver drains its psock
  *   queue before its TCP queue, so redirecting while our TCP bytes wait would let new
  *   bytes overtake them. Redirect -> TCP is always safe; TCP -> redirect once drained.
- * - backpressure: when the peer's psock queue (live msg_tot_len) already holds the cap
- *   (default: its SO_RCVBUF), the send takes TCP. An empty queue always takes one.
+ * - backpressure: when the peer's psock queue (live msg_tot_len) would exceed its
+ *   window, the send takes TCP. The window is queue_cap (0: the peer's SO_RCVBUF) until
+ *   the reader proves its pace, then grows as TCP's receive autotuning would (window.h).
+ *   An empty queue always takes one.
  * - coalescing (adaptive, never a safety rule): a small send while the peer still
  *   holds a little redirected data (a stream of small writes) takes TCP, which merges
  *   such sends into few segments and wakeups; a send to an idle peer
@@ -187,7 +190,7 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	struct bp_rx_state *rx;
 	__u32 size = msg->size;
 	__u32 copied, queued;
-	__u64 bound, coalesce;
+	__u64 base, coalesce;
 	int stranded = 0;
 	int nat;
 
@@ -222,6 +225,9 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 			goto pass;
 		}
 	}
+	base = window_base(rx);
+	if (!stranded)
+		window_pace(rx, queued, base); /* also while on TCP: the reader drains then */
 	mt = (void *)bpf_skc_to_tcp_sock(me);
 	copied = peer_copied_seq(rx);
 	if (!mt || mt->write_seq != copied) {
@@ -237,10 +243,8 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 		count(BP_CTR_NOT_READY, 1);
 		goto seen;
 	}
-	bound = control(BP_CTL_QUEUE_CAP);
-	if (!bound)
-		bound = peer_rcvbuf(rx);
-	if (queued && queued + size > bound) {
+	/* A splice reader's stranded queue never gets a grown window. */
+	if (stranded ? queued + size > base : window_refuses(rx, queued, size, base)) {
 		count(BP_CTR_BACKPRESSURE, 1);
 		goto seen;
 	}
@@ -263,6 +267,7 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	if (bpf_msg_redirect_hash(msg, &bp_socks, &key, BPF_F_INGRESS) != SK_PASS_VERDICT)
 		goto pass;
 	rx->queued = queued + size;
+	rx->redirected += size;
 	count(BP_CTR_REDIRECTED_MSGS, 1);
 	count(BP_CTR_REDIRECTED_BYTES, size);
 	if (nat) {

@@ -12,10 +12,26 @@
  * matching). Read with bpf_probe_read_kernel (BPF_CORE_READ), so kprobes can use them.
  */
 #pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
+struct netns_ipv4___bp {
+	int sysctl_tcp_rmem[3];
+};
+
+struct net___bp {
+	struct netns_ipv4___bp ipv4;
+};
+
+struct proto___bp {
+	unsigned long *memory_pressure;
+};
+
 struct sock_common___bp {
 	struct {
 		long long counter;
 	} skc_cookie;
+	struct proto___bp *skc_prot;
+	struct {
+		struct net___bp *net;
+	} skc_net;
 };
 
 struct kernfs_node___bp {
@@ -29,6 +45,7 @@ struct cgroup___bp {
 struct sock___bp {
 	struct sock_common___bp __sk_common;
 	int sk_rcvbuf;
+	unsigned char sk_userlocks;
 	void *sk_user_data;
 	/* The socket's origin, set at creation and copied to accepted sockets: policy reads
 	 * it here, so no socket needs storage for it. */

@@ -45,6 +45,37 @@ static __always_inline __u32 peer_rcvbuf(struct bp_rx_state *rx)
 	return BPF_CORE_READ(sk, sk_rcvbuf);
 }
 
+/* What TCP's receive autotuning may grow this receiver's buffer to: tcp_rmem[2] of its
+ * network namespace (tcp_rcv_space_adjust clamps there), or nothing more than it has when
+ * its program fixed SO_RCVBUF (SOCK_RCVBUF_LOCK: TCP then never autotunes). */
+#define BP_SOCK_RCVBUF_LOCK 2
+
+static __always_inline __u32 peer_rcvbuf_max(struct bp_rx_state *rx)
+{
+	struct sock___bp *sk = (void *)rx->sk;
+	struct net___bp *net;
+	int max;
+
+	if (BPF_CORE_READ(sk, sk_userlocks) & BP_SOCK_RCVBUF_LOCK)
+		return 0;
+	net = BPF_CORE_READ(sk, __sk_common.skc_net.net);
+	max = BPF_CORE_READ(net, ipv4.sysctl_tcp_rmem[2]);
+	return max > 0 ? max : 0;
+}
+
+/* Is the host's TCP memory under pressure (tcp_memory_pressure, via the receiver's
+ * proto)? TCP stops growing buffers then; so do we. */
+static __always_inline int peer_under_pressure(struct bp_rx_state *rx)
+{
+	struct sock___bp *sk = (void *)rx->sk;
+	unsigned long *flag = BPF_CORE_READ(sk, __sk_common.skc_prot, memory_pressure);
+	unsigned long v = 0;
+
+	if (flag && bpf_probe_read_kernel(&v, sizeof(v), flag))
+		return 1; /* unreadable: assume the worst */
+	return v != 0;
+}
+
 /* Still the socket sock_ops stored? Read after the fields it vouches for. */
 static __always_inline int peer_same(struct bp_rx_state *rx)
 {

@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 4
+#define BP_ABI_VERSION 5
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -45,14 +45,18 @@ enum bp_counter {
 	BP_CTR_NAT_CLEARED = 22,        /* NAT entries removed (two per pair) because a socket closed */
 	BP_CTR_COALESCED = 23,     /* small sends kept on TCP: the peer still held redirected data */
 	BP_CTR_PEER_STALE = 24,    /* sends kept on TCP: the peer's socket was gone or reused */
-	BP_CTR_MAX = 25,
+	/* The redirect window (bp_rx_state.window): see bpf/window.h. */
+	BP_CTR_WINDOW_GROWN = 25,  /* receivers' windows doubled: a whole window read within BP_PACE_NS */
+	BP_CTR_BACKPRESSURE_GROWN = 26, /* of backpressure_msgs: the queue held a grown window */
+	BP_CTR_PRESSURE_HELD = 27, /* of backpressure_msgs: a grown window not used, TCP memory under pressure */
+	BP_CTR_MAX = 28,
 };
 
 /* Indices in the control array (u64 values). */
 enum bp_control {
 	BP_CTL_POLICY_SEQ = 0, /* active rule buffer = seq & 1; bumped on every swap */
 	BP_CTL_PAUSED = 1,     /* non-zero: do not insert new sockets */
-	BP_CTL_QUEUE_CAP = 2,  /* max bytes queued for one receiver; 0 = its SO_RCVBUF */
+	BP_CTL_QUEUE_CAP = 2,  /* bytes queued for a receiver before it proves its pace; 0 = its SO_RCVBUF */
 	BP_CTL_RECV_GATE = 3,  /* non-zero: a receiver is a redirect target only after a recvmsg */
 	BP_CTL_COALESCE_BELOW = 4, /* sends smaller than this take TCP while the peer holds redirected data */
 	BP_CTL_MAX = 5,
@@ -137,6 +141,12 @@ struct bp_rx_state {
 	__u32 spliced;    /* 1: reads with splice: never a redirect target again */
 	__u64 sk;         /* the receiver's struct sock (read with probe reads only) */
 	__u64 cookie;     /* its socket cookie: sk is trusted only while this matches */
+	/* The redirect window (bpf/window.h), kept by the senders: */
+	__u64 redirected; /* bytes ever redirected to it (minus queued = bytes it has read) */
+	__u64 pace_read;  /* ...its read figure when the current pace sample began */
+	__u64 pace_ns;    /* when that sample began (CLOCK_MONOTONIC ns) */
+	__u32 window;     /* bound grown beyond queue_cap by its pace; 0 = none */
+	__u32 pad;
 };
 
 /*

@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -33,11 +33,14 @@ pub enum Counter {
     NatCleared = 22,
     Coalesced = 23,
     PeerStale = 24,
+    WindowGrown = 25,
+    BackpressureGrown = 26,
+    PressureHeld = 27,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 25;
-    pub const ALL: [Counter; 25] = [
+    pub const COUNT: u32 = 28;
+    pub const ALL: [Counter; 28] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -63,6 +66,9 @@ impl Counter {
         Counter::NatCleared,
         Counter::Coalesced,
         Counter::PeerStale,
+        Counter::WindowGrown,
+        Counter::BackpressureGrown,
+        Counter::PressureHeld,
     ];
 
     /// The stable name used in JSON output and D-Bus.
@@ -93,6 +99,9 @@ impl Counter {
             Counter::NatCleared => "nat_cleared",
             Counter::Coalesced => "coalesced_msgs",
             Counter::PeerStale => "peer_stale_msgs",
+            Counter::WindowGrown => "windows_grown",
+            Counter::BackpressureGrown => "backpressure_grown_msgs",
+            Counter::PressureHeld => "pressure_held_msgs",
         }
     }
 }
@@ -180,6 +189,13 @@ pub struct RxState {
     /// The receiver's kernel socket address (only the BPF side dereferences it).
     pub sk: u64,
     pub cookie: u64,
+    /// Bytes ever redirected to it; minus `queued`, what it has read of them.
+    pub redirected: u64,
+    pub pace_read: u64,
+    pub pace_ns: u64,
+    /// Redirect bound grown beyond queue_cap by the reader's pace (0: none).
+    pub window: u32,
+    pub pad: u32,
 }
 
 // SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding

@@ -18,7 +18,7 @@ fn c_layout() -> BTreeMap<String, u64> {
             "local_port_lo", "local_port_hi", "remote_port_lo", "remote_port_hi", "uid", "cgroup_id"][..]),
         ("bp_policy_meta", &["nrules", "default_action"][..]),
         ("bp_sk_info", &["cgroup_id", "uid", "flags", "recv_seq", "pad"][..]),
-        ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced", "sk", "cookie"][..]),
+        ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced", "sk", "cookie", "redirected", "pace_read", "pace_ns", "window", "pad"][..]),
         // Link datapath.
         ("bl_port", &["target", "slot", "flags", "offload"][..]),
         ("bl_mac", &["addr", "pad"][..]),
@@ -35,7 +35,8 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_CTR_REDIRECTED_MSGS", "BP_CTR_REDIRECTED_BYTES", "BP_CTR_PASSED_MSGS", "BP_CTR_PASSED_BYTES",
         "BP_CTR_POLICY_KERNEL", "BP_CTR_PAUSED_SKIPS", "BP_CTR_ORDER_WAIT", "BP_CTR_BACKPRESSURE",
         "BP_CTR_NOT_READY", "BP_CTR_SPLICE_KEPT", "BP_CTR_SPLICE_SEEN", "BP_CTR_SPLICE_STRANDED",
-        "BP_CTR_SPLICE_REFUSED", "BP_CTR_STRANDED_DROPS", "BP_CTR_COALESCED", "BP_CTR_PEER_STALE", "BP_CTR_MAX",
+        "BP_CTR_SPLICE_REFUSED", "BP_CTR_STRANDED_DROPS", "BP_CTR_COALESCED", "BP_CTR_PEER_STALE",
+        "BP_CTR_WINDOW_GROWN", "BP_CTR_BACKPRESSURE_GROWN", "BP_CTR_PRESSURE_HELD", "BP_CTR_MAX",
         "BP_CTR_ORIGDST_SEEN", "BP_CTR_NAT_PAIRED_LOCAL", "BP_CTR_NAT_PAIRED_INBOUND", "BP_CTR_NAT_UNPAIRED",
         "BP_CTR_NAT_REDIRECTED_MSGS", "BP_CTR_NAT_REDIRECTED_BYTES", "BP_CTR_NAT_CLEARED",
         "BP_NAT_PATH_LOCAL", "BP_NAT_PATH_INBOUND",
@@ -77,13 +78,13 @@ fn c_and_rust_layouts_agree() {
         local_port_lo, local_port_hi, remote_port_lo, remote_port_hi, uid, cgroup_id]);
     rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
     rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags, recv_seq, pad]);
-    rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced, sk, cookie]);
+    rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced, sk, cookie, redirected, pace_read, pace_ns, window, pad]);
     rust_layout!(r, "bl_port", LinkPort, [target, slot, flags, offload]);
     rust_layout!(r, "bl_mac", LinkMac, [addr, pad]);
     rust_layout!(r, "bl_fdb_entry", LinkFdbEntry, [ifindex, flags, seen_ns]);
     rust_layout!(r, "bl_stats", LinkStats, [redirected_frames, redirected_bytes, passed_frames, passed_bytes]);
     rust_layout!(r, "bp_nat_peer", NatPeer, [peer, path, reserved]);
-    let consts: [(&str, u64); 46] = [
+    let consts: [(&str, u64); 49] = [
         ("BP_ABI_VERSION", ABI_VERSION.into()), ("BP_MAX_RULES", MAX_RULES.into()),
         ("BP_CTR_SOCKETS_INSERTED", Counter::SocketsInserted as u64),
         ("BP_CTR_INSERT_FAILURES", Counter::InsertFailures as u64),
@@ -103,6 +104,9 @@ fn c_and_rust_layouts_agree() {
         ("BP_CTR_STRANDED_DROPS", Counter::StrandedDrops as u64),
         ("BP_CTR_COALESCED", Counter::Coalesced as u64),
         ("BP_CTR_PEER_STALE", Counter::PeerStale as u64),
+        ("BP_CTR_WINDOW_GROWN", Counter::WindowGrown as u64),
+        ("BP_CTR_BACKPRESSURE_GROWN", Counter::BackpressureGrown as u64),
+        ("BP_CTR_PRESSURE_HELD", Counter::PressureHeld as u64),
         ("BP_CTR_MAX", Counter::COUNT.into()),
         ("BP_CTL_POLICY_SEQ", CTL_POLICY_SEQ.into()), ("BP_CTL_PAUSED", CTL_PAUSED.into()),
         ("BP_CTL_QUEUE_CAP", CTL_QUEUE_CAP.into()), ("BP_CTL_RECV_GATE", CTL_RECV_GATE.into()),

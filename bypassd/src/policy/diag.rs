@@ -36,7 +36,14 @@ impl KeyedError {
 /// Deserialise TOML text, tracking the key path for errors.
 pub fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, KeyedError> {
     serde_path_to_error::deserialize(toml::Deserializer::new(text))
-        .map_err(|e| KeyedError { key: e.path().to_string(), error: e.into_inner() })
+        .map_err(|e| KeyedError { key: operator_key(&e.path().to_string()), error: e.into_inner() })
+}
+
+/// The key as the operator wrote it: `toml::Spanned` deserialises through a private
+/// struct whose field names would otherwise show up in the path.
+fn operator_key(path: &str) -> String {
+    let kept: Vec<&str> = path.split('.').filter(|seg| !seg.starts_with("$__serde_spanned_private")).collect();
+    if kept.is_empty() { ".".to_string() } else { kept.join(".") }
 }
 
 /// A syntax error (the text is not TOML at all), with the offending line.
