@@ -123,7 +123,8 @@ struct bp_policy_meta {
 	__u32 default_action;
 };
 
-/* Per-socket storage, recorded at socket creation and inherited by accepted sockets. */
+/* Per-socket storage: a known splice reader's sockets get it at creation (accepted sockets
+ * inherit it), accelerated sockets at insertion; policy reads cgroup and uid from the socket. */
 struct bp_sk_info {
 	__u64 cgroup_id;
 	__u32 uid;

@@ -21,7 +21,7 @@ pub const PROGRAMS: &[Program] = &[
         hook: Hook::TpBtf("sock_recv_length"),
         link: Some("rx_done"),
         required: false,
-        what: "tp_btf sock_recv_length (marks recvmsg readers; every read on the host, exits at once for sockets in no sockmap)",
+        what: "tp_btf sock_recv_length (marks recvmsg readers; every read on the host: attached only while needed)",
     },
     Program {
         name: p::SPLICE_KPROBE,
@@ -90,6 +90,12 @@ pub fn is_syscall_tracepoint(p: &Program) -> bool {
     matches!(p.hook, Hook::TracePoint("syscalls", _))
 }
 
+/// Hooks loaded with the datapath but attached only while needed (see
+/// `Datapath::sync_on_demand`): the recvmsg hook, the one global hook left by default.
+pub fn is_on_demand(p: &Program) -> bool {
+    p.name == p::RX_DONE
+}
+
 /// The table entry for a program name.
 pub fn program(name: &str) -> Option<&'static Program> {
     PROGRAMS.iter().find(|p| p.name == name)
@@ -100,8 +106,10 @@ pub fn program(name: &str) -> Option<&'static Program> {
 pub fn protections(has: &dyn Fn(&str) -> bool, gate: bool, splice: SpliceSafety, queue_cap: u64, readers: bool) -> Vec<String> {
     let publication = if has(p::RX_DONE) {
         "live reads of the receiver; tp_btf sock_recv_length marks recvmsg readers"
+    } else if !gate {
+        "live reads of the receiver; no recvmsg hook needed (recvmsg gate off)"
     } else {
-        "live reads of the receiver; no recvmsg hook (with the recvmsg gate on, nothing is redirected)"
+        "live reads of the receiver; recvmsg hook not attached (attached while the policy accelerates; without it nothing is redirected)"
     };
     let cap = if queue_cap == 0 { "= each receiver's SO_RCVBUF".to_string() } else { format!("{queue_cap} bytes") };
     let mut s = Vec::new();
