@@ -50,6 +50,9 @@ pub struct Connection {
     pub nat: bool,
     /// The peer socket as "local <- remote" (its own view), empty when not paired.
     pub peer: String,
+    /// Which of the two sockets are senders (run sk_msg, so their sends may be
+    /// redirected; the others send through plain TCP): "both", "local", "peer", "none".
+    pub senders: String,
 }
 
 /// One rule of the effective policy, as `ListPolicy` returns it (evaluation order:

@@ -1,7 +1,7 @@
 //! The run: fixtures, sections, A/B interleaving, verification, output.
 mod churn;
 mod daemon;
-mod env;
+pub(crate) mod env;
 mod qperf;
 mod unaccel;
 mod unix;

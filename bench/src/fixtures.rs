@@ -174,8 +174,8 @@ pub fn maps_memlock(pin_dir: &Path) -> Result<BTreeMap<String, u64>> {
     Ok(out)
 }
 
-/// Programs and links of the pinned datapath that are not bound to a cgroup or to the
-/// SOCKHASH, as (type, name): they run for sockets anywhere on the host.
+/// Links of the pinned datapath that are not bound to a cgroup or to the SOCKHASH, as
+/// (type, name): they run for sockets anywhere on the host.
 pub fn global_hooks(pin_dir: &Path) -> Result<Vec<(String, String)>> {
     let g = gen_dir(pin_dir)?;
     let local = ["sock_ops", "sk_msg", "cgroup_sock", "cgroup_sock_addr", "cgroup_skb", "sk_skb", "cgroup_sockopt"];
@@ -183,8 +183,9 @@ pub fn global_hooks(pin_dir: &Path) -> Result<Vec<(String, String)>> {
     for e in std::fs::read_dir(&g)? {
         let p = e?.path();
         let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        // Links are what runs: a program pinned without one (an on-demand hook that is
+        // off) runs nowhere. Map attachments (sk_msg) are cgroup-scoped anyway.
         let kind = match pins::classify(&name) {
-            Some((PinKind::Prog, _)) => "prog",
             Some((PinKind::Link, _)) => "link",
             _ => continue,
         };
@@ -207,14 +208,23 @@ pub fn global_hooks(pin_dir: &Path) -> Result<Vec<(String, String)>> {
 
 /// BPF programs on the host that run outside any cgroup (tracing, tracepoints,
 /// kprobes, LSM …), as "type name (id)": someone else's may slow every socket.
+/// Only attached ones count: a program loaded without a link runs nowhere.
 pub fn host_tracing_programs() -> Vec<String> {
     let Ok(o) = Command::new("bpftool").args(["-j", "prog", "show"]).output() else { return Vec::new() };
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let linked: Vec<u64> = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|l| l.as_array().map(|a| a.iter().filter_map(|x| x["prog_id"].as_u64()).collect()))
+        .unwrap_or_default();
     let global = ["tracing", "tracepoint", "raw_tracepoint", "kprobe", "perf_event", "lsm", "raw_tracepoint_writable"];
     v.as_array()
         .map(|a| {
             a.iter()
                 .filter(|p| global.contains(&p["type"].as_str().unwrap_or("")))
+                .filter(|p| p["id"].as_u64().is_some_and(|id| linked.contains(&id)))
                 .map(|p| format!("{} {} ({})", p["type"].as_str().unwrap_or("?"), p["name"].as_str().unwrap_or("?"), p["id"]))
                 .collect()
         })

@@ -63,6 +63,10 @@ pub struct Cli {
     /// Only these topologies for qperf (loopback, veth).
     #[arg(long, value_delimiter = ',')]
     pub topologies: Vec<String>,
+    /// bypassd's `[datapath] send_mode` for the run (all, auto, none) [default: the
+    /// shipped default].
+    #[arg(long, value_parser = ["all", "auto", "none"])]
+    pub send_mode: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +105,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(m) = &cli.send_mode {
+        let _ = bench::env::SEND_MODE.set(m.clone());
     }
     // Measure what a systemd host runs: with tracefs, bypassd's tracepoints attach too.
     bypass_testsupport::ensure_tracefs();

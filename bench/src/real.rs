@@ -282,8 +282,9 @@ pub fn run(o: &Opts, out: &Path) -> Result<RealResults> {
     let tmp = TempDir::new();
     let state = TempDir::new();
     let pins = PinDir::new();
+    let send_mode = crate::bench::env::SEND_MODE.get().map(|m| format!("[datapath]\nsend_mode = \"{m}\"\n\n")).unwrap_or_default();
     let config = format!(
-        "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"info\"\n\n[policy]\ndefault = \"accelerate\"\n",
+        "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"info\"\n\n{send_mode}[policy]\ndefault = \"accelerate\"\n",
         pins.path().display(),
         cg.rel,
         state.path().display()

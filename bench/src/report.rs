@@ -100,11 +100,21 @@ impl Point {
 /// The bypass run really used the datapath: messages were redirected, and every message
 /// that took the kernel path did so for a counted safety reason (order, backpressure,
 /// a receiver that has not read yet, splice), never because the peers failed to pair.
-/// 16 messages of slack cover qperf's control exchange.
+/// 16 messages of slack cover qperf's control exchange. Or, with `send_mode` auto,
+/// the sockets were accelerated as redirect targets only, by choice: no socket became a
+/// sender, so no send ran sk_msg (see targets_only).
 pub fn redirect_ok(c: &Snap) -> bool {
     let r = c.get(Counter::RedirectedMsgs);
     let p = c.get(Counter::PassedMsgs);
-    r > 0 && p <= safety_reasons(c) + (r / 100).max(16)
+    (r > 0 && p <= safety_reasons(c) + (r / 100).max(16)) || targets_only(c)
+}
+
+/// Both sockets were inserted, neither became a sender, nothing ran sk_msg: a stream
+/// that `send_mode = "auto"` keeps on the kernel's send path on purpose.
+pub fn targets_only(c: &Snap) -> bool {
+    c.get(Counter::SocketsInserted) >= 2
+        && c.get(Counter::SenderAtInsert) + c.get(Counter::SenderPromoted) == 0
+        && c.get(Counter::RedirectedMsgs) + c.get(Counter::PassedMsgs) == 0
 }
 
 /// Redirected bytes / all bytes the datapath saw (redirected + passed).
@@ -723,8 +733,9 @@ impl Results {
             s,
             "Summed over each point's runs. A bypass point is verified when redirected_msgs grew and every passed \
              message is explained: by a counted safety reason (order, backpressure, receiver not reading yet, splice) \
-             or within 1 % (at least 16: qperf's control exchange); *bytes redirected* says how much of the traffic \
-             really took the bypass. A kernel point is verified when no counter moved. Kernel-path cgroup programs: {}.\n",
+             or within 1 % (at least 16: qperf's control exchange); or, with send_mode auto, when both sockets were \
+             inserted and neither became a sender (a stream kept on the kernel's send path on purpose: nothing \
+             redirected, nothing passed); *bytes redirected* says how much of the traffic really took the bypass. A kernel point is verified when no counter moved. Kernel-path cgroup programs: {}.\n",
             if self.verification.kernel_cgroup_programs.is_empty() {
                 "none".to_string()
             } else {

@@ -153,10 +153,11 @@ impl Out {
                         (true, false) => "yes".into(),
                         _ => "no".into(),
                     },
+                    c.senders.clone(),
                 ]
             })
             .collect();
-        println!("{}", table(&["FAMILY", "LOCAL", "REMOTE", "NETNS", "PAIRED"], &rows, &[]));
+        println!("{}", table(&["FAMILY", "LOCAL", "REMOTE", "NETNS", "PAIRED", "SENDERS"], &rows, &[]));
         println!("{} accelerated socket(s)", c.len());
     }
 

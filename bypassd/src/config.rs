@@ -88,6 +88,10 @@ pub struct DatapathConfig {
     /// (TCP merges them); 0 = always redirect when the safety rules allow it.
     #[serde(default = "default_coalesce_below")]
     pub coalesce_below: u32,
+    /// Which accelerated sockets run sk_msg on their sends; the others are redirect
+    /// targets only and send through plain TCP at the kernel's speed.
+    #[serde(default)]
+    pub send_mode: SendMode,
 }
 
 /// Off: a detour to TCP lasts until the reader has read everything (the order rule),
@@ -105,6 +109,7 @@ impl Default for DatapathConfig {
             splice_readers: default_splice_readers(),
             splice_tracepoints: false,
             coalesce_below: default_coalesce_below(),
+            send_mode: SendMode::default(),
         }
     }
 }
@@ -170,6 +175,32 @@ pub enum SpliceSafety {
     RecvFirst,
     /// No protection (a splice reader of an accelerated socket may hang).
     Off,
+}
+
+/// `[datapath] send_mode`: which accelerated sockets are senders (run sk_msg).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SendMode {
+    /// Every accelerated socket, from establishment.
+    #[default]
+    All,
+    /// Targets only until their traffic turns request/response; streams of writes
+    /// keep the kernel's send path (its coalescing beats per-write redirects).
+    Auto,
+    /// None: nothing is redirected (sends at the kernel's speed; for comparison).
+    None,
+}
+
+impl SendMode {
+    /// The BP_CTL_SEND_MODE value.
+    pub fn abi(self) -> u64 {
+        use bypassd_ebpf::abi;
+        match self {
+            SendMode::All => abi::SEND_ALL,
+            SendMode::Auto => abi::SEND_AUTO,
+            SendMode::None => abi::SEND_NONE,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
@@ -376,6 +407,16 @@ mod tests {
         assert_eq!(e.line, Some(3), "{s}");
         assert!(s.starts_with("/etc/bypassd/test.toml:3:"), "{s}");
         assert!(s.contains("pin_dri"), "{s}");
+    }
+
+    #[test]
+    fn send_mode_takes_three_values_and_names_a_bad_one() {
+        assert_eq!(parse("[datapath]\nsend_mode = \"auto\"\n").unwrap().datapath.send_mode, SendMode::Auto);
+        assert_eq!(parse("[datapath]\nsend_mode = \"none\"\n").unwrap().datapath.send_mode, SendMode::None);
+        let e = parse("[datapath]\n\nsend_mode = \"sometimes\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        let s = e.to_string();
+        assert!(s.contains("send_mode") && s.contains("sometimes"), "{s}");
     }
 
     #[test]

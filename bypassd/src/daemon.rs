@@ -109,6 +109,7 @@ fn target(cfg: &Config, cgroup_root: &Path) -> Target {
         splice_readers: cfg.datapath.splice_readers.iter().map(|n| n.0.clone()).collect(),
         splice_tracepoints: cfg.datapath.splice_tracepoints,
         coalesce_below: cfg.datapath.coalesce_below,
+        send_mode: cfg.datapath.send_mode,
     }
 }
 
@@ -207,6 +208,7 @@ impl Daemon {
         let t = target(&config, &cgroup_root);
         check_cgroup(&loaded.cgroup_file, &loaded.cgroup_src, &config, &t)?;
         sysfs::ensure_bpffs(&t.pin_dir)?;
+        crate::startup::step("config, policy, mounts");
         let dp = Datapath::attach(&t, &policy.image, false)?;
         tracing::info!(
             "datapath {} at {} for cgroup {} (capacity {}, {} policy rules, default {})",
@@ -219,6 +221,7 @@ impl Daemon {
         );
         log_protections(&dp);
         log_inactive(&policy);
+        crate::startup::step("datapath log");
         let mut d = Daemon {
             config_path: config_path.to_path_buf(),
             config_sha256: loaded.sha256,
@@ -236,6 +239,7 @@ impl Daemon {
             links: Default::default(),
         };
         d.configure_links();
+        crate::startup::step("link datapath");
         Ok(d)
     }
 

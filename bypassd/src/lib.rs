@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod service;
+pub mod startup;
 pub mod sysfs;

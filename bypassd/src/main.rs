@@ -24,6 +24,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    bypassd::startup::begin();
     let cli = Cli::parse();
     if let Some(p) = &cli.check_config {
         return match bypassd::dropins::load(p) {
@@ -62,6 +63,7 @@ fn run(config_path: &Path, log: logging::Handle) -> anyhow::Result<()> {
         Ok(l) => Some(instance::acquire(&l.config.daemon.state_dir.0)?),
         Err(_) => None,
     };
+    bypassd::startup::step("config check + instance lock");
     service::run(config_path, log)
 }
 

@@ -1,7 +1,7 @@
 //! The composition root and systemd-facing main loop: build the daemon, hand the
 //! control interface its [`Control`] handle, then serve SIGHUP (reload), SIGTERM
 //! and SIGINT (stop) and the periodic tick (STATUS, WATCHDOG, cgroup re-check).
-use crate::{control::Control, daemon::Daemon, notify};
+use crate::{control::Control, daemon::Daemon, notify, startup};
 use anyhow::{Context, Result};
 use std::{path::Path, sync::mpsc, time::Duration};
 
@@ -38,15 +38,22 @@ pub fn run(config_path: &Path, log: crate::logging::Handle) -> Result<()> {
     let metrics_cfg = daemon.metrics_config();
     let control = Control::new(daemon);
     let _bus = crate::dbus::serve(control.clone()).context("serving the D-Bus interface")?;
+    startup::step("D-Bus name");
     let watched = control.clone();
     if let Err(e) = crate::datapath::link::watch::spawn(move |evs| watched.link_events(evs)) {
         tracing::warn!("link datapath: no netlink events ({e:#}); interfaces are re-checked every tick");
     }
+    startup::step("netlink watch");
     let _metrics = crate::metrics::serve(control.clone(), &metrics_cfg);
+    startup::step("metrics listener");
 
     let status = control.summary();
     notify::ready(&status);
+    startup::step("status + READY=1");
     tracing::info!("bypassd ready: {status}");
+    if let Some(t) = startup::report() {
+        tracing::info!("start-up time to READY (from main): {t}");
+    }
 
     let mut watchdog_usec = 0u64;
     let wd = sd_notify::watchdog_enabled(false, &mut watchdog_usec);

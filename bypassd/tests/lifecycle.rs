@@ -224,29 +224,43 @@ fn idle_datapath_pins_no_memory_per_socket_slot() {
 
 /// Defect 6: cgroup/sock_create gives socket storage to TCP sockets only, not to the
 /// AF_UNIX or MPTCP sockets of the same processes (on 6.18 AF_UNIX never reaches the
-/// hook; MPTCP does).
+/// hook; MPTCP does). Issue 10 (churn): and only to a known splice reader's TCP sockets
+/// (policy reads cgroup and uid from the socket itself), so other sockets cost no
+/// allocation at creation.
 #[test]
-fn sock_create_skips_unix_sockets() {
+fn sock_create_gives_storage_to_splice_readers_tcp_sockets_only() {
     let env = Sandbox::new();
-    let _d = Daemon::start(&config(&env, "")).expect("start bypassd");
+    let _d = Daemon::start(&config(&env, "[datapath]\nsplice_readers = [\"python3\"]\n")).expect("start bypassd");
     let g = pins::current(env.pins.path()).expect("a generation");
     let storage = aya::maps::MapData::from_pin(pins::map_pin(&g, bypassd_ebpf::maps::SK_INFO)).expect("open bp_sk_info");
     let storage: aya::maps::SkStorage<_, abi::SkInfo> =
         aya::maps::SkStorage::try_from(aya::maps::Map::SkStorage(storage)).expect("socket storage map");
-    // A process in the cgroup opens one socket of each kind; the test borrows them.
-    let mut py = env.cg.command("python3");
-    py.args(["-c", "import socket,sys\nt=socket.socket()\nu=socket.socket(socket.AF_UNIX,socket.SOCK_STREAM)\nm=socket.socket(socket.AF_INET,socket.SOCK_STREAM,262)\nprint(t.fileno(),u.fileno(),m.fileno(),flush=True)\nsys.stdin.read()"]);
-    let mut child = py.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    let fds: Vec<i32> = line.split_whitespace().map(|f| f.parse().unwrap()).collect();
-    let borrowed: Vec<std::os::fd::OwnedFd> = fds.iter().map(|&fd| borrow_fd(child.id() as i32, fd)).collect();
-    let tcp = storage.get(&borrowed[0], 0).expect("the TCP socket has storage");
-    assert_ne!(tcp.flags & abi::SK_KNOWN, 0);
-    assert!(storage.get(&borrowed[1], 0).is_err(), "an AF_UNIX socket got socket storage");
-    assert!(storage.get(&borrowed[2], 0).is_err(), "an MPTCP socket got socket storage");
-    drop(child.stdin.take());
-    let _ = child.wait();
+    // The same interpreter under a name that is not a splice reader (comm = file name).
+    let tmp = TempDir::new();
+    let other = tmp.path().join("notasplicer");
+    let exe = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().expect("python3");
+    let exe = String::from_utf8(exe.stdout).expect("utf8");
+    std::os::unix::fs::symlink(exe.trim(), &other).expect("symlink");
+    for (interp, reader) in [(std::path::PathBuf::from("python3"), true), (other, false)] {
+        // A process in the cgroup opens one socket of each kind; the test borrows them.
+        let mut py = env.cg.command(&interp);
+        py.args(["-c", "import socket,sys\nt=socket.socket()\nu=socket.socket(socket.AF_UNIX,socket.SOCK_STREAM)\nm=socket.socket(socket.AF_INET,socket.SOCK_STREAM,262)\nprint(t.fileno(),u.fileno(),m.fileno(),flush=True)\nsys.stdin.read()"]);
+        let mut child = py.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let fds: Vec<i32> = line.split_whitespace().map(|f| f.parse().unwrap()).collect();
+        let borrowed: Vec<std::os::fd::OwnedFd> = fds.iter().map(|&fd| borrow_fd(child.id() as i32, fd)).collect();
+        if reader {
+            let tcp = storage.get(&borrowed[0], 0).expect("the splice reader's TCP socket has storage");
+            assert_ne!(tcp.flags & abi::SK_NO_REDIRECT_IN, 0);
+        } else {
+            assert!(storage.get(&borrowed[0], 0).is_err(), "a TCP socket that is neither a splice reader's nor accelerated got storage");
+        }
+        assert!(storage.get(&borrowed[1], 0).is_err(), "an AF_UNIX socket got socket storage");
+        assert!(storage.get(&borrowed[2], 0).is_err(), "an MPTCP socket got socket storage");
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
 }
 
 /// Duplicate another process's fd into this one (pidfd_getfd).

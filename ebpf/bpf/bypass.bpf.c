@@ -43,6 +43,8 @@ char _license[] SEC("license") = "GPL";
 
 #include "peer.h"
 #include "window.h"
+/* Which sockets run sk_msg: bp_senders, promotion (sock_ops RTT samples, iter/sockmap). */
+#include "sendmode.h"
 
 SEC("cgroup/sock_create")
 int bypass_sock_create(struct bpf_sock *sk)
@@ -55,16 +57,17 @@ int bypass_sock_create(struct bpf_sock *sk)
 		return 1;
 	char comm[BP_COMM_LEN] = {};
 
+	/* Storage only for a known splice reader's sockets (and, by BPF_F_CLONE, the ones
+	 * it accepts): they never receive redirected data. Policy reads cgroup and uid
+	 * from the socket itself, so other sockets cost no allocation here (churn). */
+	bpf_get_current_comm(comm, sizeof(comm));
+	if (!bpf_map_lookup_elem(&bp_splicers, comm))
+		return 1;
 	info = bpf_sk_storage_get(&bp_sk_info, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (info) {
 		info->cgroup_id = bpf_get_current_cgroup_id();
 		info->uid = (__u32)bpf_get_current_uid_gid();
-		info->flags = BP_SK_KNOWN;
-		/* A known splice reader's sockets (and, by BPF_F_CLONE, the ones it accepts)
-		 * never receive redirected data. */
-		bpf_get_current_comm(comm, sizeof(comm));
-		if (bpf_map_lookup_elem(&bp_splicers, comm))
-			info->flags |= BP_SK_NO_REDIRECT_IN;
+		info->flags = BP_SK_KNOWN | BP_SK_NO_REDIRECT_IN;
 	}
 	return 1; /* never refuse a socket */
 }
@@ -76,10 +79,16 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 	struct bp_sk_info *info = 0;
 	struct bp_rx_state rx = {};
 	struct tcp_sock___bp *tp;
+	struct sock___bp *s;
 	struct bpf_sock *sk;
+	__u32 cb_flags;
 	__u64 cookie;
 	long err;
 
+	if (ops->op == BPF_SOCK_OPS_RTT_CB) {
+		sendmode_rtt(ops);
+		return 1;
+	}
 	if (ops->op == BPF_SOCK_OPS_STATE_CB) {
 		/* A closing socket's receive state goes; the SOCKHASH drops it by itself. */
 		if (ops->args[1] == BPF_TCP_CLOSE) {
@@ -104,15 +113,23 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 	sk = ops->sk;
 	if (!sk)
 		return 1;
-	info = bpf_sk_storage_get(&bp_sk_info, sk, 0, 0);
-	if (!policy_admits(&key, info)) {
-		count(BP_CTR_POLICY_KERNEL, 1);
-		return 1;
-	}
 	tp = (void *)bpf_skc_to_tcp_sock(sk);
 	if (!tp) {
 		count(BP_CTR_INSERT_FAILURES, 1);
 		return 1;
+	}
+	s = (void *)tp;
+	if (!policy_admits(&key, BPF_CORE_READ(s, sk_cgrp_data.cgroup, kn, id), BPF_CORE_READ(s, sk_uid.val))) {
+		count(BP_CTR_POLICY_KERNEL, 1);
+		return 1;
+	}
+	/* Admitted sockets get storage (the rx hook's per-read exit); a splice reader's
+	 * has it from sock_create. Without it (no memory) the rx hook takes the long way. */
+	info = bpf_sk_storage_get(&bp_sk_info, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (info && !info->flags) {
+		info->cgroup_id = BPF_CORE_READ(s, sk_cgrp_data.cgroup, kn, id);
+		info->uid = BPF_CORE_READ(s, sk_uid.val);
+		info->flags = BP_SK_KNOWN;
 	}
 	/*
 	 * Receive state before the SOCKHASH entry: a sender that finds us there also finds
@@ -140,7 +157,9 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 		bpf_map_delete_elem(&bp_cookies, &cookie);
 		goto undo;
 	}
-	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	cb_flags = ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG;
+	sendmode_insert(ops, &key, &cb_flags);
+	bpf_sock_ops_cb_flags_set(ops, cb_flags);
 	count(BP_CTR_SOCKETS_INSERTED, 1);
 	return 1;
 undo:

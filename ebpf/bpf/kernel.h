@@ -34,11 +34,27 @@ struct sock_common___bp {
 	} skc_net;
 };
 
+struct kernfs_node___bp {
+	__u64 id;
+};
+
+struct cgroup___bp {
+	struct kernfs_node___bp *kn;
+};
+
 struct sock___bp {
 	struct sock_common___bp __sk_common;
 	int sk_rcvbuf;
 	unsigned char sk_userlocks;
 	void *sk_user_data;
+	/* The socket's origin, set at creation and copied to accepted sockets: policy reads
+	 * it here, so no socket needs storage for it. */
+	struct {
+		unsigned int val;
+	} sk_uid;
+	struct {
+		struct cgroup___bp *cgroup;
+	} sk_cgrp_data;
 };
 
 struct tcp_sock___bp {

@@ -27,7 +27,8 @@ static __always_inline int prefix_match(const __u8 *addr, const __u8 *net, __u32
 
 struct match_ctx {
 	struct bp_sock_key *key;
-	struct bp_sk_info *info; /* may be NULL: socket created before bypassd */
+	__u64 cgroup_id; /* the socket's cgroup v2 (its creator's, inherited by accepted sockets) */
+	__u32 uid;
 	__u32 base;
 	__u32 nrules;
 	__s32 action; /* -1 until a rule matches */
@@ -54,11 +55,9 @@ static long match_rule(__u32 i, void *data)
 	if (!prefix_match(c->key->remote_ip, r->remote_ip, r->remote_prefix))
 		return 0;
 	if (r->flags & (BP_RULE_MATCH_CGROUP | BP_RULE_MATCH_UID)) {
-		if (!c->info || !(c->info->flags & BP_SK_KNOWN))
+		if ((r->flags & BP_RULE_MATCH_CGROUP) && c->cgroup_id != r->cgroup_id)
 			return 0;
-		if ((r->flags & BP_RULE_MATCH_CGROUP) && c->info->cgroup_id != r->cgroup_id)
-			return 0;
-		if ((r->flags & BP_RULE_MATCH_UID) && c->info->uid != r->uid)
+		if ((r->flags & BP_RULE_MATCH_UID) && c->uid != r->uid)
 			return 0;
 	}
 	c->action = r->action;
@@ -66,7 +65,7 @@ static long match_rule(__u32 i, void *data)
 }
 
 /* First matching rule of the active buffer wins; a swap mid-walk makes us walk again. */
-static __always_inline int policy_admits(struct bp_sock_key *key, struct bp_sk_info *info)
+static __always_inline int policy_admits(struct bp_sock_key *key, __u64 cgroup_id, __u32 uid)
 {
 	int attempt;
 
@@ -76,7 +75,8 @@ static __always_inline int policy_admits(struct bp_sock_key *key, struct bp_sk_i
 		struct bp_policy_meta *meta = bpf_map_lookup_elem(&bp_policy, &buf);
 		struct match_ctx c = {
 			.key = key,
-			.info = info,
+			.cgroup_id = cgroup_id,
+			.uid = uid,
 			.base = buf * BP_MAX_RULES,
 			.action = -1,
 		};

@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 6
+#define BP_ABI_VERSION 7
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -49,7 +49,11 @@ enum bp_counter {
 	BP_CTR_WINDOW_GROWN = 25,  /* receivers' windows doubled: a whole window read within BP_PACE_NS */
 	BP_CTR_BACKPRESSURE_GROWN = 26, /* of backpressure_msgs: the queue held a grown window */
 	BP_CTR_PRESSURE_HELD = 27, /* of backpressure_msgs: a grown window not used, TCP memory under pressure */
-	/* 28-33: reserved for the other helpers' counters (merge plan). */
+	/* Senders (see sendmode.h): sockets whose sends run sk_msg. */
+	BP_CTR_SENDER_AT_INSERT = 28, /* made senders at establishment (send_mode = all) */
+	BP_CTR_SENDER_PROMOTED = 29,  /* made senders later: their traffic turned request/response */
+	BP_CTR_SENDER_FAILED = 30,    /* could not join bp_senders: stay targets only (kernel-speed sends) */
+	/* 31-33: reserved for the other helpers' counters (merge plan). */
 	BP_CTR_NAT_LOCAL_REDIRECTED_BYTES = 34, /* of nat_redirected_bytes: app <-> its own sidecar */
 	BP_CTR_NAT_NOT_CLIENT = 35, /* answers not paired: the tuple's owner is another connection */
 	BP_CTR_MAX = 36,
@@ -62,8 +66,21 @@ enum bp_control {
 	BP_CTL_QUEUE_CAP = 2,  /* bytes queued for a receiver before it proves its pace; 0 = its SO_RCVBUF */
 	BP_CTL_RECV_GATE = 3,  /* non-zero: a receiver is a redirect target only after a recvmsg */
 	BP_CTL_COALESCE_BELOW = 4, /* sends smaller than this take TCP while the peer holds redirected data */
-	BP_CTL_MAX = 5,
+	BP_CTL_SEND_MODE = 5,  /* BP_SEND_*: which sockets run sk_msg on their sends */
+	BP_CTL_MAX = 6,
 };
+
+/* BP_CTL_SEND_MODE values. */
+#define BP_SEND_ALL 0  /* every accelerated socket is a sender from establishment */
+#define BP_SEND_AUTO 1 /* targets only until their traffic turns request/response */
+#define BP_SEND_NONE 2 /* targets only: nothing is redirected */
+
+/* bp_rx_state.send: this socket's sender state. */
+#define BP_SENDER_NONE 0      /* a redirect target only: sends take plain TCP */
+#define BP_SENDER_WANTED 1    /* asked for promotion (auto); the daemon inserts it */
+#define BP_SENDER_AT_INSERT 2 /* a sender since establishment */
+#define BP_SENDER_PROMOTED 3  /* a sender since its promotion */
+#define BP_SENDER_FAILED 4    /* joining bp_senders failed: stays a target only */
 
 /* Rule actions. */
 #define BP_ACTION_KERNEL 0
@@ -109,7 +126,8 @@ struct bp_policy_meta {
 	__u32 default_action;
 };
 
-/* Per-socket storage, recorded at socket creation and inherited by accepted sockets. */
+/* Per-socket storage: a known splice reader's sockets get it at creation (accepted sockets
+ * inherit it), accelerated sockets at insertion; policy reads cgroup and uid from the socket. */
 struct bp_sk_info {
 	__u64 cgroup_id;
 	__u32 uid;
@@ -148,7 +166,10 @@ struct bp_rx_state {
 	__u64 pace_read;  /* ...its read figure when the current pace sample began */
 	__u64 pace_ns;    /* when that sample began (CLOCK_MONOTONIC ns) */
 	__u32 window;     /* bound grown beyond queue_cap by its pace; 0 = none */
-	__u32 pad;
+	__u32 send;       /* BP_SENDER_*: does this socket's own sending run sk_msg */
+	__u16 turns;      /* send_mode auto: RTT samples at which the conversation had turned */
+	__u16 samples;    /* ...of all RTT samples watched */
+	__u32 seen_in;    /* data_segs_in at the last RTT sample */
 };
 
 /*

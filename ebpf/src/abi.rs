@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -36,14 +36,17 @@ pub enum Counter {
     WindowGrown = 25,
     BackpressureGrown = 26,
     PressureHeld = 27,
+    SenderAtInsert = 28,
+    SenderPromoted = 29,
+    SenderFailed = 30,
     NatLocalRedirectedBytes = 34,
     NatNotClient = 35,
 }
 
 impl Counter {
-    /// Array size (`BP_CTR_MAX`); 28-33 are reserved.
+    /// Array size (`BP_CTR_MAX`); 31-33 are reserved.
     pub const COUNT: u32 = 36;
-    pub const ALL: [Counter; 30] = [
+    pub const ALL: [Counter; 33] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -72,6 +75,9 @@ impl Counter {
         Counter::WindowGrown,
         Counter::BackpressureGrown,
         Counter::PressureHeld,
+        Counter::SenderAtInsert,
+        Counter::SenderPromoted,
+        Counter::SenderFailed,
         Counter::NatLocalRedirectedBytes,
         Counter::NatNotClient,
     ];
@@ -107,6 +113,9 @@ impl Counter {
             Counter::WindowGrown => "windows_grown",
             Counter::BackpressureGrown => "backpressure_grown_msgs",
             Counter::PressureHeld => "pressure_held_msgs",
+            Counter::SenderAtInsert => "senders_at_insert",
+            Counter::SenderPromoted => "senders_promoted",
+            Counter::SenderFailed => "sender_failures",
             Counter::NatLocalRedirectedBytes => "nat_local_redirected_bytes",
             Counter::NatNotClient => "nat_not_client",
         }
@@ -119,7 +128,20 @@ pub const CTL_PAUSED: u32 = 1;
 pub const CTL_QUEUE_CAP: u32 = 2;
 pub const CTL_RECV_GATE: u32 = 3;
 pub const CTL_COALESCE_BELOW: u32 = 4;
-pub const CTL_MAX: u32 = 5;
+pub const CTL_SEND_MODE: u32 = 5;
+pub const CTL_MAX: u32 = 6;
+
+/// `BP_CTL_SEND_MODE` values: which sockets run sk_msg on their sends.
+pub const SEND_ALL: u64 = 0;
+pub const SEND_AUTO: u64 = 1;
+pub const SEND_NONE: u64 = 2;
+
+/// `bp_rx_state.send`: a socket's sender state.
+pub const SENDER_NONE: u32 = 0;
+pub const SENDER_WANTED: u32 = 1;
+pub const SENDER_AT_INSERT: u32 = 2;
+pub const SENDER_PROMOTED: u32 = 3;
+pub const SENDER_FAILED: u32 = 4;
 
 pub const ACTION_KERNEL: u8 = 0;
 pub const ACTION_ACCELERATE: u8 = 1;
@@ -202,7 +224,13 @@ pub struct RxState {
     pub pace_ns: u64,
     /// Redirect bound grown beyond queue_cap by the reader's pace (0: none).
     pub window: u32,
-    pub pad: u32,
+    /// `SENDER_*`: whether this socket's own sends run sk_msg.
+    pub send: u32,
+    /// send_mode auto: RTT samples at which the conversation had turned, of `samples`.
+    pub turns: u16,
+    pub samples: u16,
+    /// data_segs_in at the last RTT sample.
+    pub seen_in: u32,
 }
 
 // SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding

@@ -26,10 +26,14 @@ pub(super) struct Env {
     pub(super) base: u16,
 }
 
+/// `--send-mode`: the daemon's `[datapath] send_mode` (unset: the shipped default).
+pub(crate) static SEND_MODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 pub(super) fn config(pin: &Path, cgroup_rel: &str, state: &Path, kernel_ports: Option<(u16, u16)>, extra_rule: bool) -> String {
+    let send_mode = SEND_MODE.get().map(|m| format!("send_mode = \"{m}\"\n")).unwrap_or_default();
     let mut c = format!(
         "[daemon]\npin_dir = \"{}\"\ncgroup = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"info\"\n\n\
-         [datapath]\ncapacity = 32768\n\n[policy]\ndefault = \"accelerate\"\n",
+         [datapath]\ncapacity = 32768\n{send_mode}\n[policy]\ndefault = \"accelerate\"\n",
         pin.display(),
         cgroup_rel,
         state.display()

@@ -5,7 +5,7 @@ use super::pins;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf,
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockopt, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockopt, Iter, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
 };
 use std::{
     fs::File,
@@ -20,8 +20,10 @@ pub enum Hook {
     SockOps,
     /// cgroup/sock_create, on the target cgroup (bpf_link).
     SockCreate,
-    /// sk_msg verdict on the SOCKHASH: the attachment lives in the map, no link.
+    /// sk_msg verdict on the senders' SOCKHASH: the attachment lives in the map, no link.
     SkMsg,
+    /// iter/sockmap over the targets' SOCKHASH, run by the daemon (link made by sockopt_link).
+    IterSockmap,
     /// kprobe on a kernel function.
     KProbe(&'static str),
     /// BTF-enabled raw tracepoint (tp_btf) on an event.
@@ -48,10 +50,19 @@ pub struct Program {
     pub what: &'static str,
 }
 
-/// What programs attach to: the target cgroup and the SOCKHASH.
+/// What programs attach to: the target cgroup, the two SOCKHASHes, and the kernel's
+/// BTF (parsed once per build: tp_btf, LSM and iterator programs need it; None if unreadable).
 pub struct AttachTo<'a> {
     pub cgroup: &'a File,
+    /// bp_socks: every accelerated socket (redirect targets).
     pub sockhash: BorrowedFd<'a>,
+    /// bp_senders: the sockets whose sends run sk_msg.
+    pub senders: BorrowedFd<'a>,
+    pub btf: Option<&'a aya::Btf>,
+}
+
+fn kernel_btf<'a>(to: &AttachTo<'a>) -> Result<&'a aya::Btf> {
+    to.btf.context("the kernel's BTF (/sys/kernel/btf/vmlinux) could not be read")
 }
 
 impl Program {
@@ -72,6 +83,7 @@ impl Program {
             Hook::SockOps => {
                 let p: &mut SockOps = prog.try_into()?;
                 p.load()?;
+                crate::startup::step(format!("program {name}: verify"));
                 // cgroup bpf_links always sit beside other programs (BPF_F_ALLOW_MULTI
                 // semantics) and refuse attach flags: the mode must be the flag-less default.
                 let id = p.attach(to.cgroup, CgroupAttachMode::Single)?;
@@ -80,46 +92,58 @@ impl Program {
             Hook::SockCreate => {
                 let p: &mut CgroupSock = prog.try_into()?;
                 p.load()?;
+                crate::startup::step(format!("program {name}: verify"));
                 let id = p.attach(to.cgroup, CgroupAttachMode::Single)?;
                 Some(FdLink::try_from(p.take_link(id)?).context("sock_create link is not a bpf_link")?)
             }
             Hook::SkMsg => {
                 let p: &mut SkMsg = prog.try_into()?;
                 p.load()?;
-                attach_to_map(p.fd()?.as_fd(), to.sockhash, BPF_SK_MSG_VERDICT)?;
+                crate::startup::step(format!("program {name}: verify"));
+                attach_to_map(p.fd()?.as_fd(), to.senders, BPF_SK_MSG_VERDICT)?;
+                None
+            }
+            Hook::IterSockmap => {
+                let p: &mut Iter = prog.try_into()?;
+                p.load("sockmap", kernel_btf(to)?)?;
+                let pin = pins::link_pin(dir, self.link.context("the iterator needs a link pin")?);
+                super::sockopt_link::attach_iter_sockmap(p.fd()?.as_fd(), to.sockhash, &pin)?;
                 None
             }
             Hook::KProbe(func) => {
                 let p: &mut KProbe = prog.try_into()?;
                 p.load()?;
+                crate::startup::step(format!("program {name}: verify"));
                 let id = p.attach(func, 0)?;
                 Some(FdLink::try_from(p.take_link(id)?)?)
             }
             Hook::TpBtf(event) => {
-                let btf = aya::Btf::from_sys_fs()?;
                 let p: &mut BtfTracePoint = prog.try_into()?;
-                p.load(event, &btf)?;
+                p.load(event, kernel_btf(to)?)?;
+                crate::startup::step(format!("program {name}: verify"));
                 let id = p.attach()?;
                 Some(FdLink::from(p.take_link(id)?))
             }
             Hook::TracePoint(category, event) => {
                 let p: &mut TracePoint = prog.try_into()?;
                 p.load()?;
+                crate::startup::step(format!("program {name}: verify"));
                 let id = p.attach(category, event)?;
                 Some(FdLink::try_from(p.take_link(id)?)?)
             }
             Hook::CgroupGetsockopt => {
                 let p: &mut CgroupSockopt = prog.try_into()?;
                 p.load()?;
+                crate::startup::step(format!("program {name}: verify"));
                 // aya cannot hand this link out as an FdLink: created and pinned there.
                 let pin = pins::link_pin(dir, self.link.context("getsockopt needs a link pin")?);
                 super::sockopt_link::attach_getsockopt(p.fd()?.as_fd(), to.cgroup.as_fd(), &pin)?;
                 None
             }
             Hook::Lsm(hook) => {
-                let btf = aya::Btf::from_sys_fs()?;
                 let p: &mut Lsm = prog.try_into()?;
-                p.load(hook, &btf)?;
+                p.load(hook, kernel_btf(to)?)?;
+                crate::startup::step(format!("program {name}: verify"));
                 let id = p.attach()?;
                 Some(FdLink::from(p.take_link(id)?))
             }
@@ -133,6 +157,64 @@ impl Program {
     }
 }
 
+impl Program {
+    /// Load (verify) and pin a tp_btf program without attaching it: a hook attached
+    /// later, only while it is needed ([`Program::link_pinned`]).
+    pub fn load_unattached(&self, ebpf: &mut Ebpf, to: &AttachTo<'_>, dir: &Path) -> Result<()> {
+        let Hook::TpBtf(event) = self.hook else {
+            anyhow::bail!("{} is not a tp_btf program: only those attach on demand", self.name);
+        };
+        let prog = ebpf.program_mut(self.name).ok_or_else(|| anyhow!("BPF object has no program {}", self.name))?;
+        let p: &mut BtfTracePoint = prog.try_into()?;
+        p.load(event, kernel_btf(to)?)?;
+                crate::startup::step(format!("program {}: verify", self.name));
+        p.pin(pins::prog_pin(dir, self.name)).with_context(|| format!("pinning program {}", self.name))?;
+        Ok(())
+    }
+
+    /// True when the program is loaded and pinned in `gen_dir`, attached or not.
+    pub fn is_loaded(&self, gen_dir: &Path) -> bool {
+        pins::prog_pin(gen_dir, self.name).exists()
+    }
+
+    /// Attach a pinned tp_btf program of `gen_dir` and pin its link (no-op when attached).
+    pub fn link_pinned(&self, gen_dir: &Path) -> Result<()> {
+        let (Some(l), Hook::TpBtf(_)) = (self.link, self.hook) else {
+            anyhow::bail!("{} is not a tp_btf program: only those attach on demand", self.name);
+        };
+        if self.is_pinned(gen_dir) {
+            return Ok(());
+        }
+        let pin = pins::prog_pin(gen_dir, self.name);
+        let mut p = BtfTracePoint::from_pin(&pin).with_context(|| format!("opening pinned program {}", pin.display()))?;
+        let id = p.attach().with_context(|| format!("attaching {}", self.name))?;
+        let link = FdLink::from(p.take_link(id)?);
+        link.pin(pins::link_pin(gen_dir, l)).with_context(|| format!("pinning link {l}"))?;
+        Ok(())
+    }
+
+    /// The kernel's view, not the pins': whether a live link runs this generation's program.
+    pub fn kernel_linked(&self, gen_dir: &Path) -> Result<bool> {
+        let pin = pins::prog_pin(gen_dir, self.name);
+        if !pin.exists() {
+            return Ok(false);
+        }
+        let id = aya::programs::ProgramInfo::from_pin(&pin).with_context(|| format!("reading {}", pin.display()))?.id();
+        // A link may go between listing its id and opening it (someone else's detach).
+        Ok(aya::programs::loaded_links().flatten().any(|l| l.program_id() == id))
+    }
+
+    /// Detach by unpinning its link (the link holds no other reference of ours).
+    pub fn unlink_pinned(&self, gen_dir: &Path) -> Result<()> {
+        let Some(l) = self.link else { return Ok(()) };
+        let pin = pins::link_pin(gen_dir, l);
+        match std::fs::remove_file(&pin) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("unpinning {}", pin.display())),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Attach every program of `table` in order: required ones must attach; an optional
 /// one the kernel refuses is logged (the datapath stays safe without it).
 pub fn attach_all(table: &[Program], ebpf: &mut Ebpf, to: &AttachTo<'_>, dir: &Path) -> Result<()> {
@@ -142,6 +224,7 @@ pub fn attach_all(table: &[Program], ebpf: &mut Ebpf, to: &AttachTo<'_>, dir: &P
             Err(e) if p.required => return Err(e).with_context(|| format!("attaching {} ({})", p.name, p.what)),
             Err(e) => tracing::warn!("{}: not available on this kernel ({e:#})", p.what),
         }
+        crate::startup::step(format!("program {}", p.name));
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 pub mod hooks;
 pub mod link;
 pub mod pins;
+pub mod promote;
 pub mod sock;
 mod sockopt_link;
 
@@ -27,7 +28,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use crate::config::SpliceSafety;
+pub use crate::config::{SendMode, SpliceSafety};
 pub use hooks::kernel_release;
 pub use pins::{detach, generations};
 pub use sock::{Connection, comm_key, peer_key};
@@ -53,6 +54,8 @@ pub struct Target {
     /// Sends smaller than this take TCP while the receiver still holds a short redirect
     /// queue (TCP merges them into few segments and wakeups); 0 = off.
     pub coalesce_below: u32,
+    /// Which sockets run sk_msg on their sends (the others send at kernel speed).
+    pub send_mode: SendMode,
 }
 
 /// The policy as the kernel sees it: encoded rules and the default action.
@@ -60,6 +63,13 @@ pub struct Target {
 pub struct PolicyImage {
     pub rules: Vec<abi::Rule>,
     pub accelerate_by_default: bool,
+}
+
+impl PolicyImage {
+    /// Whether any socket can be admitted (inactive rules are already left out).
+    pub fn may_accelerate(&self) -> bool {
+        self.accelerate_by_default || self.rules.iter().any(|r| r.action == abi::ACTION_ACCELERATE)
+    }
 }
 
 pub struct Datapath {
@@ -70,14 +80,19 @@ pub struct Datapath {
     pub adopted: bool,
     /// What protects this datapath, for the log and status (e.g. "splice: recvmsg-first").
     pub protections: Vec<String>,
+    /// recvmsg-first gating is on (set by apply_tuning).
+    recv_gate: bool,
     counters: PerCpuArray<MapData, u64>,
     control: Array<MapData, u64>,
     rules: Array<MapData, abi::Rule>,
     policy: Array<MapData, abi::PolicyMeta>,
     socks: SockHash<MapData, abi::SockKey>,
+    senders: SockHash<MapData, abi::SockKey>,
     rx: HashMap<MapData, abi::SockKey, abi::RxState>,
     splicers: HashMap<MapData, [u8; abi::COMM_LEN], u64>,
     nat: HashMap<MapData, abi::SockKey, abi::NatPeer>,
+    /// Runs the promotion iterator while this generation is the daemon's (auto mode).
+    _promoter: Option<promote::Promoter>,
 }
 
 impl Datapath {
@@ -95,7 +110,9 @@ impl Datapath {
         }
         let gen_dir = target.pin_dir.join(name);
 
-        let mut dp = match Self::open(target, &gen_dir, cgroup_id) {
+        let opened = Self::open(target, &gen_dir, cgroup_id);
+        crate::startup::step("adopt check");
+        let mut dp = match opened {
             Ok(dp) => dp,
             Err(e) => {
                 if gen_dir.exists() {
@@ -106,15 +123,19 @@ impl Datapath {
             }
         };
         if dp.adopted {
-            dp.apply_policy(policy)?;
+            dp.swap_policy(policy)?;
             dp.set_paused(paused)?;
         }
         dp.apply_tuning()?;
+        dp._promoter = promote::spawn(&dp.gen_dir);
+        dp.sync_on_demand(policy)?;
         dp.log_hooks();
+        crate::startup::step("tuning");
         for old in pins::generations(&target.pin_dir).into_iter().filter(|g| *g != gen_dir) {
             tracing::info!("retiring datapath generation {} (its open connections finish on it)", old.display());
             pins::retire(&old)?;
         }
+        crate::startup::step("retire old generations");
         Ok(dp)
     }
 
@@ -133,6 +154,7 @@ impl Datapath {
             splice_readers: Vec::new(),
             splice_tracepoints: dir_name.ends_with(TRACEPOINTS_SUFFIX),
             coalesce_below: 0,
+            send_mode: SendMode::default(),
         };
         Self::open(&target, &gen_dir, name.map_or(0, |n| n.cgroup_id))
     }
@@ -146,20 +168,26 @@ impl Datapath {
             let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
             Map::from_map_data(data).with_context(|| format!("pinned map {}", p.display()))
         };
+        let control: Array<MapData, u64> = Array::try_from(load(maps::CONTROL)?)?;
+        // As the running generation has it (apply_tuning sets it again on attach).
+        let recv_gate = control.get(&abi::CTL_RECV_GATE, 0).context("reading the recvmsg gate")? != 0;
         Ok(Datapath {
             target: target.clone(),
             gen_dir: gen_dir.to_path_buf(),
             cgroup_id,
             adopted: true,
             protections: Vec::new(),
+            recv_gate,
             counters: PerCpuArray::try_from(load(maps::COUNTERS)?)?,
-            control: Array::try_from(load(maps::CONTROL)?)?,
+            control,
             rules: Array::try_from(load(maps::RULES)?)?,
             policy: Array::try_from(load(maps::POLICY)?)?,
             socks: SockHash::try_from(load(maps::SOCKS)?)?,
+            senders: SockHash::try_from(load(maps::SENDERS)?)?,
             rx: HashMap::try_from(load(maps::RX)?)?,
             splicers: HashMap::try_from(load(maps::SPLICERS)?)?,
             nat: HashMap::try_from(load(maps::NAT)?)?,
+            _promoter: None,
         })
     }
 
@@ -171,21 +199,33 @@ impl Datapath {
         policy: &PolicyImage,
         paused: bool,
     ) -> Result<Datapath> {
-        hooks::check_kernel()?;
-        let mut ebpf = EbpfLoader::new()
+        // tp_btf and LSM loads need the kernel's BTF too: parse it beside the loader's own parse.
+        let btf = std::thread::spawn(|| aya::Btf::from_sys_fs().context("reading the kernel's BTF"));
+        let loaded = EbpfLoader::new()
             .map_max_entries(maps::SOCKS, target.capacity)
+            .map_max_entries(maps::SENDERS, target.capacity)
             .map_max_entries(maps::RX, target.capacity)
             .map_max_entries(maps::COOKIES, target.capacity)
             .map_max_entries(maps::NAT, target.capacity)
-            .load(bypassd_ebpf::object())
-            .context("loading the BPF object (maps)")?;
+            .load(bypassd_ebpf::object());
+        let btf = btf.join().map_err(|_| anyhow!("the BTF parser thread panicked"))?;
+        // Name missing kernel features instead of the loader's error (probed only on failure).
+        let mut ebpf = match loaded {
+            Ok(e) => e,
+            Err(e) => {
+                hooks::check_kernel()?;
+                return Err(e).context("loading the BPF object (maps)");
+            }
+        };
+        let btf = btf.map_err(|e| tracing::warn!("{e:#}; tp_btf and LSM hooks are unavailable")).ok();
+        crate::startup::step("BTF, object, maps");
 
         let tmp = pins::building_dir(&target.pin_dir);
         if tmp.exists() {
             pins::retire(&tmp)?;
         }
         std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let result = Self::build_into(&mut ebpf, cg, &tmp, target, policy, paused);
+        let result = Self::build_into(&mut ebpf, cg, btf.as_ref(), &tmp, target, policy, paused);
         if let Err(e) = result {
             let _ = pins::retire(&tmp);
             return Err(e);
@@ -193,10 +233,26 @@ impl Datapath {
         std::fs::rename(&tmp, gen_dir).with_context(|| format!("renaming {} to {}", tmp.display(), gen_dir.display()))?;
         let mut dp = Self::open(target, gen_dir, cgroup_id)?;
         dp.adopted = false;
+        // The BTF parses (tens of MiB, one on its own thread's arena) are freed by now:
+        // hand the pages back, or they stay resident for the daemon's life (RSS target).
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap memory; no pointer is invalidated.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        crate::startup::step("open pins, trim heap");
         Ok(dp)
     }
 
-    fn build_into(ebpf: &mut Ebpf, cg: &File, dir: &Path, target: &Target, policy: &PolicyImage, paused: bool) -> Result<()> {
+    fn build_into(
+        ebpf: &mut Ebpf,
+        cg: &File,
+        btf: Option<&aya::Btf>,
+        dir: &Path,
+        target: &Target,
+        policy: &PolicyImage,
+        paused: bool,
+    ) -> Result<()> {
         for name in maps::ALL {
             let map = ebpf.map(name).ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
             map.pin(pins::map_pin(dir, name)).with_context(|| format!("pinning map {name}"))?;
@@ -208,6 +264,7 @@ impl Datapath {
             // Safety settings too (the gate may be lifted by apply_tuning once the LSM guard is known).
             control.set(abi::CTL_QUEUE_CAP, target.queue_cap, 0)?;
             control.set(abi::CTL_RECV_GATE, u64::from(target.splice != SpliceSafety::Off), 0)?;
+            control.set(abi::CTL_SEND_MODE, target.send_mode.abi(), 0)?;
         }
         if target.splice != SpliceSafety::Off {
             let mut sp: HashMap<&mut MapData, [u8; abi::COMM_LEN], u64> =
@@ -217,12 +274,26 @@ impl Datapath {
             }
         }
         write_policy(ebpf, policy)?;
+        crate::startup::step("map pins, control, policy");
 
         let socks: SockHash<&MapData, abi::SockKey> = SockHash::try_from(ebpf.map(maps::SOCKS).context("socks map")?)?;
         let socks_fd = socks.fd().try_clone().context("duplicating the SOCKHASH fd")?;
-        let to = hooks::AttachTo { cgroup: cg, sockhash: socks_fd.as_fd() };
-        let table: Vec<hooks::Program> =
-            sock::PROGRAMS.iter().copied().filter(|p| target.splice_tracepoints || !sock::is_syscall_tracepoint(p)).collect();
+        let senders: SockHash<&MapData, abi::SockKey> =
+            SockHash::try_from(ebpf.map(maps::SENDERS).context("senders map")?)?;
+        let senders_fd = senders.fd().try_clone().context("duplicating the senders' SOCKHASH fd")?;
+        let to = hooks::AttachTo { cgroup: cg, sockhash: socks_fd.as_fd(), senders: senders_fd.as_fd(), btf };
+        // On-demand hooks are loaded (verified) now and attached by sync_on_demand.
+        for p in sock::PROGRAMS.iter().filter(|p| sock::is_on_demand(p)) {
+            if let Err(e) = p.load_unattached(ebpf, &to, dir) {
+                tracing::warn!("{}: not available on this kernel ({e:#})", p.what);
+            }
+            crate::startup::step(format!("program {} (loaded)", p.name));
+        }
+        let table: Vec<hooks::Program> = sock::PROGRAMS
+            .iter()
+            .copied()
+            .filter(|p| !sock::is_on_demand(p) && (target.splice_tracepoints || !sock::is_syscall_tracepoint(p)))
+            .collect();
         hooks::attach_all(&table, ebpf, &to, dir)
     }
 
@@ -231,19 +302,52 @@ impl Datapath {
         sock::program(name).is_some_and(|p| p.is_pinned(&self.gen_dir))
     }
 
-    /// Log which hooks are attached and which the kernel refused.
+    /// Log which hooks are attached, which wait until needed and which the kernel refused.
     fn log_hooks(&self) {
         let (on, rest): (Vec<&hooks::Program>, Vec<&hooks::Program>) =
             sock::PROGRAMS.iter().partition(|p| p.is_pinned(&self.gen_dir));
+        let (idle, rest): (Vec<&hooks::Program>, Vec<&hooks::Program>) =
+            rest.into_iter().partition(|p| sock::is_on_demand(p) && p.is_loaded(&self.gen_dir));
         let (opt_out, off): (Vec<&hooks::Program>, Vec<&hooks::Program>) =
             rest.into_iter().partition(|p| !self.target.splice_tracepoints && sock::is_syscall_tracepoint(p));
         let names = |v: &[&hooks::Program]| v.iter().map(|p| p.name).collect::<Vec<_>>().join(", ");
+        let part = |v: &[&hooks::Program], why: &str| if v.is_empty() { String::new() } else { format!("; {why}: {}", names(v)) };
         tracing::info!(
-            "datapath hooks attached: {}{}{}",
+            "datapath hooks attached: {}{}{}{}",
             names(&on),
-            if off.is_empty() { String::new() } else { format!("; not available: {}", names(&off)) },
-            if opt_out.is_empty() { String::new() } else { format!("; off (splice_tracepoints = false): {}", names(&opt_out)) }
+            part(&idle, "loaded, attached only while the policy accelerates and the recvmsg gate is on"),
+            part(&off, "not available"),
+            part(&opt_out, "off (splice_tracepoints = false)")
         );
+    }
+
+    /// Attach the on-demand hooks (the tp_btf recvmsg hook, global: it runs on every
+    /// read on the host) while they are needed, detach them when not: needed while the
+    /// recvmsg gate is on and the policy can admit a socket. Without it, gated
+    /// receivers are never marked ready, so nothing new is redirected (always safe);
+    /// sockets accelerated earlier keep what was published, and a later TCP read the
+    /// hook does not see only sends them to TCP (a live copied_seq beyond it).
+    fn sync_on_demand(&mut self, policy: &PolicyImage) -> Result<()> {
+        let want = self.recv_gate && policy.may_accelerate();
+        for p in sock::PROGRAMS.iter().filter(|p| sock::is_on_demand(p) && p.is_loaded(&self.gen_dir)) {
+            match (want, p.is_pinned(&self.gen_dir)) {
+                (true, false) => {
+                    p.link_pinned(&self.gen_dir)?;
+                    tracing::info!("attached {} (the policy accelerates and the recvmsg gate is on)", p.name);
+                }
+                (false, true) => {
+                    p.unlink_pinned(&self.gen_dir)?;
+                    tracing::info!(
+                        "detached {} ({})",
+                        p.name,
+                        if self.recv_gate { "the policy accelerates nothing" } else { "the recvmsg gate is off" }
+                    );
+                }
+                _ => {}
+            }
+        }
+        self.describe();
+        Ok(())
     }
 
     /// Write the runtime tuning (queue cap, recvmsg gate) and describe what is active.
@@ -260,10 +364,23 @@ impl Datapath {
         let readers = if self.target.splice == SpliceSafety::Off { &[][..] } else { &self.target.splice_readers[..] };
         sock::set_configured_splicers(&mut self.splicers, readers)?;
         self.control.set(abi::CTL_RECV_GATE, u64::from(gate), 0).context("writing recvmsg gate")?;
-        let has = |n: &str| self.has(n);
-        self.protections =
-            sock::protections(&has, gate, self.target.splice, self.target.queue_cap, !self.target.splice_readers.is_empty());
+        self.control.set(abi::CTL_SEND_MODE, self.target.send_mode.abi(), 0).context("writing send mode")?;
+        self.recv_gate = gate;
+        self.describe();
         Ok(())
+    }
+
+    /// What protects this datapath now (hooks attached, gate), for the log and status.
+    fn describe(&mut self) {
+        let has = |n: &str| self.has(n);
+        let t = &self.target;
+        self.protections = sock::protections(&has, self.recv_gate, t.splice, t.queue_cap, !t.splice_readers.is_empty());
+        self.protections.push(sock::senders_line(t.send_mode, self.has(bypassd_ebpf::programs::PROMOTE)));
+    }
+
+    /// Whether the kernel runs `name` (a program of the table) in this generation now.
+    pub fn hook_linked(&self, name: &str) -> Result<bool> {
+        sock::program(name).with_context(|| format!("no program {name} in the table"))?.kernel_linked(&self.gen_dir)
     }
 
     /// True while this generation's required hooks are pinned (nobody detached it).
@@ -298,10 +415,21 @@ impl Datapath {
         self.control.set(abi::CTL_PAUSED, u64::from(paused), 0).context("writing pause flag")
     }
 
-    /// Swap in a new rule set: fill the inactive buffer, then flip the sequence
-    /// number, so sock_ops sees either the whole old or the whole new policy.
-    /// Returns false (and writes nothing) when the active policy is already this one.
+    /// Swap in a new rule set (see [`Datapath::swap_policy`]); the recvmsg hook is
+    /// attached before a policy that admits sockets and detached after one that admits none.
     pub fn apply_policy(&mut self, p: &PolicyImage) -> Result<bool> {
+        if p.may_accelerate() {
+            self.sync_on_demand(p)?;
+        }
+        let changed = self.swap_policy(p)?;
+        self.sync_on_demand(p)?;
+        Ok(changed)
+    }
+
+    /// Fill the inactive buffer, then flip the sequence number, so sock_ops sees either
+    /// the whole old or the whole new policy.
+    /// Returns false (and writes nothing) when the active policy is already this one.
+    fn swap_policy(&mut self, p: &PolicyImage) -> Result<bool> {
         if self.active_policy()? == *p {
             return Ok(false);
         }
@@ -345,7 +473,7 @@ impl Datapath {
 
     /// Sockets in the SOCKHASH, paired up into connections (peers found as sk_msg finds them).
     pub fn connections(&self) -> Result<Vec<Connection>> {
-        sock::connections(&self.socks, &self.nat_pairs()?.into_iter().collect())
+        sock::connections(&self.socks, &self.senders, &self.nat_pairs()?.into_iter().collect())
     }
 }
 

@@ -21,7 +21,7 @@ pub const PROGRAMS: &[Program] = &[
         hook: Hook::TpBtf("sock_recv_length"),
         link: Some("rx_done"),
         required: false,
-        what: "tp_btf sock_recv_length (marks recvmsg readers; every read on the host, exits at once for sockets in no sockmap)",
+        what: "tp_btf sock_recv_length (marks recvmsg readers; every read on the host: attached only while needed)",
     },
     Program {
         name: p::SPLICE_KPROBE,
@@ -51,7 +51,15 @@ pub const PROGRAMS: &[Program] = &[
         required: false,
         what: "BPF LSM splice guard (lsm/file_permission)",
     },
-    Program { name: p::SK_MSG, hook: Hook::SkMsg, link: None, required: true, what: "sk_msg on the SOCKHASH (redirects)" },
+    Program { name: p::SK_MSG, hook: Hook::SkMsg, link: None, required: true, what: "sk_msg on the senders' SOCKHASH (redirects)" },
+    Program {
+        name: p::PROMOTE,
+        hook: Hook::IterSockmap,
+        link: Some(super::promote::LINK),
+        // Without it send_mode auto promotes nothing: sockets send at kernel speed.
+        required: false,
+        what: "iter/sockmap over the SOCKHASH (promotes request/response sockets to senders)",
+    },
     Program {
         name: p::GETSOCKOPT,
         hook: Hook::CgroupGetsockopt,
@@ -82,6 +90,12 @@ pub fn is_syscall_tracepoint(p: &Program) -> bool {
     matches!(p.hook, Hook::TracePoint("syscalls", _))
 }
 
+/// Hooks loaded with the datapath but attached only while needed (see
+/// `Datapath::sync_on_demand`): the recvmsg hook, the one global hook left by default.
+pub fn is_on_demand(p: &Program) -> bool {
+    p.name == p::RX_DONE
+}
+
 /// The table entry for a program name.
 pub fn program(name: &str) -> Option<&'static Program> {
     PROGRAMS.iter().find(|p| p.name == name)
@@ -92,8 +106,10 @@ pub fn program(name: &str) -> Option<&'static Program> {
 pub fn protections(has: &dyn Fn(&str) -> bool, gate: bool, splice: SpliceSafety, queue_cap: u64, readers: bool) -> Vec<String> {
     let publication = if has(p::RX_DONE) {
         "live reads of the receiver; tp_btf sock_recv_length marks recvmsg readers"
+    } else if !gate {
+        "live reads of the receiver; no recvmsg hook needed (recvmsg gate off)"
     } else {
-        "live reads of the receiver; no recvmsg hook (with the recvmsg gate on, nothing is redirected)"
+        "live reads of the receiver; recvmsg hook not attached (attached while the policy accelerates; without it nothing is redirected)"
     };
     let cap = if queue_cap == 0 { "= each receiver's SO_RCVBUF".to_string() } else { format!("{queue_cap} bytes") };
     let mut s = Vec::new();
@@ -120,6 +136,17 @@ pub fn protections(has: &dyn Fn(&str) -> bool, gate: bool, splice: SpliceSafety,
     ]
 }
 
+/// Which sockets run sk_msg, for the log and status.
+pub fn senders_line(mode: super::SendMode, promoter: bool) -> String {
+    let what = match mode {
+        super::SendMode::All => "every accelerated socket from establishment",
+        super::SendMode::Auto if promoter => "sockets whose traffic turns request/response (promoted by iter/sockmap); streams send through plain TCP",
+        super::SendMode::Auto => "none (send_mode auto, but the kernel refused the iter/sockmap promoter): every socket sends through plain TCP",
+        super::SendMode::None => "none (send_mode none): every socket sends through plain TCP",
+    };
+    format!("senders: {what}")
+}
+
 /// One accelerated connection as the SOCKHASH holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connection {
@@ -134,15 +161,21 @@ pub struct Connection {
     pub nat: bool,
     /// The peer socket's own (local, remote), when paired.
     pub peer: Option<(SocketAddr, SocketAddr)>,
+    /// This socket is a sender (in bp_senders: its sends run sk_msg and may be redirected).
+    pub sender: bool,
+    /// The peer socket is a sender.
+    pub peer_sender: bool,
 }
 
 /// Sockets in the SOCKHASH, paired up into connections (each pair listed once). A
 /// socket's peer is found as sk_msg finds it: its bp_nat entry, else the swapped tuple.
 pub fn connections(
     socks: &SockHash<MapData, abi::SockKey>,
+    senders: &SockHash<MapData, abi::SockKey>,
     nat: &std::collections::HashMap<abi::SockKey, abi::NatPeer>,
 ) -> Result<Vec<Connection>> {
     let keys: Vec<abi::SockKey> = socks.keys().collect::<Result<_, _>>().context("listing SOCKHASH keys")?;
+    let senders: HashSet<abi::SockKey> = senders.keys().collect::<Result<_, _>>().context("listing the senders' SOCKHASH keys")?;
     let set: HashSet<abi::SockKey> = keys.iter().copied().collect();
     let mut out = Vec::new();
     for k in &keys {
@@ -161,6 +194,8 @@ pub fn connections(
             paired,
             nat: paired && via_nat.is_some(),
             peer: paired.then(|| (sock_addr(&peer.local_ip, peer.local_port), sock_addr(&peer.remote_ip, peer.remote_port))),
+            sender: senders.contains(k),
+            peer_sender: paired && senders.contains(&peer),
         });
     }
     out.sort_by_key(|c| (c.local.to_string(), c.remote.to_string()));

@@ -1,6 +1,7 @@
-//! A pinned bpf_link for the cgroup/getsockopt program (Hook::CgroupGetsockopt). aya 0.14 creates the link but
-//! cannot hand it out as a pinnable `FdLink` for this program type, so it is created
-//! and pinned here with the two bpf(2) commands it takes (BPF_LINK_CREATE, BPF_OBJ_PIN).
+//! Pinned bpf_links aya 0.14 cannot make: the cgroup/getsockopt program
+//! (Hook::CgroupGetsockopt; aya creates the link but cannot hand it out as a pinnable
+//! `FdLink` for this program type) and the iter/sockmap promotion program (aya's Iter
+//! cannot pass the map). Made here with the bpf(2) commands they take.
 use anyhow::{Context, Result, bail};
 use std::{
     ffi::CString,
@@ -12,12 +13,13 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+const BPF_TRACE_ITER: u32 = 28;
 
-/// `union bpf_attr`, large enough for both commands (the kernel zero-checks the tail).
+/// `union bpf_attr`, large enough for these commands (the kernel zero-checks the tail).
 #[repr(C, align(8))]
-struct Attr([u32; 32]);
+pub(super) struct Attr(pub(super) [u32; 32]);
 
-fn bpf(cmd: libc::c_long, attr: &Attr) -> std::io::Result<i64> {
+pub(super) fn bpf(cmd: libc::c_long, attr: &Attr) -> std::io::Result<i64> {
     // SAFETY: attr is a valid, initialised bpf_attr of the size passed.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const Attr, std::mem::size_of::<Attr>()) };
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) }
@@ -32,6 +34,27 @@ pub fn attach_getsockopt(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, pin: &Pat
     let fd = bpf(BPF_LINK_CREATE, &a).context("bpf(BPF_LINK_CREATE) for cgroup/getsockopt")?;
     // SAFETY: the kernel returned a new file descriptor that we now own.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    pin_link(&link, pin)
+}
+
+/// Create the iterator link of an iter/sockmap `prog` over `map` and pin it at `pin`.
+pub fn attach_iter_sockmap(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, pin: &Path) -> Result<()> {
+    // union bpf_iter_link_info: map.map_fd first, 16 bytes in all.
+    let info: [u32; 4] = [map.as_raw_fd() as u32, 0, 0, 0];
+    let ptr = info.as_ptr() as u64;
+    let mut a = Attr([0; 32]);
+    a.0[0] = prog.as_raw_fd() as u32; // link_create.prog_fd
+    a.0[2] = BPF_TRACE_ITER; // link_create.attach_type
+    a.0[4] = ptr as u32; // link_create.iter_info (u64)
+    a.0[5] = (ptr >> 32) as u32;
+    a.0[6] = std::mem::size_of_val(&info) as u32; // link_create.iter_info_len
+    let fd = bpf(BPF_LINK_CREATE, &a).context("bpf(BPF_LINK_CREATE) for iter/sockmap")?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    pin_link(&link, pin)
+}
+
+fn pin_link(link: &OwnedFd, pin: &Path) -> Result<()> {
     let path = CString::new(pin.as_os_str().as_bytes()).context("pin path contains NUL")?;
     let mut p = Attr([0; 32]);
     let ptr = path.as_ptr() as u64;
@@ -39,7 +62,7 @@ pub fn attach_getsockopt(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, pin: &Pat
     p.0[1] = (ptr >> 32) as u32;
     p.0[2] = link.as_raw_fd() as u32; // obj.bpf_fd
     if let Err(e) = bpf(BPF_OBJ_PIN, &p) {
-        bail!("pinning the getsockopt link at {}: {e}", pin.display());
+        bail!("pinning the link at {}: {e}", pin.display());
     }
     Ok(())
 }

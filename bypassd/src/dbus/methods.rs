@@ -38,6 +38,13 @@ fn wire_connection(c: crate::datapath::Connection) -> api::Connection {
         paired: c.paired,
         nat: c.nat,
         peer: c.peer.map(|(l, r)| format!("{l} <- {r}")).unwrap_or_default(),
+        senders: match (c.sender, c.peer_sender) {
+            (true, true) => "both",
+            (true, false) => "local",
+            (false, true) => "peer",
+            (false, false) => "none",
+        }
+        .into(),
     }
 }
 
@@ -152,7 +159,8 @@ impl Manager {
     }
 
     /// Accelerated sockets: (family, local, remote, netns cookie, paired, paired through
-    /// NAT (a proxy's SO_ORIGINAL_DST), peer socket "local <- remote").
+    /// NAT (a proxy's SO_ORIGINAL_DST), peer socket "local <- remote", senders "both"|
+    /// "local"|"peer"|"none": whose sends run sk_msg).
     #[zbus(out_args("connections"))]
     async fn list_connections(&self) -> Result<Vec<api::Connection>, Error> {
         self.run(|c| Ok(c.connections().map_err(control_error)?.into_iter().map(wire_connection).collect())).await

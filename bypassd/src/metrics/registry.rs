@@ -120,6 +120,9 @@ impl Collector for Families {
         counter(&mut e, "bypassd_nat_unpaired", "SO_ORIGINAL_DST answers not paired (a socket not accelerated, or not the client)", c(C::NatUnpaired))?;
         counter(&mut e, "bypassd_nat_redirected_messages", "Of the redirected sends: to a NAT peer", c(C::NatRedirectedMsgs))?;
         counter(&mut e, "bypassd_nat_redirected_bytes", "Of the redirected bytes: to a NAT peer", c(C::NatRedirectedBytes))?;
+        let how = [("at_insert", ConstCounter::new(c(C::SenderAtInsert))), ("promoted", ConstCounter::new(c(C::SenderPromoted)))];
+        labelled(&mut e, "bypassd_senders", "Sockets made senders (their sends run sk_msg), by when", MetricType::Counter, "when", &how)?;
+        counter(&mut e, "bypassd_sender_failures", "Sockets that could not become senders (they send through plain TCP)", c(C::SenderFailed))?;
         counter(&mut e, "bypassd_nat_not_client", "Of the unpaired answers: the tuple's owner was another connection (port remapped)", c(C::NatNotClient))?;
         counter(&mut e, "bypassd_nat_local_redirected_bytes", "Of the NAT-redirected bytes: app <-> its own sidecar", c(C::NatLocalRedirectedBytes))?;
         Ok(())
@@ -220,7 +223,7 @@ mod tests {
         assert!(text.contains("bypassd_build_info{version=\""), "{text}");
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
         // Label values come from fixed lists only.
-        let allowed = ["no_peer", "order", "backpressure", "not_ready", "splice", "coalesced", "peer_stale", "local", "inbound", "policy", "paused", "runtime", "config", "attached", "detached", "degraded"];
+        let allowed = ["no_peer", "order", "backpressure", "not_ready", "splice", "coalesced", "peer_stale", "local", "inbound", "policy", "paused", "at_insert", "promoted", "runtime", "config", "attached", "detached", "degraded"];
         for l in text.lines().filter(|l| !l.starts_with('#') && l.contains('{') && !l.starts_with("bypassd_build_info")) {
             let v = l.split('"').nth(1).unwrap();
             assert!(allowed.contains(&v), "unbounded label value in {l}");

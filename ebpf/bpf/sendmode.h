@@ -1,0 +1,153 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * Split sending from receiving: which accelerated sockets run sk_msg.
+ *
+ * Every admitted socket goes into bp_socks, the map redirects land in; no program is
+ * attached to it, so a socket that is only there sends through plain tcp_sendmsg
+ * (kernel speed: tcp_bpf's send path, even with a program that always passes, costs
+ * 25-40 % on small writes). The sk_msg program is attached to bp_senders: a socket
+ * in it too has its sends judged and redirected.
+ *
+ * When a socket becomes a sender (BP_CTL_SEND_MODE):
+ * - BP_SEND_ALL: at establishment, every socket.
+ * - BP_SEND_AUTO: it starts as a target only; sock_ops watches its RTT samples and
+ *   asks for promotion once its conversation keeps turning (request/response:
+ *   redirecting cuts latency), never for a stream of writes (where TCP's
+ *   coalescing wins). sock_ops can insert into a SOCKHASH only at establishment, so the daemon
+ *   runs an iter/sockmap program (bypass_promote) that inserts the asking sockets.
+ *   Joining bp_senders late is safe: the order rule in sk_msg keeps passing until the
+ *   peer has read every byte this socket sent on TCP.
+ * - BP_SEND_NONE: no sender at all (the kernel's speed for everything; measurement).
+ * A socket never leaves bp_senders while alive: leaving every map would drop its
+ * unread redirected data, and leaving one map does not detach the program anyway.
+ */
+#ifndef BYPASS_SENDMODE_H
+#define BYPASS_SENDMODE_H
+
+/* The senders: sk_msg is attached here. Same keys as bp_socks. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct bp_sock_key);
+	__type(value, __u32);
+} bp_senders SEC(".maps");
+
+/* Bumped by sock_ops for each promotion request: the daemon runs bypass_promote
+ * when it moved (one u64, not per CPU, so one read tells). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} bp_promote_seq SEC(".maps");
+
+/*
+ * Promotion rule. At each RTT sample (an ACK of new data) the conversation has
+ * "turned" when everything this socket wrote is sent and acknowledged (write_seq ==
+ * snd_nxt == snd_una: it waits for an answer) and data came in since the previous
+ * sample (the answer). Request/response turns at almost every sample (at every
+ * other one behind delayed ACKs); a one-way stream never does, and a stream of small
+ * writes behind Nagle keeps unsent bytes queued (write_seq > snd_nxt).
+ */
+#define BP_PROMOTE_TURNS 8    /* turns seen before promotion */
+#define BP_PROMOTE_WATCH 256  /* samples watched before giving up (a stream) */
+
+/* At establishment, after the socket is in bp_socks: make it a sender now, or let
+ * sock_ops watch it. A failed insert leaves it a target only (kernel-speed sends). */
+static __always_inline void sendmode_insert(struct bpf_sock_ops *ops, struct bp_sock_key *key, __u32 *cb_flags)
+{
+	struct bp_rx_state *rx;
+	__u64 mode = control(BP_CTL_SEND_MODE);
+
+	if (mode == BP_SEND_AUTO) {
+		*cb_flags |= BPF_SOCK_OPS_RTT_CB_FLAG;
+		return;
+	}
+	if (mode != BP_SEND_ALL)
+		return;
+	rx = bpf_map_lookup_elem(&bp_rx, key);
+	if (bpf_sock_hash_update(ops, &bp_senders, key, BPF_NOEXIST)) {
+		count(BP_CTR_SENDER_FAILED, 1);
+		if (rx)
+			rx->send = BP_SENDER_FAILED;
+		return;
+	}
+	if (rx)
+		rx->send = BP_SENDER_AT_INSERT;
+	count(BP_CTR_SENDER_AT_INSERT, 1);
+}
+
+/* An RTT sample of a watched socket: has its conversation turned often enough? */
+static __always_inline void sendmode_rtt(struct bpf_sock_ops *ops)
+{
+	struct bp_sock_key key;
+	struct bp_rx_state *rx;
+	struct tcp_sock___bp *tp;
+	struct bpf_sock *sk = ops->sk;
+	__u32 in = ops->data_segs_in, zero = 0;
+	__u64 *seq;
+
+	if (!sk)
+		return;
+	tp = (void *)bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return;
+	key_from_ops(ops, &key);
+	rx = bpf_map_lookup_elem(&bp_rx, &key);
+	if (!rx || rx->send != BP_SENDER_NONE)
+		goto stop;
+	if (in != rx->seen_in && ops->snd_una == ops->snd_nxt && tp->write_seq == ops->snd_nxt)
+		rx->turns++;
+	rx->seen_in = in;
+	rx->samples++;
+	if (rx->turns >= BP_PROMOTE_TURNS && 2 * rx->turns >= rx->samples) {
+		rx->send = BP_SENDER_WANTED;
+		seq = bpf_map_lookup_elem(&bp_promote_seq, &zero);
+		if (seq)
+			__sync_fetch_and_add(seq, 1);
+		goto stop;
+	}
+	if (rx->samples < BP_PROMOTE_WATCH)
+		return;
+stop:
+	/* Decided (or a stream): no more RTT callbacks for this socket. */
+	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
+}
+
+/* bpf_iter__sockmap, as the kernel passes it (only the layout matters). */
+struct bp_iter_sockmap {
+	void *meta;
+	void *map;
+	void *key;
+	void *sk;
+};
+
+/*
+ * Run by the daemon over bp_socks when bp_promote_seq moved: insert every socket
+ * that asked into bp_senders. Its next send runs sk_msg. Failure (the socket is
+ * closing, the map full) leaves it a target only, counted.
+ */
+SEC("iter/sockmap")
+int bypass_promote(struct bp_iter_sockmap *ctx)
+{
+	struct bp_sock_key key;
+	struct bp_rx_state *rx;
+	void *sk = ctx->sk;
+
+	if (!ctx->key || !sk)
+		return 0;
+	__builtin_memcpy(&key, ctx->key, sizeof(key));
+	rx = bpf_map_lookup_elem(&bp_rx, &key);
+	if (!rx || rx->send != BP_SENDER_WANTED)
+		return 0;
+	if (bpf_map_update_elem(&bp_senders, &key, sk, BPF_NOEXIST)) {
+		rx->send = BP_SENDER_FAILED;
+		count(BP_CTR_SENDER_FAILED, 1);
+		return 0;
+	}
+	rx->send = BP_SENDER_PROMOTED;
+	count(BP_CTR_SENDER_PROMOTED, 1);
+	return 0;
+}
+
+#endif
