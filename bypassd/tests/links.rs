@@ -39,7 +39,10 @@ fn pair_skips_the_bridge(vnet: bool, redirect: &str) {
     let t = Topo::new(&[Kind::Vm(vnet), Kind::Pod]);
     let fwd = t.bridge_forwarded();
     t.tcp(VM, POD, 1 << 20);
-    assert!(t.bridge_forwarded() - fwd > 100, "baseline traffic did not cross the bridge");
+    // With virtio-net offloads a 64 KiB GSO frame crosses as one: 1 MiB each way can be
+    // as few as ~40 frames (CI saw fewer than 100).
+    let baseline = t.bridge_forwarded() - fwd;
+    assert!(baseline > 10, "baseline traffic did not cross the bridge ({baseline} frames)");
 
     let d = env.daemon(&t, &pair_cfg(&t, VM, POD, &format!("redirect = \"{redirect}\"")));
     assert_eq!(env.pinned().len(), 2, "{}", d.log());
@@ -106,7 +109,8 @@ fn kill9_keeps_frames_flowing_restart_adopts_and_deleted_devices_are_followed() 
     assert!(!env.links_dir().exists());
     let fwd = t.bridge_forwarded();
     t.tcp(VM, POD, 1 << 20);
-    assert!(t.bridge_forwarded() - fwd > 100);
+    let bridged = t.bridge_forwarded() - fwd;
+    assert!(bridged > 10, "after detach the bridge forwarded only {bridged} frames");
 }
 
 /// A tiny TCX program that counts the frames it sees and passes them on.
