@@ -167,7 +167,7 @@ impl Program {
         let prog = ebpf.program_mut(self.name).ok_or_else(|| anyhow!("BPF object has no program {}", self.name))?;
         let p: &mut BtfTracePoint = prog.try_into()?;
         p.load(event, kernel_btf(to)?)?;
-                crate::startup::step(format!("program {}: verify", self.name));
+        crate::startup::step(format!("program {}: verify", self.name));
         p.pin(pins::prog_pin(dir, self.name)).with_context(|| format!("pinning program {}", self.name))?;
         Ok(())
     }
@@ -186,11 +186,8 @@ impl Program {
             return Ok(());
         }
         let pin = pins::prog_pin(gen_dir, self.name);
-        let mut p = BtfTracePoint::from_pin(&pin).with_context(|| format!("opening pinned program {}", pin.display()))?;
-        let id = p.attach().with_context(|| format!("attaching {}", self.name))?;
-        let link = FdLink::from(p.take_link(id)?);
-        link.pin(pins::link_pin(gen_dir, l)).with_context(|| format!("pinning link {l}"))?;
-        Ok(())
+        super::sockopt_link::attach_pinned_tp_btf(&pin, &pins::link_pin(gen_dir, l))
+            .with_context(|| format!("attaching {}", self.name))
     }
 
     /// The kernel's view, not the pins': whether a live link runs this generation's program.

@@ -1,7 +1,9 @@
 //! Pinned bpf_links aya 0.14 cannot make: the cgroup/getsockopt program
 //! (Hook::CgroupGetsockopt; aya creates the link but cannot hand it out as a pinnable
 //! `FdLink` for this program type) and the iter/sockmap promotion program (aya's Iter
-//! cannot pass the map). Made here with the bpf(2) commands they take.
+//! cannot pass the map), and the link of a pinned tp_btf program (aya's `from_pin` asks
+//! for the program's BTF by id, which needs CAP_SYS_ADMIN; the unit does not grant it).
+//! Made here with the bpf(2) commands they take.
 use anyhow::{Context, Result, bail};
 use std::{
     ffi::CString,
@@ -11,6 +13,8 @@ use std::{
 };
 
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 const BPF_TRACE_ITER: u32 = 28;
@@ -52,6 +56,31 @@ pub fn attach_iter_sockmap(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, pin: &Path
     // SAFETY: the kernel returned a new file descriptor that we now own.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     pin_link(&link, pin)
+}
+
+/// Attach the tp_btf program pinned at `prog_pin` to its BTF-typed tracepoint (chosen
+/// at load) and pin the link at `link_pin`.
+pub fn attach_pinned_tp_btf(prog_pin: &Path, link_pin: &Path) -> Result<()> {
+    let prog = obj_get(prog_pin)?;
+    let mut a = Attr([0; 32]);
+    // raw_tracepoint.name stays NULL: a tp_btf program names its target at load.
+    a.0[2] = prog.as_raw_fd() as u32; // raw_tracepoint.prog_fd
+    let fd = bpf(BPF_RAW_TRACEPOINT_OPEN, &a)
+        .with_context(|| format!("bpf(BPF_RAW_TRACEPOINT_OPEN) for {}", prog_pin.display()))?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    pin_link(&link, link_pin)
+}
+
+fn obj_get(pin: &Path) -> Result<OwnedFd> {
+    let path = CString::new(pin.as_os_str().as_bytes()).context("pin path contains NUL")?;
+    let mut a = Attr([0; 32]);
+    let ptr = path.as_ptr() as u64;
+    a.0[0] = ptr as u32; // obj.pathname (u64)
+    a.0[1] = (ptr >> 32) as u32;
+    let fd = bpf(BPF_OBJ_GET, &a).with_context(|| format!("opening pinned object {}", pin.display()))?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn pin_link(link: &OwnedFd, pin: &Path) -> Result<()> {
