@@ -140,6 +140,10 @@ fn connect() -> Result<ManagerProxy<'static>> {
 }
 
 fn main() -> ExitCode {
+    // A closed stdout (`bypassctl ... | head`) ends bypassctl quietly, as it does other
+    // Unix tools, instead of a panic in println!. Rust starts with SIGPIPE ignored.
+    // SAFETY: called before any thread exists; SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "generate") {
         let g = cli::GenerateCli::parse_from(&args[1..]);

@@ -222,7 +222,8 @@ check3_reload() {
   done
   [ "$cur" = "$sha" ] || { fail "after reload bypassd runs config $cur, expected $sha"; return 1; }
   journal_has "$since" 'configuration reloaded' || { fail "journal lacks 'configuration reloaded'"; return 1; }
-  cx bypassctl policy list | grep -q 'operator ipv6 loopback' || { fail "the config rule is not in 'bypassctl policy list'"; return 1; }
+  out=$(cx bypassctl policy list) # not `| grep -q`: under pipefail an early exit fails the pipe
+  grep -q 'operator ipv6 loopback' <<<"$out" || { fail "the config rule is not in 'bypassctl policy list'"; return 1; }
   GOOD_SHA=$sha
   say "reload applied the edited config (sha256 ${sha:0:16}…, rule 'operator ipv6 loopback' listed)"
   # A broken config: refused, the service stays active on the old one.

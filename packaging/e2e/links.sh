@@ -84,7 +84,8 @@ assert all("tx-checksum off" in i["offloads"] and "tso off" in i["offloads"] for
 print("; ".join("%s ifindex %s: %s" % (i["name"], i["ifindex"], i["offloads"]) for i in ifs))' "$l" "$id" 2>&1) ||
     { fail "bypassctl status --json: $out"; return 1; }
   say "bypassctl status: link $id attached; $out"
-  cx bypassctl status | grep -q "^Link: *pair $id attached" || { fail "bypassctl status lacks 'Link: pair $id attached': $(cx bypassctl status | grep -A2 Link)"; return 1; }
+  out=$(cx bypassctl status) # not `| grep -q`: under pipefail an early exit fails the pipe
+  grep -q "^Link: *pair $id attached" <<<"$out" || { fail "bypassctl status lacks 'Link: pair $id attached': $(grep -A2 Link <<<"$out")"; return 1; }
   [ "$(tx_csum "$LDEV_A")" = off ] && [ "$(tx_csum "$LDEV_B")" = off ] || { fail "ethtool on the host does not show tx-checksumming off"; return 1; }
   red0=$(link_stat "link.$id.redirected_bytes"); fr0=$(link_stat "link.$id.redirected_frames")
   [ -n "$red0" ] && [ -n "$fr0" ] || { fail "bypassctl stats has no link.$id.* counters: $(cx bypassctl stats | grep link)"; return 1; }

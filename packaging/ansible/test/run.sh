@@ -246,7 +246,9 @@ check3_policy() {
   for n in "${NODES[@]}"; do
     c=$(recap policy changed "node$n" | paste -sd,)
     [ "$c" = "Apply the runtime policy" ] || { fail "node$n: changed tasks: '$c' (expected only the policy task)"; return 1; }
-    on "$n"; cx bypassctl policy list | grep -q 'kernel local_ports=9100-9199' || { fail "node$n: the new rule is not in force"; return 1; }
+    # Output first, then grep: under pipefail a `| grep -q` that exits early fails the pipe.
+    on "$n"; out=$(cx bypassctl policy list)
+    grep -q 'kernel local_ports=9100-9199' <<<"$out" || { fail "node$n: the new rule is not in force"; return 1; }
   done
   [ "$(main_pid 1)" = "$pid0" ] || { fail "node1's bypassd restarted"; return 1; }
   on 1; finish_held_transfer p3 || return 1
