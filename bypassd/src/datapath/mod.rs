@@ -127,7 +127,6 @@ impl Datapath {
             dp.set_paused(paused)?;
         }
         dp.apply_tuning()?;
-        dp._promoter = promote::spawn(&dp.gen_dir);
         dp.sync_on_demand(policy)?;
         dp.log_hooks();
         crate::startup::step("tuning");
@@ -365,6 +364,13 @@ impl Datapath {
         sock::set_configured_splicers(&mut self.splicers, readers)?;
         self.control.set(abi::CTL_RECV_GATE, u64::from(gate), 0).context("writing recvmsg gate")?;
         self.control.set(abi::CTL_SEND_MODE, self.target.send_mode.abi(), 0).context("writing send mode")?;
+        // Only auto mode asks for promotions: no polling thread in the other modes.
+        let auto = self.target.send_mode == crate::config::SendMode::Auto;
+        if !auto {
+            self._promoter = None;
+        } else if self._promoter.is_none() {
+            self._promoter = promote::spawn(&self.gen_dir);
+        }
         self.recv_gate = gate;
         self.describe();
         Ok(())

@@ -8,17 +8,15 @@
 //! stay targets only and send at the kernel's speed (fail open).
 use super::{
     pins,
-    sockopt_link::{Attr, bpf},
+    sockopt_link::{Attr, bpf, obj_get},
 };
 use anyhow::{Context, Result};
 use aya::maps::{Array, Map, MapData};
 use bypassd_ebpf::{maps, programs};
 use std::{
-    ffi::CString,
     io::Read,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
     },
     path::Path,
     sync::{
@@ -29,7 +27,6 @@ use std::{
     time::Duration,
 };
 
-const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_ITER_CREATE: libc::c_long = 33;
 
 /// How often the request counter is read: promotion follows a request within this.
@@ -118,16 +115,4 @@ fn run(h: Handles, stop: &AtomicBool) {
             warned = true;
         }
     }
-}
-
-/// Open a pinned BPF object (here: a link) by path.
-fn obj_get(pin: &Path) -> Result<OwnedFd> {
-    let path = CString::new(pin.as_os_str().as_bytes()).context("pin path contains NUL")?;
-    let ptr = path.as_ptr() as u64;
-    let mut a = Attr([0; 32]);
-    a.0[0] = ptr as u32; // obj.pathname (u64)
-    a.0[1] = (ptr >> 32) as u32;
-    let fd = bpf(BPF_OBJ_GET, &a).with_context(|| format!("opening pinned link {}", pin.display()))?;
-    // SAFETY: the kernel returned a new file descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

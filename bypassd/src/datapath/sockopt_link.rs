@@ -72,7 +72,8 @@ pub fn attach_pinned_tp_btf(prog_pin: &Path, link_pin: &Path) -> Result<()> {
     pin_link(&link, link_pin)
 }
 
-fn obj_get(pin: &Path) -> Result<OwnedFd> {
+/// Open a pinned BPF object (program, map or link) by path.
+pub(super) fn obj_get(pin: &Path) -> Result<OwnedFd> {
     let path = CString::new(pin.as_os_str().as_bytes()).context("pin path contains NUL")?;
     let mut a = Attr([0; 32]);
     let ptr = path.as_ptr() as u64;
