@@ -29,8 +29,10 @@ pub fn in_netns<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> Resu
     std::thread::scope(|s| {
         s.spawn(|| -> Result<T> {
             if let Some(ns) = ns {
-                let f = File::open(format!("/run/netns/{ns}")).with_context(|| format!("opening netns {ns}"))?;
-                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("entering netns {ns}"))?;
+                let f = File::open(format!("/run/netns/{ns}"))
+                    .with_context(|| format!("opening netns {ns}"))?;
+                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("entering netns {ns}"))?;
             }
             Ok(f())
         })
@@ -55,20 +57,33 @@ pub fn open_tap(ns: Option<&str>, name: &str, vnet_hdr: bool) -> Result<OwnedFd>
             flags: libc::c_short,
             _pad: [u8; 22],
         }
-        let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 }, _pad: [0; 22] };
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: IFF_TAP | IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 },
+            _pad: [0; 22],
+        };
         if name.len() > 15 {
             bail!("tap name {name} is too long");
         }
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: req is a valid ifreq for TUNSETIFF.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("TUNSETIFF {name}"));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("TUNSETIFF {name}"));
         }
         if vnet_hdr {
             // As QEMU does for a virtio guest: checksum offload and TSO.
             // SAFETY: TUNSETOFFLOAD takes an integer argument.
-            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) } < 0 {
-                return Err(std::io::Error::last_os_error()).with_context(|| format!("TUNSETOFFLOAD {name}"));
+            if unsafe {
+                libc::ioctl(
+                    fd.as_raw_fd(),
+                    TUNSETOFFLOAD as _,
+                    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+                )
+            } < 0
+            {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("TUNSETOFFLOAD {name}"));
             }
         }
         Ok(fd)
@@ -83,7 +98,13 @@ pub struct TapRelay {
 
 impl TapRelay {
     /// Create tap `node_tap` in netns `node_ns` and `vm_tap` in netns `vm_ns`, and relay.
-    pub fn start(node_ns: Option<&str>, node_tap: &str, vm_ns: &str, vm_tap: &str, vnet_hdr: bool) -> Result<TapRelay> {
+    pub fn start(
+        node_ns: Option<&str>,
+        node_tap: &str,
+        vm_ns: &str,
+        vm_tap: &str,
+        vnet_hdr: bool,
+    ) -> Result<TapRelay> {
         let a = Arc::new(open_tap(node_ns, node_tap, vnet_hdr)?);
         let b = Arc::new(open_tap(Some(vm_ns), vm_tap, vnet_hdr)?);
         let stop = Arc::new(AtomicBool::new(false));
@@ -99,7 +120,11 @@ impl TapRelay {
 fn copy(from: &OwnedFd, to: &OwnedFd, stop: &AtomicBool) {
     let mut buf = vec![0u8; 70 * 1024];
     while !stop.load(Ordering::Relaxed) {
-        let mut p = libc::pollfd { fd: from.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: from.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
             continue;
