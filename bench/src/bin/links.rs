@@ -223,17 +223,26 @@ fn measure(w: &World, topo: &'static str, modes: &[Mode], sizes: &[u32], reps: u
     Ok(())
 }
 
+/// The link datapath against the Linux bridge, with qperf (needs root).
+#[derive(clap::Parser)]
+#[command(version)]
+struct Args {
+    /// CI mode: 3 sizes, one repetition of 1 s per point (a smoke test, not judged)
+    #[arg(long)]
+    short: bool,
+    /// Repetitions per point and mode (default: 5, short: 1)
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    reps: Option<u16>,
+    /// Also write the Markdown report to this file
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let short = args.iter().any(|a| a == "--short");
-    let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).map(PathBuf::from);
-    let reps_arg = match args.iter().position(|a| a == "--reps") {
-        Some(i) => Some(args.get(i + 1).and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0).context("--reps needs a positive number")?),
-        None => None,
-    };
+    let Args { short, out, reps: reps_arg } = <Args as clap::Parser>::parse();
     let (sizes, reps, secs): (Vec<u32>, usize, u32) =
         if short { (vec![1, 1400, 16384], 1, 1) } else { (vec![1, 64, 1024, 1400, 4096, 16384], 5, 1) };
-    let reps = reps_arg.unwrap_or(reps);
+    let reps = reps_arg.map_or(reps, usize::from);
     let bin = std::env::var_os("BYPASSD_BIN")
         .map(PathBuf::from)
         .or_else(|| std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("bypassd"))))
