@@ -122,9 +122,7 @@ impl TryFrom<i64> for QueueCap {
     type Error = String;
     fn try_from(v: i64) -> Result<Self, String> {
         if v != 0 && (v < MIN_QUEUE_CAP as i64 || v > MAX_QUEUE_CAP as i64) {
-            return Err(format!(
-                "queue_cap {v} is out of range: 0 (the receiver's SO_RCVBUF) or {MIN_QUEUE_CAP}..={MAX_QUEUE_CAP} bytes"
-            ));
+            return Err(format!("queue_cap {v} is out of range: 0 (the receiver's SO_RCVBUF) or {MIN_QUEUE_CAP}..={MAX_QUEUE_CAP} bytes"));
         }
         Ok(QueueCap(v as u64))
     }
@@ -145,9 +143,7 @@ impl TryFrom<String> for ProcessName {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
         if s.is_empty() || s.len() > 15 || s.contains('/') || s.contains('\0') {
-            return Err(format!(
-                "splice reader `{s}` is not a process name (1..15 bytes, as in /proc/PID/comm)"
-            ));
+            return Err(format!("splice reader `{s}` is not a process name (1..15 bytes, as in /proc/PID/comm)"));
         }
         Ok(ProcessName(s))
     }
@@ -279,9 +275,7 @@ impl TryFrom<i64> for Capacity {
     type Error = String;
     fn try_from(v: i64) -> Result<Self, String> {
         if v < MIN_CAPACITY as i64 || v > MAX_CAPACITY as i64 {
-            return Err(format!(
-                "capacity {v} is out of range {MIN_CAPACITY}..={MAX_CAPACITY}"
-            ));
+            return Err(format!("capacity {v} is out of range {MIN_CAPACITY}..={MAX_CAPACITY}"));
         }
         Ok(Capacity(v as u32))
     }
@@ -338,12 +332,7 @@ impl std::error::Error for ConfigError {}
 
 impl ConfigError {
     /// An error located at a byte span of `src`.
-    pub fn at(
-        path: &Path,
-        src: &str,
-        span: Option<std::ops::Range<usize>>,
-        message: String,
-    ) -> Self {
+    pub fn at(path: &Path, src: &str, span: Option<std::ops::Range<usize>>, message: String) -> Self {
         let (line, column, excerpt) = match span {
             Some(s) if s.end > 0 || s.start > 0 => {
                 let start = s.start.min(src.len());
@@ -356,13 +345,7 @@ impl ConfigError {
             }
             _ => (None, None, None),
         };
-        ConfigError {
-            path: path.to_path_buf(),
-            line,
-            column,
-            message,
-            excerpt,
-        }
+        ConfigError { path: path.to_path_buf(), line, column, message, excerpt }
     }
 }
 
@@ -371,8 +354,7 @@ impl Config {
     pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         let cfg = crate::policy::diag::from_toml::<Config>(src)
             .map_err(|e| ConfigError::at(path, src, e.error.span(), e.reason()))?;
-        crate::config_links::validate(&cfg.links)
-            .map_err(|(span, m)| ConfigError::at(path, src, Some(span), m))?;
+        crate::config_links::validate(&cfg.links).map_err(|(span, m)| ConfigError::at(path, src, Some(span), m))?;
         Ok(cfg)
     }
 
@@ -429,20 +411,8 @@ mod tests {
 
     #[test]
     fn send_mode_takes_three_values_and_names_a_bad_one() {
-        assert_eq!(
-            parse("[datapath]\nsend_mode = \"auto\"\n")
-                .unwrap()
-                .datapath
-                .send_mode,
-            SendMode::Auto
-        );
-        assert_eq!(
-            parse("[datapath]\nsend_mode = \"none\"\n")
-                .unwrap()
-                .datapath
-                .send_mode,
-            SendMode::None
-        );
+        assert_eq!(parse("[datapath]\nsend_mode = \"auto\"\n").unwrap().datapath.send_mode, SendMode::Auto);
+        assert_eq!(parse("[datapath]\nsend_mode = \"none\"\n").unwrap().datapath.send_mode, SendMode::None);
         let e = parse("[datapath]\n\nsend_mode = \"sometimes\"\n").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
         let s = e.to_string();
@@ -455,27 +425,13 @@ mod tests {
         assert_eq!(e.line, Some(2), "{e}");
         let e = parse("[datapath]\n\ncapacity = 0\n").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
-        assert!(
-            e.to_string()
-                .contains("key `datapath.capacity`: capacity 0 is out of range"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("key `datapath.capacity`: capacity 0 is out of range"), "{e}");
         let e = parse("[datapath]\nqueue_cap = 100\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
-        assert!(
-            e.to_string().contains("queue_cap 100 is out of range"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("queue_cap 100 is out of range"), "{e}");
         let e = parse("[datapath]\nsplice_safety = \"maybe\"\n").unwrap_err();
         assert!(e.to_string().contains("maybe"), "{e}");
-        assert_eq!(
-            parse("[datapath]\nqueue_cap = 0\n")
-                .unwrap()
-                .datapath
-                .queue_cap
-                .0,
-            0
-        );
+        assert_eq!(parse("[datapath]\nqueue_cap = 0\n").unwrap().datapath.queue_cap.0, 0);
         let e = parse("[datapath]\nsplice_readers = [\"a-very-long-process-name\"]\n").unwrap_err();
         assert!(e.to_string().contains("not a process name"), "{e}");
         let e = parse("[daemon]\npin_dir = \"relative/dir\"\n").unwrap_err();
@@ -484,11 +440,7 @@ mod tests {
         // A spanned key (the cgroup) is named as written, not by toml's private field.
         let e = parse("[daemon]\ncgroup = \"relative\"\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
-        assert!(
-            e.to_string()
-                .contains("key `daemon.cgroup`: `relative` is not an absolute path"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("key `daemon.cgroup`: `relative` is not an absolute path"), "{e}");
         let e = parse("[daemon]\nlog_level = \"loud\"\n").unwrap_err();
         assert!(e.to_string().contains("loud"), "{e}");
     }
@@ -496,10 +448,6 @@ mod tests {
     #[test]
     fn unreadable_file_is_named() {
         let e = Config::load(Path::new("/nonexistent/bypassd.toml")).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("/nonexistent/bypassd.toml: cannot read config"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("/nonexistent/bypassd.toml: cannot read config"), "{e}");
     }
 }

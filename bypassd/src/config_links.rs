@@ -45,10 +45,7 @@ impl LinkSpec {
         match self.netns_path() {
             None => names,
             Some(p) => {
-                let ns = p
-                    .strip_prefix("/run/netns/")
-                    .filter(|n| !n.contains('/'))
-                    .map_or_else(|| p.replace('/', "_"), String::from);
+                let ns = p.strip_prefix("/run/netns/").filter(|n| !n.contains('/')).map_or_else(|| p.replace('/', "_"), String::from);
                 format!("{names}@{ns}")
             }
         }
@@ -120,8 +117,7 @@ impl TryFrom<String> for IfName {
             || s.len() > IFNAME_MAX
             || s == "."
             || s == ".."
-            || s.chars()
-                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+            || s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
         if bad {
             return Err(format!(
                 "`{s}` is not an interface name (1..{IFNAME_MAX} bytes, no `/`, `:` or whitespace, not `.` or `..`)"
@@ -148,38 +144,22 @@ pub fn validate(links: &[Spanned<LinkSpec>]) -> Result<(), (Range<usize>, String
         if let Some(ns) = &spec.netns {
             let p = ns.get_ref();
             if !p.starts_with('/') || p.contains('\0') || p.split('/').any(|c| c == "..") {
-                return Err((
-                    ns.span(),
-                    format!(
-                        "key `{key}.netns`: `{p}` is not an absolute path to a netns file (e.g. /run/netns/NAME)"
-                    ),
-                ));
+                return Err((ns.span(), format!("key `{key}.netns`: `{p}` is not an absolute path to a netns file (e.g. /run/netns/NAME)")));
             }
         }
         let netns = spec.netns_path();
         let mut names: Vec<(&Spanned<IfName>, bool)> = Vec::new();
         match (&spec.pair, &spec.bridge) {
             (Some(_), Some(b)) => {
-                return Err((
-                    b.span(),
-                    format!("key `{key}.bridge`: an entry is either `pair` or `bridge`, not both"),
-                ));
+                return Err((b.span(), format!("key `{key}.bridge`: an entry is either `pair` or `bridge`, not both")));
             }
             (None, None) => {
-                return Err((
-                    entry.span(),
-                    format!(
-                        "key `{key}`: an entry needs `pair = [\"a\", \"b\"]` or `bridge = \"name\"`"
-                    ),
-                ));
+                return Err((entry.span(), format!("key `{key}`: an entry needs `pair = [\"a\", \"b\"]` or `bridge = \"name\"`")));
             }
             (Some(p), None) => {
                 let [a, b] = p.get_ref();
                 if a.get_ref() == b.get_ref() {
-                    return Err((
-                        p.span(),
-                        format!("key `{key}.pair`: `{}` is linked to itself", a.get_ref().0),
-                    ));
+                    return Err((p.span(), format!("key `{key}.pair`: `{}` is linked to itself", a.get_ref().0)));
                 }
                 names.extend([(a, false), (b, false)]);
             }
@@ -195,10 +175,7 @@ pub fn validate(links: &[Spanned<LinkSpec>]) -> Result<(), (Range<usize>, String
                         j + 1
                     )
                 } else {
-                    format!(
-                        "key `{key}.{what}`: interface `{name}` is already used by links[{}]",
-                        j + 1
-                    )
+                    format!("key `{key}.{what}`: interface `{name}` is already used by links[{}]", j + 1)
                 };
                 return Err((n.span(), msg));
             }
@@ -214,9 +191,7 @@ mod tests {
     use std::path::Path;
 
     fn err(s: &str) -> String {
-        Config::parse(Path::new("/etc/bypassd/t.toml"), s)
-            .unwrap_err()
-            .to_string()
+        Config::parse(Path::new("/etc/bypassd/t.toml"), s).unwrap_err().to_string()
     }
 
     #[test]
@@ -228,14 +203,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.links.len(), 2);
         assert_eq!(c.links[0].get_ref().id(), "tap0+veth-vm0");
-        assert_eq!(
-            c.links[0].get_ref().checksum_offload.tx,
-            super::OffloadMode::Off
-        );
-        assert_eq!(
-            c.links[0].get_ref().checksum_offload.rx,
-            super::OffloadMode::Keep
-        );
+        assert_eq!(c.links[0].get_ref().checksum_offload.tx, super::OffloadMode::Off);
+        assert_eq!(c.links[0].get_ref().checksum_offload.rx, super::OffloadMode::Keep);
         assert!(c.links[1].get_ref().is_bridge());
         assert_eq!(c.links[1].get_ref().redirect, super::Redirect::Egress);
     }
@@ -252,10 +221,7 @@ mod tests {
         let e = err("[[links]]\npair = [\"tap0\"]\n");
         assert!(e.starts_with("/etc/bypassd/t.toml:2:"), "{e}");
         let e = err("[[links]]\nbridge = \"br0\"\nchecksum_offload = { rx = \"maybe\" }\n");
-        assert!(
-            e.starts_with("/etc/bypassd/t.toml:3:") && e.contains("maybe"),
-            "{e}"
-        );
+        assert!(e.starts_with("/etc/bypassd/t.toml:3:") && e.contains("maybe"), "{e}");
         let e = err("[[links]]\nbridge = \"br0\"\nbrige = 1\n");
         assert!(e.contains("brige"), "{e}");
     }
@@ -263,26 +229,11 @@ mod tests {
     #[test]
     fn conflicts_name_line_and_key() {
         let e = err("[[links]]\npair = [\"tap0\", \"tap0\"]\n");
-        assert!(
-            e.starts_with("/etc/bypassd/t.toml:2:")
-                && e.contains("`links[1].pair`")
-                && e.contains("itself"),
-            "{e}"
-        );
-        let e = err(
-            "[[links]]\npair = [\"tap0\", \"veth0\"]\n[[links]]\npair = [\"tap1\", \"veth0\"]\n",
-        );
-        assert!(
-            e.starts_with("/etc/bypassd/t.toml:4:")
-                && e.contains("`links[2].pair`")
-                && e.contains("already used by links[1]"),
-            "{e}"
-        );
+        assert!(e.starts_with("/etc/bypassd/t.toml:2:") && e.contains("`links[1].pair`") && e.contains("itself"), "{e}");
+        let e = err("[[links]]\npair = [\"tap0\", \"veth0\"]\n[[links]]\npair = [\"tap1\", \"veth0\"]\n");
+        assert!(e.starts_with("/etc/bypassd/t.toml:4:") && e.contains("`links[2].pair`") && e.contains("already used by links[1]"), "{e}");
         let e = err("[[links]]\nbridge = \"br0\"\n[[links]]\npair = [\"br0\", \"veth0\"]\n");
-        assert!(
-            e.starts_with("/etc/bypassd/t.toml:4:") && e.contains("overlaps with links[1]"),
-            "{e}"
-        );
+        assert!(e.starts_with("/etc/bypassd/t.toml:4:") && e.contains("overlaps with links[1]"), "{e}");
         let e = err("[[links]]\nbridge = \"br0\"\n[[links]]\nbridge = \"br0\"\n");
         assert!(e.contains("already used"), "{e}");
         let e = err("[[links]]\nbridge = \"br0\"\npair = [\"a\", \"b\"]\n");
@@ -293,23 +244,11 @@ mod tests {
         assert_eq!(c.links[1].get_ref().id(), "tap0+veth0@pod1");
         assert_eq!(c.links[1].get_ref().netns_path(), Some("/run/netns/pod1"));
         let e = err(&ok.replace("/run/netns/pod1", "pod1"));
-        assert!(
-            e.starts_with("/etc/bypassd/t.toml:5:")
-                && e.contains("`links[2].netns`")
-                && e.contains("absolute path"),
-            "{e}"
-        );
-        let e = err(&format!(
-            "{ok}[[links]]\nbridge = \"br0\"\npair = [\"x\", \"veth0\"]\nnetns = \"/run/netns/pod1\"\n"
-        ));
+        assert!(e.starts_with("/etc/bypassd/t.toml:5:") && e.contains("`links[2].netns`") && e.contains("absolute path"), "{e}");
+        let e = err(&format!("{ok}[[links]]\nbridge = \"br0\"\npair = [\"x\", \"veth0\"]\nnetns = \"/run/netns/pod1\"\n"));
         assert!(e.contains("not both"), "{e}");
-        let e = err(
-            "[[links]]\npair = [\"a\", \"b\"]\nnetns = \"/run/netns/p\"\n[[links]]\npair = [\"c\", \"b\"]\nnetns = \"/run/netns/p\"\n",
-        );
-        assert!(
-            e.starts_with("/etc/bypassd/t.toml:5:") && e.contains("already used by links[1]"),
-            "{e}"
-        );
+        let e = err("[[links]]\npair = [\"a\", \"b\"]\nnetns = \"/run/netns/p\"\n[[links]]\npair = [\"c\", \"b\"]\nnetns = \"/run/netns/p\"\n");
+        assert!(e.starts_with("/etc/bypassd/t.toml:5:") && e.contains("already used by links[1]"), "{e}");
         let e = err("[[links]]\nredirect = \"auto\"\n");
         assert!(e.contains("`links[1]`") && e.contains("needs"), "{e}");
     }

@@ -155,13 +155,7 @@ impl Control {
             }
             let built = d.build_with_runtime(new.as_ref())?;
             built.refuse_new_inactive(d.runtime_rules())?;
-            (
-                new.clone(),
-                out,
-                built,
-                d.runtime_rules().cloned(),
-                d.state_dir(),
-            )
+            (new.clone(), out, built, d.runtime_rules().cloned(), d.state_dir())
         };
         persist(&state_dir, new.as_ref())?;
         let pushed = self.state().commit_runtime(new, built);
@@ -201,10 +195,7 @@ impl Control {
             let list = d.policy_list();
             let i = index as usize;
             let Some(e) = i.checked_sub(1).and_then(|i| list.get(i)) else {
-                return Err(ControlError::InvalidArgument(format!(
-                    "no rule {index} (there are {})",
-                    list.len()
-                )));
+                return Err(ControlError::InvalidArgument(format!("no rule {index} (there are {})", list.len())));
             };
             if e.source == RuleSource::Config {
                 return Err(ControlError::InvalidArgument(format!(
@@ -228,18 +219,10 @@ impl Control {
     /// What `policy_apply(doc)` would do, changing nothing: whether the runtime layer
     /// would change (after the same validation `edit_runtime` makes), the runtime rules
     /// now and the ones it would set. Keep in step with `edit_runtime`.
-    pub fn policy_diff(
-        &self,
-        doc: &str,
-    ) -> Result<(bool, Vec<PolicyEntry>, Vec<PolicyEntry>), ControlError> {
+    pub fn policy_diff(&self, doc: &str) -> Result<(bool, Vec<PolicyEntry>, Vec<PolicyEntry>), ControlError> {
         let rules = Some(policy::diag::parse_rules_doc(doc)?);
         let d = self.state();
-        let runtime = |v: &[PolicyEntry]| {
-            v.iter()
-                .filter(|e| e.source == RuleSource::Runtime)
-                .cloned()
-                .collect::<Vec<_>>()
-        };
+        let runtime = |v: &[PolicyEntry]| v.iter().filter(|e| e.source == RuleSource::Runtime).cloned().collect::<Vec<_>>();
         let current = runtime(d.policy_list());
         if rules.as_ref() == d.runtime_rules() {
             return Ok((false, current.clone(), current));

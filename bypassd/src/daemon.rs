@@ -54,8 +54,7 @@ impl BuiltPolicy {
     pub fn refuse_new_inactive(&self, old: Option<&Vec<RuleSpec>>) -> Result<(), PolicyError> {
         let known = |r: &RuleSpec| old.is_some_and(|o| o.contains(r));
         for (i, e) in self.entries.iter().enumerate() {
-            if let (RuleSource::Runtime, Some(_), Some(cg)) =
-                (e.source, &e.inactive, &e.spec.cgroup)
+            if let (RuleSource::Runtime, Some(_), Some(cg)) = (e.source, &e.inactive, &e.spec.cgroup)
                 && !known(&e.spec)
             {
                 return Err(PolicyError::BadRule {
@@ -74,17 +73,8 @@ impl BuiltPolicy {
 
 /// Runtime rules first, then the config file's.
 fn effective_rules(cfg: &Config, runtime: Option<&Vec<RuleSpec>>) -> Vec<(RuleSource, RuleSpec)> {
-    let rt = runtime
-        .into_iter()
-        .flatten()
-        .map(|r| (RuleSource::Runtime, r.clone()));
-    rt.chain(
-        cfg.policy
-            .rules
-            .iter()
-            .map(|r| (RuleSource::Config, r.clone())),
-    )
-    .collect()
+    let rt = runtime.into_iter().flatten().map(|r| (RuleSource::Runtime, r.clone()));
+    rt.chain(cfg.policy.rules.iter().map(|r| (RuleSource::Config, r.clone()))).collect()
 }
 
 /// Resolve cgroups (a missing one makes its rule inactive) and encode the image.
@@ -99,48 +89,24 @@ pub fn build_policy(
     let entries = rules
         .into_iter()
         .zip(&resolved)
-        .map(|((source, spec), r)| PolicyEntry {
-            source,
-            spec,
-            inactive: r.inactive.clone(),
-        })
+        .map(|((source, spec), r)| PolicyEntry { source, spec, inactive: r.inactive.clone() })
         .collect();
     let image = PolicyImage {
         rules: policy::encode(&resolved),
         accelerate_by_default: cfg.policy.default == Action::Accelerate,
     };
-    Ok(BuiltPolicy {
-        entries,
-        resolved,
-        image,
-    })
+    Ok(BuiltPolicy { entries, resolved, image })
 }
 
 fn target(cfg: &Config, cgroup_root: &Path) -> Target {
-    let rel = cfg
-        .daemon
-        .cgroup
-        .get_ref()
-        .0
-        .to_string_lossy()
-        .trim_start_matches('/')
-        .to_string();
+    let rel = cfg.daemon.cgroup.get_ref().0.to_string_lossy().trim_start_matches('/').to_string();
     Target {
         pin_dir: cfg.daemon.pin_dir.0.clone(),
-        cgroup: if rel.is_empty() {
-            cgroup_root.to_path_buf()
-        } else {
-            cgroup_root.join(rel)
-        },
+        cgroup: if rel.is_empty() { cgroup_root.to_path_buf() } else { cgroup_root.join(rel) },
         capacity: cfg.datapath.capacity.0,
         queue_cap: cfg.datapath.queue_cap.0,
         splice: cfg.datapath.splice_safety,
-        splice_readers: cfg
-            .datapath
-            .splice_readers
-            .iter()
-            .map(|n| n.0.clone())
-            .collect(),
+        splice_readers: cfg.datapath.splice_readers.iter().map(|n| n.0.clone()).collect(),
         splice_tracepoints: cfg.datapath.splice_tracepoints,
         coalesce_below: cfg.datapath.coalesce_below,
         send_mode: cfg.datapath.send_mode,
@@ -157,10 +123,7 @@ fn check_cgroup(path: &Path, src: &str, cfg: &Config, t: &Target) -> Result<(), 
         path,
         src,
         (span.end > 0).then_some(span),
-        format!(
-            "key `daemon.cgroup`: cgroup {} does not exist below the cgroup v2 mount",
-            t.cgroup.display()
-        ),
+        format!("key `daemon.cgroup`: cgroup {} does not exist below the cgroup v2 mount", t.cgroup.display()),
     ))
 }
 
@@ -209,13 +172,7 @@ pub fn prepare_reload(i: ReloadInputs) -> Result<ReloadPlan, ControlError> {
         log_protections(&dp);
         Some(dp)
     };
-    Ok(ReloadPlan {
-        config: cfg,
-        sha256: loaded.sha256,
-        files: loaded.files,
-        policy,
-        new_datapath,
-    })
+    Ok(ReloadPlan { config: cfg, sha256: loaded.sha256, files: loaded.files, policy, new_datapath })
 }
 
 pub struct Daemon {
@@ -274,9 +231,7 @@ impl Daemon {
             last_failures: dp.counter(Counter::InsertFailures).unwrap_or(0),
             datapath: Some(dp),
             reason: String::new(),
-            started_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            started_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             runtime_rules,
             policy,
             log,
@@ -290,12 +245,7 @@ impl Daemon {
 
     /// Attach, adopt or retire the link datapath's entries for the current config.
     fn configure_links(&mut self) {
-        let specs: Vec<_> = self
-            .config
-            .links
-            .iter()
-            .map(|s| s.get_ref().clone())
-            .collect();
+        let specs: Vec<_> = self.config.links.iter().map(|s| s.get_ref().clone()).collect();
         if let Err(e) = self.links.configure(&self.config.daemon.pin_dir.0, &specs) {
             tracing::error!("link datapath: {e:#}");
         }
@@ -308,12 +258,7 @@ impl Daemon {
         for ev in evs {
             match ev {
                 Event::Links => relink = true,
-                Event::Fdb {
-                    netns,
-                    mac,
-                    ifindex,
-                    gone,
-                } => self.links.fdb_update(netns.as_deref(), mac, ifindex, gone),
+                Event::Fdb { netns, mac, ifindex, gone } => self.links.fdb_update(netns.as_deref(), mac, ifindex, gone),
             }
         }
         if relink {
@@ -339,11 +284,7 @@ impl Daemon {
             config_path: self.config_path.clone(),
             cgroup_root: self.cgroup_root.clone(),
             runtime_rules: self.runtime_rules.clone(),
-            attached: self
-                .datapath
-                .as_ref()
-                .filter(|d| d.is_attached())
-                .map(|d| d.target.clone()),
+            attached: self.datapath.as_ref().filter(|d| d.is_attached()).map(|d| d.target.clone()),
             paused: self.paused(),
         }
     }
@@ -381,11 +322,7 @@ impl Daemon {
 
     pub fn summary(&self) -> String {
         let s = self.datapath_summary();
-        if self.links.is_empty() {
-            s
-        } else {
-            format!("{s}; {}", self.links.summary())
-        }
+        if self.links.is_empty() { s } else { format!("{s}; {}", self.links.summary()) }
     }
 
     fn datapath_summary(&self) -> String {
@@ -400,11 +337,7 @@ impl Daemon {
                     get(Counter::SocketsInserted),
                     get(Counter::RedirectedMsgs),
                     get(Counter::InsertFailures),
-                    if inactive > 0 {
-                        format!("; {inactive} policy rule(s) inactive (cgroup missing)")
-                    } else {
-                        String::new()
-                    },
+                    if inactive > 0 { format!("; {inactive} policy rule(s) inactive (cgroup missing)") } else { String::new() },
                 )
             }
             _ => format!("detached: {}", self.reason),
@@ -412,18 +345,11 @@ impl Daemon {
     }
 
     fn paused(&self) -> bool {
-        self.datapath
-            .as_ref()
-            .and_then(|d| d.paused().ok())
-            .unwrap_or(false)
+        self.datapath.as_ref().and_then(|d| d.paused().ok()).unwrap_or(false)
     }
 
     fn inactive_rules(&self) -> u32 {
-        self.policy
-            .entries
-            .iter()
-            .filter(|e| e.inactive.is_some())
-            .count() as u32
+        self.policy.entries.iter().filter(|e| e.inactive.is_some()).count() as u32
     }
 
     pub fn status(&self) -> api::Status {
@@ -450,27 +376,16 @@ impl Daemon {
             abi_version: bypassd_ebpf::abi::ABI_VERSION,
             capacity: t.capacity,
             inactive_rules: self.inactive_rules(),
-            config_files: self
-                .config_files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect(),
+            config_files: self.config_files.iter().map(|f| f.display().to_string()).collect(),
         }
     }
 
     fn attached(&self) -> Result<&Datapath, ControlError> {
-        self.datapath
-            .as_ref()
-            .ok_or_else(|| ControlError::Failed(anyhow::anyhow!("datapath is detached")))
+        self.datapath.as_ref().ok_or_else(|| ControlError::Failed(anyhow::anyhow!("datapath is detached")))
     }
 
     pub fn stats(&self) -> Result<api::Stats, ControlError> {
-        let mut s: api::Stats = self
-            .attached()?
-            .counters()?
-            .into_iter()
-            .map(|(c, v)| (c.name().to_string(), v))
-            .collect();
+        let mut s: api::Stats = self.attached()?.counters()?.into_iter().map(|(c, v)| (c.name().to_string(), v)).collect();
         s.extend(self.links.stats());
         Ok(s)
     }
@@ -484,17 +399,11 @@ impl Daemon {
 
     /// Returns whether anything changed.
     pub fn set_paused(&mut self, paused: bool) -> Result<bool, ControlError> {
-        let dp = self
-            .datapath
-            .as_mut()
-            .ok_or_else(|| ControlError::Failed(anyhow::anyhow!("datapath is detached")))?;
+        let dp = self.datapath.as_mut().ok_or_else(|| ControlError::Failed(anyhow::anyhow!("datapath is detached")))?;
         let was = dp.paused()?;
         dp.set_paused(paused)?;
         if was != paused {
-            tracing::info!(
-                "acceleration of new connections {}",
-                if paused { "paused" } else { "resumed" }
-            );
+            tracing::info!("acceleration of new connections {}", if paused { "paused" } else { "resumed" });
         }
         Ok(was != paused)
     }
@@ -527,12 +436,8 @@ impl Daemon {
 
     /// sha256 (hex) of the effective policy, as the `PolicySha256` property shows it.
     pub fn policy_sha256(&self) -> String {
-        let rules: Vec<(RuleSource, RuleSpec)> = self
-            .policy
-            .entries
-            .iter()
-            .map(|e| (e.source, e.spec.clone()))
-            .collect();
+        let rules: Vec<(RuleSource, RuleSpec)> =
+            self.policy.entries.iter().map(|e| (e.source, e.spec.clone())).collect();
         policy::diag::sha256(self.policy_default(), &rules)
     }
 
@@ -541,26 +446,16 @@ impl Daemon {
     }
 
     /// The policy this config would have with `runtime` as the runtime layer.
-    pub fn build_with_runtime(
-        &self,
-        runtime: Option<&Vec<RuleSpec>>,
-    ) -> Result<BuiltPolicy, PolicyError> {
+    pub fn build_with_runtime(&self, runtime: Option<&Vec<RuleSpec>>) -> Result<BuiltPolicy, PolicyError> {
         build_policy(&self.config, runtime, &self.cgroup_root)
     }
 
     /// Push a policy built for `runtime` to the kernel and make it the current one.
-    pub fn commit_runtime(
-        &mut self,
-        runtime: Option<Vec<RuleSpec>>,
-        built: BuiltPolicy,
-    ) -> Result<(), ControlError> {
+    pub fn commit_runtime(&mut self, runtime: Option<Vec<RuleSpec>>, built: BuiltPolicy) -> Result<(), ControlError> {
         if let Some(dp) = self.datapath.as_mut() {
             dp.apply_policy(&built.image)?;
         }
-        tracing::info!(
-            "runtime policy now has {} rules",
-            runtime.as_ref().map_or(0, Vec::len)
-        );
+        tracing::info!("runtime policy now has {} rules", runtime.as_ref().map_or(0, Vec::len));
         self.runtime_rules = runtime;
         self.policy = built;
         Ok(())
@@ -572,30 +467,19 @@ impl Daemon {
         if !self.policy.entries.iter().any(|e| e.spec.cgroup.is_some()) {
             return;
         }
-        let built = match build_policy(&self.config, self.runtime_rules.as_ref(), &self.cgroup_root)
-        {
+        let built = match build_policy(&self.config, self.runtime_rules.as_ref(), &self.cgroup_root) {
             Ok(b) => b,
             Err(e) => return tracing::debug!("re-checking policy cgroups: {e}"),
         };
         if built.resolved == self.policy.resolved {
             return;
         }
-        for (old, new) in self
-            .policy
-            .resolved
-            .iter()
-            .zip(&built.resolved)
-            .filter(|(o, n)| o != n)
-        {
+        for (old, new) in self.policy.resolved.iter().zip(&built.resolved).filter(|(o, n)| o != n) {
             let what = new.spec.summary();
             match (&new.inactive, old.inactive.is_some()) {
                 (Some(why), _) => tracing::info!("policy rule `{what}` is inactive: {why}"),
-                (None, true) => {
-                    tracing::info!("policy rule `{what}` is active again (its cgroup exists)")
-                }
-                (None, false) => {
-                    tracing::info!("policy rule `{what}`: its cgroup was re-created; following it")
-                }
+                (None, true) => tracing::info!("policy rule `{what}` is active again (its cgroup exists)"),
+                (None, false) => tracing::info!("policy rule `{what}`: its cgroup was re-created; following it"),
             }
         }
         if let Some(dp) = self.datapath.as_mut()
@@ -615,9 +499,7 @@ impl Daemon {
         if let Ok(f) = dp.counter(Counter::InsertFailures)
             && f > self.last_failures
         {
-            let due = self
-                .last_full_warning
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+            let due = self.last_full_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
             if due {
                 tracing::warn!(
                     "{} sockets could not be accelerated (SOCKHASH full at capacity {}?); they use the kernel path. \
@@ -635,11 +517,7 @@ impl Daemon {
 fn log_inactive(p: &BuiltPolicy) {
     for (i, e) in p.entries.iter().enumerate() {
         if let Some(why) = &e.inactive {
-            tracing::warn!(
-                "policy rule {} (`{}`) is inactive until it exists: {why}",
-                i + 1,
-                e.spec.summary()
-            );
+            tracing::warn!("policy rule {} (`{}`) is inactive until it exists: {why}", i + 1, e.spec.summary());
         }
     }
 }

@@ -63,16 +63,10 @@ fn dropins(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 /// Merge `over` into `base`: tables key by key, `policy.rules` appended, the rest replaced.
 fn merge(base: &mut toml::Table, over: toml::Table, path: &str) {
     for (k, v) in over {
-        let key_path = if path.is_empty() {
-            k.clone()
-        } else {
-            format!("{path}.{k}")
-        };
+        let key_path = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o, &key_path),
-            (Some(toml::Value::Array(b)), toml::Value::Array(o)) if key_path == "policy.rules" => {
-                b.extend(o)
-            }
+            (Some(toml::Value::Array(b)), toml::Value::Array(o)) if key_path == "policy.rules" => b.extend(o),
             (_, v) => {
                 base.insert(k, v);
             }
@@ -81,16 +75,11 @@ fn merge(base: &mut toml::Table, over: toml::Table, path: &str) {
 }
 
 fn sets_cgroup(t: &toml::Table) -> bool {
-    t.get("daemon")
-        .and_then(|d| d.as_table())
-        .is_some_and(|d| d.contains_key("cgroup"))
+    t.get("daemon").and_then(|d| d.as_table()).is_some_and(|d| d.contains_key("cgroup"))
 }
 
 fn sha256_hex(b: &[u8]) -> String {
-    Sha256::digest(b)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(b).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Load `main` and the drop-ins next to it; any error leaves the caller's state alone.
@@ -100,20 +89,16 @@ pub fn load(main: &Path) -> Result<Loaded, ConfigError> {
     let mut merged: toml::Table = main_src.parse().map_err(|e: toml::de::Error| {
         ConfigError::at(main, &main_src, e.span(), e.message().trim().to_string())
     })?;
-    let mut cgroup = (
-        main.to_path_buf(),
-        main_src.clone(),
-        main_cfg.daemon.cgroup.clone(),
-    );
+    let mut cgroup = (main.to_path_buf(), main_src.clone(), main_cfg.daemon.cgroup.clone());
     let mut files = vec![main.to_path_buf()];
     let mut hash_input = Vec::new();
     let extra = dropins(&dropin_dir(main))?;
     for p in &extra {
         let src = read(p)?;
         let cfg = Config::parse(p, &src)?;
-        let table: toml::Table = src.parse().map_err(|e: toml::de::Error| {
-            ConfigError::at(p, &src, e.span(), e.message().trim().to_string())
-        })?;
+        let table: toml::Table = src
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::at(p, &src, e.span(), e.message().trim().to_string()))?;
         if sets_cgroup(&table) {
             cgroup = (p.clone(), src.clone(), cfg.daemon.cgroup.clone());
         }
@@ -140,13 +125,7 @@ pub fn load(main: &Path) -> Result<Loaded, ConfigError> {
         all.extend_from_slice(&hash_input);
         (c, sha256_hex(&all))
     };
-    Ok(Loaded {
-        config,
-        files,
-        sha256,
-        cgroup_file: cgroup.0,
-        cgroup_src: cgroup.1,
-    })
+    Ok(Loaded { config, files, sha256, cgroup_file: cgroup.0, cgroup_src: cgroup.1 })
 }
 
 #[cfg(test)]
@@ -174,70 +153,36 @@ mod tests {
         (Dir(d), p)
     }
 
-    const RULE: &str =
-        "[[policy.rules]]\nname = \"{}\"\naction = \"accelerate\"\nlocal_ports = \"{}\"\n";
+    const RULE: &str = "[[policy.rules]]\nname = \"{}\"\naction = \"accelerate\"\nlocal_ports = \"{}\"\n";
 
     fn rule(name: &str, port: u16) -> String {
-        RULE.replacen("{}", name, 1)
-            .replacen("{}", &port.to_string(), 1)
+        RULE.replacen("{}", name, 1).replacen("{}", &port.to_string(), 1)
     }
 
     #[test]
     fn dropins_merge_in_name_order_and_append_rules() {
-        let main = format!(
-            "[daemon]\nlog_level = \"warn\"\n[datapath]\ncapacity = 100\n{}",
-            rule("main", 1)
-        );
+        let main = format!("[daemon]\nlog_level = \"warn\"\n[datapath]\ncapacity = 100\n{}", rule("main", 1));
         let (_d, p) = setup(
             &main,
             &[
-                (
-                    "20-b.toml",
-                    &format!("[datapath]\ncapacity = 300\n{}", rule("b", 3)),
-                ),
-                (
-                    "10-a.toml",
-                    &format!(
-                        "[datapath]\ncapacity = 200\nqueue_cap = 0\n{}",
-                        rule("a", 2)
-                    ),
-                ),
+                ("20-b.toml", &format!("[datapath]\ncapacity = 300\n{}", rule("b", 3))),
+                ("10-a.toml", &format!("[datapath]\ncapacity = 200\nqueue_cap = 0\n{}", rule("a", 2))),
                 ("30-c.toml.disabled", "garbage ="),
                 ("40-d.toml", "[policy]\ndefault = \"accelerate\"\n"),
             ],
         );
         let l = load(&p).unwrap();
-        let names: Vec<_> = l
-            .config
-            .policy
-            .rules
-            .iter()
-            .map(|r| r.name.clone().unwrap_or_default())
-            .collect();
+        let names: Vec<_> = l.config.policy.rules.iter().map(|r| r.name.clone().unwrap_or_default()).collect();
         assert_eq!(names, ["main", "a", "b"]);
         assert_eq!(l.config.datapath.capacity.0, 300, "the last file wins");
-        assert_eq!(
-            l.config.datapath.queue_cap.0, 0,
-            "keys a later file leaves alone stay"
-        );
+        assert_eq!(l.config.datapath.queue_cap.0, 0, "keys a later file leaves alone stay");
         assert_eq!(l.config.daemon.log_level.as_str(), "warn");
         assert_eq!(l.config.policy.default, Action::Accelerate);
-        let files: Vec<_> = l
-            .files
-            .iter()
-            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(
-            files,
-            ["bypassd.toml", "10-a.toml", "20-b.toml", "40-d.toml"]
-        );
+        let files: Vec<_> = l.files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(files, ["bypassd.toml", "10-a.toml", "20-b.toml", "40-d.toml"]);
         // The hash covers every file: changing a drop-in changes it.
         let before = l.sha256.clone();
-        std::fs::write(
-            p.parent().unwrap().join("conf.d/40-d.toml"),
-            "[policy]\ndefault = \"kernel\"\n",
-        )
-        .unwrap();
+        std::fs::write(p.parent().unwrap().join("conf.d/40-d.toml"), "[policy]\ndefault = \"kernel\"\n").unwrap();
         assert_ne!(load(&p).unwrap().sha256, before);
     }
 
@@ -251,13 +196,7 @@ mod tests {
 
     #[test]
     fn a_bad_dropin_is_named_with_line_and_key() {
-        let (_d, p) = setup(
-            "",
-            &[
-                ("10-ok.toml", &rule("ok", 1)),
-                ("20-bad.toml", "\n[datapath]\ncapactiy = 5\n"),
-            ],
-        );
+        let (_d, p) = setup("", &[("10-ok.toml", &rule("ok", 1)), ("20-bad.toml", "\n[datapath]\ncapactiy = 5\n")]);
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("conf.d/20-bad.toml:3:"), "{e}");
         assert!(e.contains("capactiy"), "{e}");
@@ -265,10 +204,7 @@ mod tests {
 
     #[test]
     fn cgroup_errors_point_into_the_file_that_set_it() {
-        let (_d, p) = setup(
-            "[daemon]\ncgroup = \"/a\"\n",
-            &[("10.toml", "\n\n[daemon]\ncgroup = \"/b\"\n")],
-        );
+        let (_d, p) = setup("[daemon]\ncgroup = \"/a\"\n", &[("10.toml", "\n\n[daemon]\ncgroup = \"/b\"\n")]);
         let l = load(&p).unwrap();
         assert_eq!(l.config.daemon.cgroup.get_ref().0, PathBuf::from("/b"));
         assert!(l.cgroup_file.ends_with("conf.d/10.toml"));

@@ -22,8 +22,7 @@ pub struct InstanceLock {
 
 /// Take the lock of `state_dir`, or fail naming the pid that holds it.
 pub fn acquire(state_dir: &Path) -> Result<InstanceLock> {
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    std::fs::create_dir_all(state_dir).with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let path = state_dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .read(true)
@@ -38,11 +37,7 @@ pub fn acquire(state_dir: &Path) -> Result<InstanceLock> {
             let mut pid = String::new();
             let _ = f.read_to_string(&mut pid);
             let pid = pid.trim();
-            let who = if pid.is_empty() {
-                "another bypassd".to_string()
-            } else {
-                format!("another bypassd (pid {pid})")
-            };
+            let who = if pid.is_empty() { "another bypassd".to_string() } else { format!("another bypassd (pid {pid})") };
             bail!(
                 "{who} holds {}: only one instance may manage a pin directory; stop it first (systemctl stop bypassd)",
                 path.display()
@@ -50,11 +45,8 @@ pub fn acquire(state_dir: &Path) -> Result<InstanceLock> {
         }
         Err((_, e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
     };
-    lock.set_len(0)
-        .and_then(|_| lock.rewind())
-        .with_context(|| format!("truncating {}", path.display()))?;
-    writeln!(lock, "{}", std::process::id())
-        .with_context(|| format!("writing pid to {}", path.display()))?;
+    lock.set_len(0).and_then(|_| lock.rewind()).with_context(|| format!("truncating {}", path.display()))?;
+    writeln!(lock, "{}", std::process::id()).with_context(|| format!("writing pid to {}", path.display()))?;
     Ok(InstanceLock { _lock: lock, path })
 }
 
@@ -70,10 +62,7 @@ mod tests {
         // even within one process.
         let err = acquire(&dir).expect_err("second lock refused");
         let msg = format!("{err:#}");
-        assert!(
-            msg.contains(&format!("pid {}", std::process::id())),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
         assert!(msg.contains(&first.path.display().to_string()), "{msg}");
         drop(first);
         acquire(&dir).expect("free again after drop");

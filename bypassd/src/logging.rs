@@ -1,8 +1,6 @@
 //! Logs go to journald when stderr is connected to it (JOURNAL_STREAM), else to stderr.
 use crate::config::LogLevel;
-use tracing_subscriber::{
-    filter::LevelFilter, layer::SubscriberExt, reload, util::SubscriberInitExt,
-};
+use tracing_subscriber::{filter::LevelFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 /// Changes the log level at run time (reload).
 #[derive(Clone)]
@@ -34,15 +32,9 @@ fn filter(level: LogLevel) -> LevelFilter {
 /// systemd sets JOURNAL_STREAM to "dev:inode" of the stream it gave us as stderr.
 fn stderr_is_journal() -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Some((dev, ino)) = v.split_once(':') else {
-        return false;
-    };
-    let Ok(md) = std::fs::metadata("/proc/self/fd/2") else {
-        return false;
-    };
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = v.split_once(':') else { return false };
+    let Ok(md) = std::fs::metadata("/proc/self/fd/2") else { return false };
     dev.parse() == Ok(md.dev()) && ino.parse() == Ok(md.ino())
 }
 
@@ -52,13 +44,9 @@ pub fn init(level: LogLevel) -> Handle {
     if stderr_is_journal()
         && let Ok(j) = tracing_journald::layer()
     {
-        let _ = registry
-            .with(j.with_syslog_identifier("bypassd".into()))
-            .try_init();
+        let _ = registry.with(j.with_syslog_identifier("bypassd".into())).try_init();
     } else {
-        let fmt = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_target(false);
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
         let _ = registry.with(fmt).try_init();
     }
     Handle(Some(handle))

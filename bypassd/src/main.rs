@@ -70,18 +70,10 @@ fn run(config_path: &Path, log: logging::Handle) -> anyhow::Result<()> {
 fn detach(config_path: &Path) -> anyhow::Result<()> {
     // A missing config falls back to the default directories, so purge still works.
     let (pin_dir, state_dir, links) = match bypassd::dropins::load(config_path) {
-        Ok(l) => (
-            l.config.daemon.pin_dir.0,
-            l.config.daemon.state_dir.0,
-            l.config.links.into_iter().map(|s| s.into_inner()).collect(),
-        ),
+        Ok(l) => (l.config.daemon.pin_dir.0, l.config.daemon.state_dir.0, l.config.links.into_iter().map(|s| s.into_inner()).collect()),
         Err(e) if !config_path.exists() => {
             tracing::info!("{e}; using the default pin directory");
-            (
-                config::DEFAULT_PIN_DIR.into(),
-                config::DEFAULT_STATE_DIR.into(),
-                Vec::new(),
-            )
+            (config::DEFAULT_PIN_DIR.into(), config::DEFAULT_STATE_DIR.into(), Vec::new())
         }
         Err(e) => return Err(e).context("cannot tell which pin directory to detach"),
     };
@@ -89,9 +81,6 @@ fn detach(config_path: &Path) -> anyhow::Result<()> {
     let _lock = instance::acquire(&state_dir)?;
     let links = datapath::link::retire_all(&pin_dir, &links)?;
     let n = datapath::detach(&pin_dir)?;
-    println!(
-        "detached {n} datapath generation(s) and {links} link entries from {}",
-        pin_dir.display()
-    );
+    println!("detached {n} datapath generation(s) and {links} link entries from {}", pin_dir.display());
     Ok(())
 }

@@ -9,8 +9,7 @@ fn send(states: &[NotifyState]) {
 
 /// RELOADING=1 with the MONOTONIC_USEC that `Type=notify-reload` requires.
 pub fn reloading() {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
     let usec = ts.tv_sec() as i128 * 1_000_000 + ts.tv_nsec() as i128 / 1000;
     send(&[NotifyState::Reloading, NotifyState::MonotonicUsec(usec)]);
 }

@@ -27,11 +27,7 @@ pub fn run(config_path: &Path, log: crate::logging::Handle) -> Result<()> {
     .context("installing signal handlers")?;
     std::thread::spawn(move || {
         for s in signals.forever() {
-            let ev = if s == signal_hook::consts::SIGHUP {
-                Event::Reload
-            } else {
-                Event::Stop
-            };
+            let ev = if s == signal_hook::consts::SIGHUP { Event::Reload } else { Event::Stop };
             if tx.send(ev).is_err() {
                 break;
             }
@@ -45,9 +41,7 @@ pub fn run(config_path: &Path, log: crate::logging::Handle) -> Result<()> {
     startup::step("D-Bus name");
     let watched = control.clone();
     if let Err(e) = crate::datapath::link::watch::spawn(move |evs| watched.link_events(evs)) {
-        tracing::warn!(
-            "link datapath: no netlink events ({e:#}); interfaces are re-checked every tick"
-        );
+        tracing::warn!("link datapath: no netlink events ({e:#}); interfaces are re-checked every tick");
     }
     startup::step("netlink watch");
     let _metrics = crate::metrics::serve(control.clone(), &metrics_cfg);
@@ -63,11 +57,7 @@ pub fn run(config_path: &Path, log: crate::logging::Handle) -> Result<()> {
 
     let mut watchdog_usec = 0u64;
     let wd = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
-    let tick = if wd {
-        Duration::from_micros(watchdog_usec / 2).clamp(Duration::from_millis(100), TICK)
-    } else {
-        TICK
-    };
+    let tick = if wd { Duration::from_micros(watchdog_usec / 2).clamp(Duration::from_millis(100), TICK) } else { TICK };
     loop {
         match rx.recv_timeout(tick) {
             Ok(Event::Reload) => {

@@ -24,13 +24,7 @@ fn with(f: impl FnOnce(&mut Option<Steps>)) {
 /// Start timing (first thing in `main`).
 pub fn begin() {
     let now = Instant::now();
-    with(|s| {
-        *s = Some(Steps {
-            t0: now,
-            last: now,
-            done: Vec::new(),
-        })
-    });
+    with(|s| *s = Some(Steps { t0: now, last: now, done: Vec::new() }));
 }
 
 /// The step that just ended took the time since the previous one.
@@ -50,16 +44,8 @@ pub fn report() -> Option<String> {
     with(|s| {
         if let Some(s) = s.take() {
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
-            let parts: Vec<String> = s
-                .done
-                .iter()
-                .map(|(n, d)| format!("{n} {:.1}", ms(*d)))
-                .collect();
-            out = Some(format!(
-                "total {:.1} ms: {} (ms)",
-                ms(s.last - s.t0),
-                parts.join(", ")
-            ));
+            let parts: Vec<String> = s.done.iter().map(|(n, d)| format!("{n} {:.1}", ms(*d))).collect();
+            out = Some(format!("total {:.1} ms: {} (ms)", ms(s.last - s.t0), parts.join(", ")));
         }
     });
     out
@@ -73,10 +59,7 @@ mod tests {
         super::step("a");
         super::step("b");
         let r = super::report().expect("started");
-        assert!(
-            r.starts_with("total ") && r.contains(": a ") && r.contains(", b "),
-            "{r}"
-        );
+        assert!(r.starts_with("total ") && r.contains(": a ") && r.contains(", b "), "{r}");
         super::step("after");
         assert!(super::report().is_none());
     }

@@ -4,9 +4,7 @@
 //!
 //! systemd-run is not used: these hosts' PID 1 is not systemd. Re-creating the
 //! cgroup directory is what a unit restart does to the cgroup tree.
-use bypass_testsupport::{
-    Daemon, PinDir, TempDir, TestCgroup, bin, enter_cgroup, require_root, run_json,
-};
+use bypass_testsupport::{Daemon, PinDir, TempDir, TestCgroup, bin, enter_cgroup, require_root, run_json};
 use bypassd::datapath::Datapath;
 use bypassd_ebpf::abi::Counter;
 use std::{
@@ -15,9 +13,7 @@ use std::{
 };
 
 fn inserted(pins: &Path) -> u64 {
-    Datapath::open_pinned(pins)
-        .and_then(|d| d.counter(Counter::SocketsInserted))
-        .expect("read counters")
+    Datapath::open_pinned(pins).and_then(|d| d.counter(Counter::SocketsInserted)).expect("read counters")
 }
 
 /// One verified transfer inside `cg`; returns how many sockets the datapath took.
@@ -35,12 +31,7 @@ fn transfer_in(cg: &Path, pins: &Path) -> u64 {
 /// The cgroup id of the rule the kernel holds (the only cgroup rule).
 fn kernel_rule_cgroup(pins: &Path) -> Option<u64> {
     let dp = Datapath::open_pinned(pins).expect("open pins");
-    dp.active_policy()
-        .expect("read policy")
-        .rules
-        .iter()
-        .find(|r| r.cgroup_id != 0)
-        .map(|r| r.cgroup_id)
+    dp.active_policy().expect("read policy").rules.iter().find(|r| r.cgroup_id != 0).map(|r| r.cgroup_id)
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -67,11 +58,7 @@ fn a_rule_follows_its_cgroup_when_it_is_created_again() {
         top.rel
     );
     let mut d = Daemon::start(&cfg).expect("start bypassd");
-    assert_eq!(
-        transfer_in(&app, pins.path()),
-        2,
-        "the rule accelerates its cgroup"
-    );
+    assert_eq!(transfer_in(&app, pins.path()), 2, "the rule accelerates its cgroup");
     // Outside the rule's cgroup nothing is accelerated.
     assert_eq!(transfer_in(&top.path, pins.path()), 0);
 
@@ -79,11 +66,7 @@ fn a_rule_follows_its_cgroup_when_it_is_created_again() {
     std::fs::remove_dir(&app).unwrap();
     d.reload().expect("reload with the rule's cgroup missing");
     assert!(!d.log().contains("reload failed"), "{}", d.log());
-    wait_until(
-        "the kernel drops the inactive rule",
-        Duration::from_secs(5),
-        || kernel_rule_cgroup(pins.path()).is_none(),
-    );
+    wait_until("the kernel drops the inactive rule", Duration::from_secs(5), || kernel_rule_cgroup(pins.path()).is_none());
 
     // The unit starts again: same path, new cgroup (new inode).
     std::fs::create_dir(&app).unwrap();
@@ -91,16 +74,10 @@ fn a_rule_follows_its_cgroup_when_it_is_created_again() {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&app).unwrap().ino()
     };
-    wait_until(
-        "the rule follows the new cgroup",
-        Duration::from_secs(5),
-        || kernel_rule_cgroup(pins.path()) == Some(new_id),
-    );
-    assert_eq!(
-        transfer_in(&app, pins.path()),
-        2,
-        "new connections from the re-created cgroup are accelerated"
-    );
+    wait_until("the rule follows the new cgroup", Duration::from_secs(5), || {
+        kernel_rule_cgroup(pins.path()) == Some(new_id)
+    });
+    assert_eq!(transfer_in(&app, pins.path()), 2, "new connections from the re-created cgroup are accelerated");
     assert!(d.log().contains("is active again"), "{}", d.log());
     let _ = std::fs::remove_dir(&app);
     d.stop();
@@ -112,10 +89,7 @@ fn a_missing_cgroup_in_the_persisted_runtime_policy_does_not_stop_start_or_reloa
     let (top, pins, state) = (TestCgroup::new(), PinDir::new(), TempDir::new());
     std::fs::write(
         state.path().join("policy.toml"),
-        format!(
-            "[[rules]]\nname = \"gone\"\naction = \"accelerate\"\ncgroup = \"{}/gone\"\n",
-            top.rel
-        ),
+        format!("[[rules]]\nname = \"gone\"\naction = \"accelerate\"\ncgroup = \"{}/gone\"\n", top.rel),
     )
     .unwrap();
     let cfg = format!(
@@ -125,11 +99,7 @@ fn a_missing_cgroup_in_the_persisted_runtime_policy_does_not_stop_start_or_reloa
         state.path().display()
     );
     let mut d = Daemon::start(&cfg).expect("start with a runtime rule naming a removed cgroup");
-    assert!(
-        d.log().contains("is inactive until it exists"),
-        "{}",
-        d.log()
-    );
+    assert!(d.log().contains("is inactive until it exists"), "{}", d.log());
     // A reload that changes only the capacity builds a new generation and succeeds.
     std::fs::write(&d.config, format!("{cfg}[datapath]\ncapacity = 4096\n")).unwrap();
     d.reload().expect("reload");

@@ -39,9 +39,7 @@ impl Env {
 }
 
 fn counter(pins: &Path, c: Counter) -> u64 {
-    Datapath::open_pinned(pins)
-        .and_then(|d| d.counter(c))
-        .expect("read counters")
+    Datapath::open_pinned(pins).and_then(|d| d.counter(c)).expect("read counters")
 }
 
 /// Every kernel-path message had a safety reason (testsupport::counters).
@@ -68,14 +66,8 @@ fn wait_exists(p: &Path, timeout: Duration) {
 /// Spawn `serve`; returns the child and its port.
 fn serve(mut cmd: Command, listen: &str, extra: &[&str], dir: &Path) -> (Child, u16) {
     let port_file = dir.join(bypass_testsupport::unique("port"));
-    cmd.args(["serve", "--listen", listen, "--port-file"])
-        .arg(&port_file)
-        .args(extra);
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
+    cmd.args(["serve", "--listen", listen, "--port-file"]).arg(&port_file).args(extra);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn serve");
     (child, wait_file(&port_file, Duration::from_secs(10)))
 }
 
@@ -89,15 +81,7 @@ fn loopback_1gib_each_way_is_redirected_and_intact() {
     let env = Env::new();
     let _d = env.daemon("");
     let mut t = env.traffic();
-    t.args([
-        "pair",
-        "--bind",
-        "127.0.0.1",
-        "--bytes",
-        &(1024 * MIB).to_string(),
-        "--max-write",
-        "262144",
-    ]);
+    t.args(["pair", "--bind", "127.0.0.1", "--bytes", &(1024 * MIB).to_string(), "--max-write", "262144"]);
     let v = run_json(t);
     assert_ok(&v);
     assert_eq!(v["bytes_received"].as_u64(), Some(1024 * MIB), "{v}");
@@ -107,15 +91,9 @@ fn loopback_1gib_each_way_is_redirected_and_intact() {
     // redirected, but the connection keeps returning to the redirect path.
     let redirected = env.counter(Counter::RedirectedBytes);
     let passed = env.counter(Counter::PassedBytes);
-    assert!(
-        redirected + passed >= 2048 * MIB,
-        "{redirected} + {passed}: {v}"
-    );
+    assert!(redirected + passed >= 2048 * MIB, "{redirected} + {passed}: {v}");
     // The share depends on how often the reader falls behind (49-86 % measured, lower under load).
-    assert!(
-        redirected >= 128 * MIB,
-        "only {redirected} bytes were redirected: {v}"
-    );
+    assert!(redirected >= 128 * MIB, "only {redirected} bytes were redirected: {v}");
     assert_passes_explained(&env);
     assert_eq!(env.counter(Counter::SocketsInserted), 2);
 }
@@ -124,41 +102,19 @@ fn loopback_1gib_each_way_is_redirected_and_intact() {
 fn veth_between_namespaces_1gib_each_way_is_redirected_and_intact() {
     let env = Env::new();
     let (a, b) = (Netns::new(), Netns::new());
-    veth(
-        &a,
-        &["192.0.2.1/24", "2001:db8::1/64"],
-        &b,
-        &["192.0.2.2/24", "2001:db8::2/64"],
-    );
+    veth(&a, &["192.0.2.1/24", "2001:db8::1/64"], &b, &["192.0.2.2/24", "2001:db8::2/64"]);
     let _d = env.daemon("");
     let dir = TempDir::new();
-    for (listen, connect) in [
-        ("192.0.2.1:0", "192.0.2.1"),
-        ("[2001:db8::1]:0", "[2001:db8::1]"),
-    ] {
+    for (listen, connect) in [("192.0.2.1:0", "192.0.2.1"), ("[2001:db8::1]:0", "[2001:db8::1]")] {
         let before = env.counter(Counter::RedirectedBytes);
-        let (srv, port) = serve(
-            a.command(Some(&env.cg), bin("bypass-traffic")),
-            listen,
-            &[],
-            dir.path(),
-        );
+        let (srv, port) = serve(a.command(Some(&env.cg), bin("bypass-traffic")), listen, &[], dir.path());
         let mut c = b.command(Some(&env.cg), bin("bypass-traffic"));
-        c.args([
-            "send",
-            "--connect",
-            &format!("{connect}:{port}"),
-            "--bytes",
-            &(1024 * MIB).to_string(),
-        ]);
+        c.args(["send", "--connect", &format!("{connect}:{port}"), "--bytes", &(1024 * MIB).to_string()]);
         let v = run_json(c);
         assert_ok(&v);
         assert_ok(&finish(srv));
         let redirected = env.counter(Counter::RedirectedBytes) - before;
-        assert!(
-            redirected >= 128 * MIB,
-            "{connect}: only {redirected} bytes were redirected"
-        );
+        assert!(redirected >= 128 * MIB, "{connect}: only {redirected} bytes were redirected");
     }
     assert_passes_explained(&env);
 }
@@ -168,26 +124,13 @@ fn thousand_concurrent_connections_each_intact() {
     let env = Env::new();
     let _d = env.daemon("");
     let mut t = env.traffic();
-    t.args([
-        "pair",
-        "--bind",
-        "127.0.0.1",
-        "--conns",
-        "1000",
-        "--bytes",
-        "65536",
-        "--max-write",
-        "4096",
-    ]);
+    t.args(["pair", "--bind", "127.0.0.1", "--conns", "1000", "--bytes", "65536", "--max-write", "4096"]);
     let v = run_json(t);
     assert_ok(&v);
     assert_eq!(v["conns"].as_u64(), Some(1000));
     assert_eq!(v["bytes_received"].as_u64(), Some(1000 * 65536), "{v}");
     let inserted = env.counter(Counter::SocketsInserted);
-    assert_eq!(
-        inserted, 2000,
-        "every socket of the 1000 connections is accelerated"
-    );
+    assert_eq!(inserted, 2000, "every socket of the 1000 connections is accelerated");
 }
 
 #[test]
@@ -199,12 +142,7 @@ fn same_loopback_tuple_in_two_namespaces_never_crosses() {
     let dir = TempDir::new();
     let mut servers = Vec::new();
     for ns in [&a, &b] {
-        let (srv, port) = serve(
-            ns.command(Some(&env.cg), bin("bypass-traffic")),
-            "127.0.0.1:18080",
-            &[],
-            dir.path(),
-        );
+        let (srv, port) = serve(ns.command(Some(&env.cg), bin("bypass-traffic")), "127.0.0.1:18080", &[], dir.path());
         assert_eq!(port, 18080);
         servers.push(srv);
     }
@@ -212,20 +150,9 @@ fn same_loopback_tuple_in_two_namespaces_never_crosses() {
         .iter()
         .map(|(ns, seed)| {
             let mut c = ns.command(Some(&env.cg), bin("bypass-traffic"));
-            c.args([
-                "send",
-                "--connect",
-                "127.0.0.1:18080",
-                "--source-port",
-                "18081",
-                "--bytes",
-                &(64 * MIB).to_string(),
-            ])
-            .args(["--seed", &seed.to_string()]);
-            c.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn send")
+            c.args(["send", "--connect", "127.0.0.1:18080", "--source-port", "18081", "--bytes", &(64 * MIB).to_string()])
+                .args(["--seed", &seed.to_string()]);
+            c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn send")
         })
         .collect();
     for c in clients {
@@ -234,17 +161,9 @@ fn same_loopback_tuple_in_two_namespaces_never_crosses() {
     for s in servers {
         assert_ok(&finish(s));
     }
-    assert!(
-        env.counter(Counter::RedirectedBytes) > 0,
-        "{}",
-        env.counter(Counter::RedirectedBytes)
-    );
+    assert!(env.counter(Counter::RedirectedBytes) > 0, "{}", env.counter(Counter::RedirectedBytes));
     assert_passes_explained(&env);
-    assert_eq!(
-        env.counter(Counter::InsertFailures),
-        0,
-        "both namespaces' sockets got their own keys"
-    );
+    assert_eq!(env.counter(Counter::InsertFailures), 0, "both namespaces' sockets got their own keys");
 }
 
 #[test]
@@ -260,20 +179,11 @@ fn ipv6_and_ipv4_client_to_dual_stack_listener() {
     let dir = TempDir::new();
     let (srv, port) = serve(env.traffic(), "[::]:0", &[], dir.path());
     let mut c = env.traffic();
-    c.args([
-        "send",
-        "--connect",
-        &format!("127.0.0.1:{port}"),
-        "--bytes",
-        &(64 * MIB).to_string(),
-    ]);
+    c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", &(64 * MIB).to_string()]);
     assert_ok(&run_json(c));
     assert_ok(&finish(srv));
     let v4 = env.counter(Counter::RedirectedBytes) - after_v6;
-    assert!(
-        v4 > 0,
-        "IPv4 client to a dual-stack listener not redirected: {v4}"
-    );
+    assert!(v4 > 0, "IPv4 client to a dual-stack listener not redirected: {v4}");
     // Every kernel-path message had a safety reason: the v4-mapped keys always paired.
     assert_passes_explained(&env);
 }
@@ -284,43 +194,21 @@ fn kill9_mid_transfer_then_restart_keeps_it_accelerated_and_intact() {
     let mut d = env.daemon("");
     let dir = TempDir::new();
     // The server stalls 2 s before reading, so the crash and restart happen with data in flight.
-    let (srv, port) = serve(
-        env.traffic(),
-        "127.0.0.1:0",
-        &["--delay-read-ms", "2000"],
-        dir.path(),
-    );
+    let (srv, port) = serve(env.traffic(), "127.0.0.1:0", &["--delay-read-ms", "2000"], dir.path());
     let mut c = env.traffic();
-    c.args([
-        "send",
-        "--connect",
-        &format!("127.0.0.1:{port}"),
-        "--bytes",
-        &(512 * MIB).to_string(),
-    ]);
-    let client = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("send");
+    c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", &(512 * MIB).to_string()]);
+    let client = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("send");
     std::thread::sleep(Duration::from_millis(300));
     d.kill9();
     let mid = env.counter(Counter::RedirectedBytes);
     d.spawn().expect("restart");
-    assert!(
-        d.log().contains("adopted"),
-        "restart must adopt the pinned datapath:\n{}",
-        d.log()
-    );
+    assert!(d.log().contains("adopted"), "restart must adopt the pinned datapath:\n{}", d.log());
     assert_ok(&finish(client));
     assert_ok(&finish(srv));
     let total = env.counter(Counter::RedirectedBytes);
     // The reader stalls 2 s: its sender starts on TCP (not yet a recvmsg reader, then a
     // full queue) and returns to the redirect path once the reader has caught up.
-    assert!(
-        total >= 16 * MIB,
-        "transfer never returned to the redirect path: {total} bytes redirected"
-    );
+    assert!(total >= 16 * MIB, "transfer never returned to the redirect path: {total} bytes redirected");
     assert_passes_explained(&env);
     assert!(total > mid, "redirection went on after the restart");
     // New connections after the restart are accelerated too.
@@ -336,37 +224,14 @@ fn full_sockhash_falls_back_to_kernel_and_counts() {
     let env = Env::new();
     let _d = env.daemon("[datapath]\ncapacity = 16\n");
     let mut t = env.traffic();
-    t.args([
-        "pair",
-        "--bind",
-        "127.0.0.1",
-        "--conns",
-        "50",
-        "--bytes",
-        "1048576",
-        "--delay-read-ms",
-        "500",
-    ]);
+    t.args(["pair", "--bind", "127.0.0.1", "--conns", "50", "--bytes", "1048576", "--delay-read-ms", "500"]);
     let v = run_json(t);
     assert_ok(&v);
     assert_eq!(v["bytes_received"].as_u64(), Some(50 * MIB));
-    let (ins, fail) = (
-        env.counter(Counter::SocketsInserted),
-        env.counter(Counter::InsertFailures),
-    );
-    assert!(
-        fail > 0,
-        "50 connections in a 16-entry SOCKHASH must overflow (inserted {ins})"
-    );
-    assert!(
-        ins <= 16,
-        "at most 16 sockets fit at once while all 50 are open, got {ins}"
-    );
-    assert_eq!(
-        ins + fail,
-        100,
-        "every socket was either inserted or counted as a failure"
-    );
+    let (ins, fail) = (env.counter(Counter::SocketsInserted), env.counter(Counter::InsertFailures));
+    assert!(fail > 0, "50 connections in a 16-entry SOCKHASH must overflow (inserted {ins})");
+    assert!(ins <= 16, "at most 16 sockets fit at once while all 50 are open, got {ins}");
+    assert_eq!(ins + fail, 100, "every socket was either inserted or counted as a failure");
 }
 
 #[test]
@@ -374,47 +239,18 @@ fn bad_configs_are_refused_with_location_and_attach_nothing() {
     let env = Env::new();
     let good = env.config("");
     let cases: Vec<(&str, String, &str)> = vec![
-        (
-            "unknown key",
-            format!("{good}[datapath]\ncapacity = 64\nfrobnicate = true\n"),
-            "frobnicate",
-        ),
-        (
-            "bad type",
-            format!("{good}[datapath]\ncapacity = \"lots\"\n"),
-            "capacity",
-        ),
-        (
-            "bad pin path",
-            good.replace("pin_dir = \"/", "pin_dir = \"relative/"),
-            "not an absolute path",
-        ),
-        (
-            "no such cgroup",
-            good.replace(&env.cg.rel, "/bypassd-no-such-cgroup"),
-            "daemon.cgroup",
-        ),
-        (
-            "bad policy",
-            format!("{good}[policy]\ndefault = \"sometimes\"\n"),
-            "sometimes",
-        ),
+        ("unknown key", format!("{good}[datapath]\ncapacity = 64\nfrobnicate = true\n"), "frobnicate"),
+        ("bad type", format!("{good}[datapath]\ncapacity = \"lots\"\n"), "capacity"),
+        ("bad pin path", good.replace("pin_dir = \"/", "pin_dir = \"relative/"), "not an absolute path"),
+        ("no such cgroup", good.replace(&env.cg.rel, "/bypassd-no-such-cgroup"), "daemon.cgroup"),
+        ("bad policy", format!("{good}[policy]\ndefault = \"sometimes\"\n"), "sometimes"),
     ];
     let dir = TempDir::new();
     for (what, text, needle) in cases {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, &text).unwrap();
-        let check = Command::new(bin("bypassd"))
-            .arg("--check-config")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let start = Command::new(bin("bypassd"))
-            .arg("--config")
-            .arg(&path)
-            .env_remove("NOTIFY_SOCKET")
-            .output()
-            .unwrap();
+        let check = Command::new(bin("bypassd")).arg("--check-config").arg(&path).output().unwrap();
+        let start = Command::new(bin("bypassd")).arg("--config").arg(&path).env_remove("NOTIFY_SOCKET").output().unwrap();
         for (mode, out) in [("check", &check), ("start", &start)] {
             let err = String::from_utf8_lossy(&out.stderr);
             // Semantic checks (the cgroup exists) only happen at start.
@@ -422,40 +258,20 @@ fn bad_configs_are_refused_with_location_and_attach_nothing() {
                 continue;
             }
             assert!(!out.status.success(), "{what}/{mode}: accepted");
-            assert!(
-                err.contains(&path.display().to_string()),
-                "{what}/{mode}: file not named: {err}"
-            );
-            assert!(
-                err.contains(needle),
-                "{what}/{mode}: `{needle}` not named: {err}"
-            );
+            assert!(err.contains(&path.display().to_string()), "{what}/{mode}: file not named: {err}");
+            assert!(err.contains(needle), "{what}/{mode}: `{needle}` not named: {err}");
             assert!(err.contains("bad.toml:"), "{what}/{mode}: no line: {err}");
         }
-        assert!(
-            !env.pins.path().exists()
-                || std::fs::read_dir(env.pins.path()).unwrap().next().is_none(),
-            "{what}: something was pinned"
-        );
+        assert!(!env.pins.path().exists() || std::fs::read_dir(env.pins.path()).unwrap().next().is_none(), "{what}: something was pinned");
     }
     // An unreadable file (a directory) and a missing file.
     for p in [dir.path().to_path_buf(), dir.path().join("missing.toml")] {
-        let out = Command::new(bin("bypassd"))
-            .arg("--config")
-            .arg(&p)
-            .output()
-            .unwrap();
+        let out = Command::new(bin("bypassd")).arg("--config").arg(&p).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
-        assert!(
-            err.contains("cannot read config") && err.contains(&p.display().to_string()),
-            "{err}"
-        );
+        assert!(err.contains("cannot read config") && err.contains(&p.display().to_string()), "{err}");
     }
-    assert!(
-        !env.pins.path().exists(),
-        "nothing may be pinned by a refused start"
-    );
+    assert!(!env.pins.path().exists(), "nothing may be pinned by a refused start");
 }
 
 #[test]
@@ -467,31 +283,13 @@ fn reload_with_a_broken_config_keeps_the_running_state() {
     let good = std::fs::read_to_string(&d.config).unwrap();
     std::fs::write(&d.config, format!("{good}\n[datapath]\ncapacity = -3\n")).unwrap();
     d.reload().expect("reload answers");
-    assert!(
-        d.log()
-            .contains("reload failed, keeping the running configuration"),
-        "{}",
-        d.log()
-    );
-    assert!(
-        d.log().contains("capacity -3 is out of range"),
-        "{}",
-        d.log()
-    );
+    assert!(d.log().contains("reload failed, keeping the running configuration"), "{}", d.log());
+    assert!(d.log().contains("capacity -3 is out of range"), "{}", d.log());
     assert_eq!(gens(env.pins.path()), before);
     let mut t = env.traffic();
-    t.args([
-        "pair",
-        "--bind",
-        "127.0.0.1",
-        "--bytes",
-        &(16 * MIB).to_string(),
-    ]);
+    t.args(["pair", "--bind", "127.0.0.1", "--bytes", &(16 * MIB).to_string()]);
     assert_ok(&run_json(t));
-    assert!(
-        env.counter(Counter::RedirectedBytes) > 0,
-        "still accelerating after a refused reload"
-    );
+    assert!(env.counter(Counter::RedirectedBytes) > 0, "still accelerating after a refused reload");
     assert_eq!(env.counter(Counter::SocketsInserted), 2);
 }
 
@@ -506,38 +304,12 @@ fn capacity_change_on_reload_builds_a_new_generation_without_losing_data() {
     let hold = dir.path().join("go");
     let sent = dir.path().join("sent");
     // 8 MiB sit unread at the receiver, redirected through the old generation.
-    let (srv, port) = serve(
-        env.traffic(),
-        "127.0.0.1:0",
-        &[
-            "--read-mode",
-            "read-after-file",
-            "--hold-file",
-            hold.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
+    let (srv, port) = serve(env.traffic(), "127.0.0.1:0", &["--read-mode", "read-after-file", "--hold-file", hold.to_str().unwrap()], dir.path());
     let mut c = env.traffic();
-    c.args([
-        "send",
-        "--connect",
-        &format!("127.0.0.1:{port}"),
-        "--bytes",
-        &(8 * MIB).to_string(),
-        "--reply-bytes",
-        "0",
-        "--sent-file",
-        sent.to_str().unwrap(),
-    ]);
-    let client = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", &(8 * MIB).to_string(), "--reply-bytes", "0", "--sent-file", sent.to_str().unwrap()]);
+    let client = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_exists(&sent, Duration::from_secs(20));
-    let text = std::fs::read_to_string(&d.config)
-        .unwrap()
-        .replace("capacity = 1024", "capacity = 2048");
+    let text = std::fs::read_to_string(&d.config).unwrap().replace("capacity = 1024", "capacity = 2048");
     std::fs::write(&d.config, text).unwrap();
     d.reload().expect("reload");
     let new = bypassd::datapath::generations(env.pins.path());
@@ -550,11 +322,7 @@ fn capacity_change_on_reload_builds_a_new_generation_without_losing_data() {
     let mut t = env.traffic();
     t.args(["pair", "--bind", "127.0.0.1", "--bytes", "1048576"]);
     assert_ok(&run_json(t));
-    assert_eq!(
-        env.counter(Counter::SocketsInserted),
-        2,
-        "new generation accelerates new connections"
-    );
+    assert_eq!(env.counter(Counter::SocketsInserted), 2, "new generation accelerates new connections");
 }
 
 #[test]
@@ -566,46 +334,15 @@ fn detach_with_unread_redirected_data_loses_nothing() {
     let dir = TempDir::new();
     let hold = dir.path().join("go");
     let sent = dir.path().join("sent");
-    let (srv, port) = serve(
-        env.traffic(),
-        "127.0.0.1:0",
-        &[
-            "--read-mode",
-            "read-after-file",
-            "--hold-file",
-            hold.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
+    let (srv, port) = serve(env.traffic(), "127.0.0.1:0", &["--read-mode", "read-after-file", "--hold-file", hold.to_str().unwrap()], dir.path());
     let mut c = env.traffic();
-    c.args([
-        "send",
-        "--connect",
-        &format!("127.0.0.1:{port}"),
-        "--bytes",
-        &MIB.to_string(),
-        "--reply-bytes",
-        "0",
-        "--sent-file",
-        sent.to_str().unwrap(),
-    ]);
-    let client = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", &MIB.to_string(), "--reply-bytes", "0", "--sent-file", sent.to_str().unwrap()]);
+    let client = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_exists(&sent, Duration::from_secs(20));
-    assert!(
-        env.counter(Counter::RedirectedBytes) >= MIB,
-        "the 1 MiB waits in the redirect queue"
-    );
+    assert!(env.counter(Counter::RedirectedBytes) >= MIB, "the 1 MiB waits in the redirect queue");
     d.stop();
     let out = d.tool(&["--detach"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!env.pins.path().exists(), "detach removes every pin");
     // A connection made now is not accelerated (nothing is attached) and still works.
     let mut t = env.traffic();
@@ -631,8 +368,5 @@ fn sockets_outside_the_cgroup_are_not_touched() {
     t.args(["pair", "--bind", "127.0.0.1", "--bytes", "1048576"]);
     assert_ok(&run_json(t));
     assert_eq!(env.counter(Counter::SocketsInserted), 0);
-    assert_eq!(
-        env.counter(Counter::RedirectedMsgs) + env.counter(Counter::PassedMsgs),
-        0
-    );
+    assert_eq!(env.counter(Counter::RedirectedMsgs) + env.counter(Counter::PassedMsgs), 0);
 }

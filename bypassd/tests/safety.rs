@@ -41,13 +41,7 @@ impl Env {
     fn new() -> Env {
         require_root();
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        Env {
-            _serial: serial,
-            cg: TestCgroup::new(),
-            pins: PinDir::new(),
-            state: TempDir::new(),
-            work: TempDir::new(),
-        }
+        Env { _serial: serial, cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new(), work: TempDir::new() }
     }
 
     fn daemon_keys(&self) -> String {
@@ -61,10 +55,7 @@ impl Env {
 
     /// Accelerate everything in this test's cgroup; `datapath` goes under [datapath].
     fn accelerate_all(&self, datapath: &str) -> Daemon {
-        let cfg = format!(
-            "[daemon]\n{}[datapath]\n{datapath}\n[policy]\ndefault = \"accelerate\"\n",
-            self.daemon_keys()
-        );
+        let cfg = format!("[daemon]\n{}[datapath]\n{datapath}\n[policy]\ndefault = \"accelerate\"\n", self.daemon_keys());
         Daemon::start(&cfg).expect("start bypassd")
     }
 
@@ -87,20 +78,12 @@ impl Env {
     }
 
     fn counter(&self, c: Counter) -> u64 {
-        Datapath::open_pinned(self.pins.path())
-            .and_then(|d| d.counter(c))
-            .expect("read counters")
+        Datapath::open_pinned(self.pins.path()).and_then(|d| d.counter(c)).expect("read counters")
     }
 
     fn counters(&self) -> String {
         let d = Datapath::open_pinned(self.pins.path()).expect("open datapath");
-        d.counters()
-            .unwrap()
-            .iter()
-            .filter(|(_, v)| *v != 0)
-            .map(|(c, v)| format!("{}={v}", c.name()))
-            .collect::<Vec<_>>()
-            .join(" ")
+        d.counters().unwrap().iter().filter(|(_, v)| *v != 0).map(|(c, v)| format!("{}={v}", c.name())).collect::<Vec<_>>().join(" ")
     }
 
     /// `timeout SECS program args...`, started inside the test's cgroup.
@@ -112,17 +95,11 @@ impl Env {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
+    if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" }
 }
 
 fn need(tool: &str) {
@@ -143,31 +120,17 @@ fn stall(env: &Env, extra: &[&str]) -> Value {
 }
 
 fn assert_bounded(v: &Value, cap: u64) {
-    assert_eq!(
-        v["ok"],
-        Value::Bool(true),
-        "transfer failed or bytes differ: {v}"
-    );
+    assert_eq!(v["ok"], Value::Bool(true), "transfer failed or bytes differ: {v}");
     let per_conn = u(v, "max_sent_during_stall_per_conn");
-    assert!(
-        per_conn <= cap + SLACK,
-        "a connection pushed {per_conn} bytes into a stalled reader (bound {}): {v}",
-        cap + SLACK
-    );
+    assert!(per_conn <= cap + SLACK, "a connection pushed {per_conn} bytes into a stalled reader (bound {}): {v}", cap + SLACK);
 }
 
 #[test]
 fn stalled_reader_blocking_sender_1gib_is_bounded_then_intact() {
     let env = Env::new();
     let _d = env.accelerate_all("");
-    let v = stall(
-        &env,
-        &["--bytes", &(1024 * MIB).to_string(), "--stall", "10"],
-    );
-    eprintln!(
-        "stalled reader, blocking sender: {v}\ncounters: {}",
-        env.counters()
-    );
+    let v = stall(&env, &["--bytes", &(1024 * MIB).to_string(), "--stall", "10"]);
+    eprintln!("stalled reader, blocking sender: {v}\ncounters: {}", env.counters());
     assert_bounded(&v, DEFAULT_CAP);
     assert_eq!(u(&v, "received"), 1024 * MIB);
     // The sender blocked: it got nowhere near 1 GiB while the reader slept.
@@ -175,11 +138,7 @@ fn stalled_reader_blocking_sender_1gib_is_bounded_then_intact() {
     // Host TCP memory (global: other tests on the host add noise) did not take the 1 GiB.
     assert!(u(&v, "tcp_mem_bytes_rise") <= DEFAULT_CAP + 64 * MIB, "{v}");
     // The redirect path was in use and backpressure, not only the recvmsg gate, bounded it.
-    assert!(
-        env.counter(Counter::RedirectedBytes) > 0,
-        "{}",
-        env.counters()
-    );
+    assert!(env.counter(Counter::RedirectedBytes) > 0, "{}", env.counters());
     assert!(env.counter(Counter::Backpressure) > 0, "{}", env.counters());
 }
 
@@ -187,26 +146,11 @@ fn stalled_reader_blocking_sender_1gib_is_bounded_then_intact() {
 fn stalled_reader_nonblocking_sender_gets_eagain_then_resumes_intact() {
     let env = Env::new();
     let _d = env.accelerate_all("");
-    let v = stall(
-        &env,
-        &[
-            "--bytes",
-            &(1024 * MIB).to_string(),
-            "--stall",
-            "10",
-            "--nonblocking",
-        ],
-    );
-    eprintln!(
-        "stalled reader, non-blocking sender: {v}\ncounters: {}",
-        env.counters()
-    );
+    let v = stall(&env, &["--bytes", &(1024 * MIB).to_string(), "--stall", "10", "--nonblocking"]);
+    eprintln!("stalled reader, non-blocking sender: {v}\ncounters: {}", env.counters());
     assert_bounded(&v, DEFAULT_CAP);
     assert_eq!(u(&v, "received"), 1024 * MIB);
-    assert!(
-        u(&v, "eagain") > 0,
-        "a non-blocking sender must see EAGAIN: {v}"
-    );
+    assert!(u(&v, "eagain") > 0, "a non-blocking sender must see EAGAIN: {v}");
     assert!(u(&v, "tcp_mem_bytes_rise") <= DEFAULT_CAP + 64 * MIB, "{v}");
     assert!(env.counter(Counter::Backpressure) > 0, "{}", env.counters());
 }
@@ -229,19 +173,8 @@ fn two_hundred_slow_readers_each_bounded_nothing_lost() {
     let env = Env::new();
     let _d = env.accelerate_all(&format!("queue_cap = {CAP}"));
     let mut c = env.run(600, python());
-    c.arg(fixture("stall.py")).args([
-        "--conns",
-        "200",
-        "--bytes",
-        &PER_CONN.to_string(),
-        "--stall",
-        "8",
-    ]);
-    let child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn stall.py");
+    c.arg(fixture("stall.py")).args(["--conns", "200", "--bytes", &PER_CONN.to_string(), "--stall", "8"]);
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn stall.py");
     // While every reader sleeps, no receiver's redirect queue may exceed the cap by more
     // than one message (published by the senders themselves: exact while nobody reads).
     std::thread::sleep(Duration::from_secs(6));
@@ -255,15 +188,8 @@ fn two_hundred_slow_readers_each_bounded_nothing_lost() {
         rx.len(),
         env.counters()
     );
-    assert!(
-        rx.len() >= 400,
-        "every socket of the 200 connections is accelerated ({} in bp_rx)",
-        rx.len()
-    );
-    assert!(
-        max_queued <= CAP + MIB,
-        "a receiver's redirect queue held {max_queued} bytes (cap {CAP})"
-    );
+    assert!(rx.len() >= 400, "every socket of the 200 connections is accelerated ({} in bp_rx)", rx.len());
+    assert!(max_queued <= CAP + MIB, "a receiver's redirect queue held {max_queued} bytes (cap {CAP})");
     assert_bounded(&v, CAP);
     assert_eq!(u(&v, "received"), 200 * PER_CONN, "{v}");
     assert_eq!(u(&v, "mismatched"), 0, "{v}");
@@ -274,16 +200,8 @@ fn finish_json(child: Child) -> Value {
     let out = child.wait_with_output().expect("wait");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "failed ({}): {stdout} {stderr}",
-        out.status
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON: {stdout} {stderr}"));
+    assert!(out.status.success(), "failed ({}): {stdout} {stderr}", out.status);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON: {stdout} {stderr}"));
     serde_json::from_str(line).expect("JSON")
 }
 
@@ -322,33 +240,15 @@ fn wait_port(p: &Path) -> u16 {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// `bypass-traffic serve` as the upstream: returns it and its port.
 fn upstream(env: &Env, name: &str) -> (Child, u16) {
     let pf = env.work.path().join(format!("{name}.port"));
     let mut c = env.run(120, bin("bypass-traffic"));
-    c.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--count",
-        "1",
-        "--timeout-secs",
-        "100",
-        "--port-file",
-    ])
-    .arg(&pf);
-    let child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
+    c.args(["serve", "--listen", "127.0.0.1:0", "--count", "1", "--timeout-secs", "100", "--port-file"]).arg(&pf);
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn serve");
     (child, wait_port(&pf))
 }
 
@@ -356,45 +256,19 @@ fn upstream(env: &Env, name: &str) -> (Child, u16) {
 fn transfer_through(env: &Env, port: u16, server: Child, what: &str) {
     let started = Instant::now();
     let mut c = env.run(100, bin("bypass-traffic"));
-    c.args([
-        "send",
-        "--connect",
-        &format!("127.0.0.1:{port}"),
-        "--bytes",
-        "64M",
-        "--max-write",
-        "262144",
-        "--timeout-secs",
-        "90",
-    ]);
-    let out = c
-        .stdin(Stdio::null())
-        .output()
-        .expect("run bypass-traffic send");
+    c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", "64M", "--max-write", "262144", "--timeout-secs", "90"]);
+    let out = c.stdin(Stdio::null()).output().expect("run bypass-traffic send");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or("{}");
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("{}");
     let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
     if v["ok"] != Value::Bool(true) {
-        let rx = Datapath::open_pinned(env.pins.path())
-            .and_then(|d| d.rx_states())
-            .unwrap_or_default();
-        panic!(
-            "{what}: {v}\ncounters: {}\nreceive state: {rx:?}",
-            env.counters()
-        );
+        let rx = Datapath::open_pinned(env.pins.path()).and_then(|d| d.rx_states()).unwrap_or_default();
+        panic!("{what}: {v}\ncounters: {}\nreceive state: {rx:?}", env.counters());
     }
     assert_eq!(u(&v, "bytes_received"), 64 * MIB, "{what}: {v}");
     let s = finish_json(server);
     assert_eq!(s["ok"], Value::Bool(true), "{what}: upstream: {s}");
-    eprintln!(
-        "{what}: intact in {:.2}s; counters: {}",
-        started.elapsed().as_secs_f64(),
-        env.counters()
-    );
+    eprintln!("{what}: intact in {:.2}s; counters: {}", started.elapsed().as_secs_f64(), env.counters());
 }
 
 struct Killed(Child);
@@ -427,35 +301,14 @@ fn go_proxy_case(cfg: Cfg) {
     let (srv, up) = upstream(&env, "go-upstream");
     let pf = env.work.path().join("goproxy.port");
     let mut c = env.run(120, &exe);
-    c.args([
-        "-listen",
-        "127.0.0.1:0",
-        "-upstream",
-        &format!("127.0.0.1:{up}"),
-        "-port-file",
-    ])
-    .arg(&pf);
-    let _proxy = Killed(
-        c.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn goproxy"),
-    );
+    c.args(["-listen", "127.0.0.1:0", "-upstream", &format!("127.0.0.1:{up}"), "-port-file"]).arg(&pf);
+    let _proxy = Killed(c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn goproxy"));
     let port = wait_port(&pf);
     transfer_through(&env, port, srv, &format!("Go io.Copy proxy ({cfg:?})"));
     if accelerated(cfg) {
         // Both connections were accelerated, and nothing was stranded at the proxy.
-        assert!(
-            env.counter(Counter::SocketsInserted) >= 4,
-            "{}",
-            env.counters()
-        );
-        assert_eq!(
-            env.counter(Counter::SpliceStranded),
-            0,
-            "{}",
-            env.counters()
-        );
+        assert!(env.counter(Counter::SocketsInserted) >= 4, "{}", env.counters());
+        assert_eq!(env.counter(Counter::SpliceStranded), 0, "{}", env.counters());
         assert_eq!(env.counter(Counter::StrandedDrops), 0, "{}", env.counters());
     }
     if let Cfg::AccelerateAllTracepoints = cfg {
@@ -496,19 +349,9 @@ fn haproxy_case(cfg: Cfg, splice_opts: &str) {
     .unwrap();
     let mut c = env.run(120, "haproxy");
     c.arg("-db").arg("-f").arg(&conf);
-    let _hap = Killed(
-        c.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn haproxy"),
-    );
+    let _hap = Killed(c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn haproxy"));
     wait_listening(port);
-    transfer_through(
-        &env,
-        port,
-        srv,
-        &format!("HAProxy `{}` ({cfg:?})", splice_opts.replace("\n  ", "; ")),
-    );
+    transfer_through(&env, port, srv, &format!("HAProxy `{}` ({cfg:?})", splice_opts.replace("\n  ", "; ")));
 }
 
 /// Wait until something listens on 127.0.0.1:port, without connecting to it.
@@ -518,12 +361,7 @@ fn wait_listening(port: u16) {
     loop {
         let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
         // st 0A = LISTEN
-        if tcp.lines().any(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .is_some_and(|a| format!("{a} ").ends_with(&needle))
-                && l.split_whitespace().nth(3) == Some("0A")
-        }) {
+        if tcp.lines().any(|l| l.split_whitespace().nth(1).is_some_and(|a| format!("{a} ").ends_with(&needle)) && l.split_whitespace().nth(3) == Some("0A")) {
             return;
         }
         assert!(Instant::now() < deadline, "nothing listens on {port}");
@@ -543,42 +381,20 @@ fn haproxy_splice_auto_never_hangs_when_everything_is_accelerated() {
 
 #[test]
 fn haproxy_forced_splice_never_hangs_when_everything_is_accelerated() {
-    haproxy_case(
-        Cfg::AccelerateAll,
-        "option splice-request\n  option splice-response",
-    );
+    haproxy_case(Cfg::AccelerateAll, "option splice-request\n  option splice-response");
 }
 
 fn python_splice_case(cfg: Cfg, mode: &str) {
     let env = Env::new();
     let _d = daemon(&env, cfg);
     let mut c = env.run(120, python());
-    c.arg(fixture("splice_reader.py")).args([
-        "--mode",
-        mode,
-        "--bytes",
-        &(64 * MIB).to_string(),
-        "--stall-timeout",
-        "20",
-    ]);
+    c.arg(fixture("splice_reader.py")).args(["--mode", mode, "--bytes", &(64 * MIB).to_string(), "--stall-timeout", "20"]);
     let v = run_json(c);
-    eprintln!(
-        "Python os.splice reader ({cfg:?}, {mode}): {v}; counters: {}",
-        env.counters()
-    );
+    eprintln!("Python os.splice reader ({cfg:?}, {mode}): {v}; counters: {}", env.counters());
     assert_eq!(v["ok"], Value::Bool(true), "{v}");
     if accelerated(cfg) {
-        assert!(
-            env.counter(Counter::SocketsInserted) >= 2,
-            "{}",
-            env.counters()
-        );
-        assert_eq!(
-            env.counter(Counter::SpliceStranded),
-            0,
-            "{}",
-            env.counters()
-        );
+        assert!(env.counter(Counter::SocketsInserted) >= 2, "{}", env.counters());
+        assert_eq!(env.counter(Counter::SpliceStranded), 0, "{}", env.counters());
     }
 }
 
@@ -598,52 +414,25 @@ fn active_protections_are_logged() {
     let env = Env::new();
     let d = env.accelerate_all("");
     let log = d.log();
-    assert!(
-        log.contains("datapath safety: backpressure: redirect queue cap 4194304 bytes"),
-        "{log}"
-    );
+    assert!(log.contains("datapath safety: backpressure: redirect queue cap 4194304 bytes"), "{log}");
     assert!(log.contains("datapath safety: splice:"), "{log}");
     // On this kernel family either the LSM guard or recvmsg-first gating is active.
-    assert!(
-        log.contains("BPF LSM guard") || log.contains("recvmsg-first gating"),
-        "{log}"
-    );
+    assert!(log.contains("BPF LSM guard") || log.contains("recvmsg-first gating"), "{log}");
     // Which hooks run is logged; the syscall tracepoints (they slow every syscall on
     // the host) are not attached unless asked for.
     let attached = |log: &str| -> String {
-        let line = log
-            .lines()
-            .find(|l| l.contains("hooks attached:"))
-            .unwrap_or_else(|| panic!("no hooks line: {log}"));
+        let line = log.lines().find(|l| l.contains("hooks attached:")).unwrap_or_else(|| panic!("no hooks line: {log}"));
         // Only the attached part, not the "not available" / "off" lists after it.
-        line.split("hooks attached:")
-            .nth(1)
-            .unwrap_or("")
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .to_string()
+        line.split("hooks attached:").nth(1).unwrap_or("").split(';').next().unwrap_or("").to_string()
     };
     let hooks = attached(&log);
-    assert!(
-        hooks.contains("bypass_sockops") && hooks.contains("bypass_sk_msg"),
-        "{hooks}"
-    );
+    assert!(hooks.contains("bypass_sockops") && hooks.contains("bypass_sk_msg"), "{hooks}");
     assert!(!hooks.contains("bypass_splice_seen"), "{hooks}");
     drop(d);
-    let env2 = Env {
-        cg: TestCgroup::new(),
-        pins: PinDir::new(),
-        state: TempDir::new(),
-        work: TempDir::new(),
-        _serial: env._serial,
-    };
+    let env2 = Env { cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new(), work: TempDir::new(), _serial: env._serial };
     let d = env2.accelerate_all("splice_tracepoints = true");
     let hooks = attached(&d.log());
-    assert!(
-        hooks.contains("bypass_splice_seen"),
-        "with splice_tracepoints = true and tracefs mounted: {hooks}"
-    );
+    assert!(hooks.contains("bypass_splice_seen"), "with splice_tracepoints = true and tracefs mounted: {hooks}");
 }
 
 #[test]
@@ -670,23 +459,10 @@ fn unlisted_recv_then_splice_reader_is_learned() {
         .unwrap();
         let mut c = env.run(60, "haproxy");
         c.arg("-db").arg("-f").arg(&conf);
-        let hap = Killed(
-            c.stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn haproxy"),
-        );
+        let hap = Killed(c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn haproxy"));
         wait_listening(port);
         let mut c = env.run(40, bin("bypass-traffic"));
-        c.args([
-            "send",
-            "--connect",
-            &format!("127.0.0.1:{port}"),
-            "--bytes",
-            "16M",
-            "--timeout-secs",
-            "30",
-        ]);
+        c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", "16M", "--timeout-secs", "30"]);
         let out = c.stdin(Stdio::null()).output().expect("send");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let ok = stdout.contains("\"ok\":true");
@@ -703,18 +479,9 @@ fn unlisted_recv_then_splice_reader_is_learned() {
     }
     let dp = Datapath::open_pinned(env.pins.path()).expect("open datapath");
     let learned = dp.splice_readers().unwrap();
-    eprintln!(
-        "rounds ok: {results:?}; splice readers: {learned:?}; counters: {}",
-        env.counters()
-    );
-    assert!(
-        learned.iter().any(|(n, _, l)| n == "haproxy" && *l),
-        "haproxy was not learned: {learned:?}"
-    );
-    assert!(
-        results[1] && results[2],
-        "connections after learning must be intact: {results:?}"
-    );
+    eprintln!("rounds ok: {results:?}; splice readers: {learned:?}; counters: {}", env.counters());
+    assert!(learned.iter().any(|(n, _, l)| n == "haproxy" && *l), "haproxy was not learned: {learned:?}");
+    assert!(results[1] && results[2], "connections after learning must be intact: {results:?}");
 }
 
 #[test]
@@ -723,41 +490,19 @@ fn queue_cap_change_applies_on_reload_without_a_new_generation() {
     let env = Env::new();
     let mut d = env.accelerate_all("");
     let before = bypassd::datapath::generations(env.pins.path());
-    let cfg = std::fs::read_to_string(&d.config)
-        .unwrap()
-        .replace("[datapath]\n", &format!("[datapath]\nqueue_cap = {CAP}\n"));
+    let cfg = std::fs::read_to_string(&d.config).unwrap().replace("[datapath]\n", &format!("[datapath]\nqueue_cap = {CAP}\n"));
     std::fs::write(&d.config, cfg).unwrap();
     d.reload().expect("reload");
-    assert_eq!(
-        bypassd::datapath::generations(env.pins.path()),
-        before,
-        "a queue_cap change keeps the generation"
-    );
+    assert_eq!(bypassd::datapath::generations(env.pins.path()), before, "a queue_cap change keeps the generation");
     let mut c = env.run(300, python());
-    c.arg(fixture("stall.py")).args([
-        "--conns",
-        "4",
-        "--bytes",
-        &(64 * MIB).to_string(),
-        "--stall",
-        "5",
-    ]);
-    let child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn stall.py");
+    c.arg(fixture("stall.py")).args(["--conns", "4", "--bytes", &(64 * MIB).to_string(), "--stall", "5"]);
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn stall.py");
     std::thread::sleep(Duration::from_secs(4));
-    let rx = Datapath::open_pinned(env.pins.path())
-        .and_then(|d| d.rx_states())
-        .expect("receive state");
+    let rx = Datapath::open_pinned(env.pins.path()).and_then(|d| d.rx_states()).expect("receive state");
     let max_queued = rx.iter().map(|(_, s)| s.queued).max().unwrap_or(0);
     let v = finish_json(child);
     eprintln!("after reload to queue_cap {CAP}: max redirect queue {max_queued}: {v}");
-    assert!(
-        max_queued > 0 && max_queued <= CAP + MIB,
-        "redirect queue {max_queued} with cap {CAP}"
-    );
+    assert!(max_queued > 0 && max_queued <= CAP + MIB, "redirect queue {max_queued} with cap {CAP}");
     assert_bounded(&v, CAP);
 }
 
@@ -765,9 +510,7 @@ fn tcp_mem_bytes() -> u64 {
     let s = std::fs::read_to_string("/proc/net/sockstat").unwrap();
     let line = s.lines().find(|l| l.starts_with("TCP:")).unwrap();
     let f: Vec<&str> = line.split_whitespace().collect();
-    let pages: u64 = f[f.iter().position(|x| *x == "mem").unwrap() + 1]
-        .parse()
-        .unwrap();
+    let pages: u64 = f[f.iter().position(|x| *x == "mem").unwrap() + 1].parse().unwrap();
     pages * 4096
 }
 
@@ -779,65 +522,26 @@ fn reader_asleep_from_the_start_1gib_blocks_the_sender_then_intact() {
     let pf = env.work.path().join("port");
     let sent = env.work.path().join("sent");
     let mut s = env.run(120, bin("bypass-traffic"));
-    s.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--count",
-        "1",
-        "--delay-read-ms",
-        "10000",
-        "--port-file",
-    ])
-    .arg(&pf);
-    let srv = s
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    s.args(["serve", "--listen", "127.0.0.1:0", "--count", "1", "--delay-read-ms", "10000", "--port-file"]).arg(&pf);
+    let srv = s.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let port = wait_port(&pf);
     let before = tcp_mem_bytes();
     let mut c = env.run(120, bin("bypass-traffic"));
-    c.args([
-        "send",
-        "--connect",
-        &format!("127.0.0.1:{port}"),
-        "--bytes",
-        "1G",
-        "--reply-bytes",
-        "0",
-        "--max-write",
-        "262144",
-        "--sent-file",
-    ])
-    .arg(&sent);
-    let cl = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", "1G", "--reply-bytes", "0", "--max-write", "262144", "--sent-file"])
+        .arg(&sent);
+    let cl = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut peak = before;
     for _ in 0..16 {
         std::thread::sleep(Duration::from_millis(500));
         peak = peak.max(tcp_mem_bytes());
-        assert!(
-            !sent.exists(),
-            "the sender pushed all of 1 GiB into a reader that was asleep"
-        );
+        assert!(!sent.exists(), "the sender pushed all of 1 GiB into a reader that was asleep");
     }
     let v = finish_json(cl);
     let sv = finish_json(srv);
-    eprintln!(
-        "reader asleep from the start: TCP mem {before} -> peak {peak}; {v}; counters: {}",
-        env.counters()
-    );
+    eprintln!("reader asleep from the start: TCP mem {before} -> peak {peak}; {v}; counters: {}", env.counters());
     assert_eq!(v["ok"], Value::Bool(true), "{v}");
     assert_eq!(sv["ok"], Value::Bool(true), "{sv}");
-    assert!(
-        peak.saturating_sub(before) <= DEFAULT_CAP + 64 * MIB,
-        "TCP memory rose {} bytes",
-        peak - before
-    );
+    assert!(peak.saturating_sub(before) <= DEFAULT_CAP + 64 * MIB, "TCP memory rose {} bytes", peak - before);
 }
 
 #[test]
@@ -864,22 +568,12 @@ fn splice_reader_whose_first_recv_found_nothing_never_strands() {
             "--stall-timeout",
             "10",
         ]);
-        let out = c
-            .stdin(Stdio::null())
-            .output()
-            .expect("run splice_reader.py");
+        let out = c.stdin(Stdio::null()).output().expect("run splice_reader.py");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         let counters = env.counters();
-        eprintln!(
-            "round {round} (gap {gap} ms): {} {}; counters: {counters}",
-            stdout.trim(),
-            stderr.trim()
-        );
-        assert!(
-            out.status.success() && stdout.contains("\"ok\": true"),
-            "round {round} broke: {stdout} {stderr}; counters: {counters}"
-        );
+        eprintln!("round {round} (gap {gap} ms): {} {}; counters: {counters}", stdout.trim(), stderr.trim());
+        assert!(out.status.success() && stdout.contains("\"ok\": true"), "round {round} broke: {stdout} {stderr}; counters: {counters}");
         assert_eq!(env.counter(Counter::SpliceStranded), 0, "{counters}");
         assert_eq!(env.counter(Counter::StrandedDrops), 0, "{counters}");
     }

@@ -91,19 +91,11 @@ impl SystemBus {
             anyhow::ensure!(i.exists(), "bus policy file {} is missing", i.display());
         }
         // Unprivileged test clients (setpriv --reuid=nobody) must reach the socket.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )?;
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let socket = Self::socket_in(&dir);
         let includes: String = includes
             .iter()
-            .map(|p| {
-                format!(
-                    "  <include>{}</include>\n",
-                    std::fs::canonicalize(p).unwrap_or(p.clone()).display()
-                )
-            })
+            .map(|p| format!("  <include>{}</include>\n", std::fs::canonicalize(p).unwrap_or(p.clone()).display()))
             .collect();
         let config = format!(
             r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -134,15 +126,10 @@ impl SystemBus {
         if line.trim().is_empty() {
             let _ = child.kill();
             let _ = child.wait();
-            let log =
-                std::fs::read_to_string(dir.path().join("dbus-daemon.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(dir.path().join("dbus-daemon.log")).unwrap_or_default();
             bail!("dbus-daemon did not start: {log}");
         }
-        let bus = SystemBus {
-            child: Some(child),
-            dir,
-            socket,
-        };
+        let bus = SystemBus { child: Some(child), dir, socket };
         let deadline = Instant::now() + Duration::from_secs(5);
         while !bus.socket.exists() {
             if Instant::now() > deadline {

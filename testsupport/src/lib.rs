@@ -12,11 +12,11 @@ use nix::{
     unistd::Pid,
 };
 use std::{
-    collections::VecDeque,
     io::Read,
     os::{fd::AsRawFd, unix::net::UnixDatagram, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    collections::VecDeque,
     sync::{
         Arc, Condvar, Mutex,
         atomic::{AtomicU32, Ordering},
@@ -28,11 +28,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A name nobody else on the machine uses: prefix, pid, sequence.
 pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 /// These tests load BPF and create cgroups and namespaces: they need root. They fail
@@ -50,22 +46,11 @@ pub fn require_root() {
 pub fn ensure_tracefs() {
     let t = Path::new("/sys/kernel/tracing");
     let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(4) == Some("/sys/kernel/tracing"))
-        })
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(4) == Some("/sys/kernel/tracing")))
         .unwrap_or(false);
     if !mounted {
-        let ok = Command::new("mount")
-            .args(["-t", "tracefs", "nodev"])
-            .arg(t)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok,
-            "cannot mount tracefs at {} (real hosts have it; the tests must see the same hooks)",
-            t.display()
-        );
+        let ok = Command::new("mount").args(["-t", "tracefs", "nodev"]).arg(t).status().is_ok_and(|s| s.success());
+        assert!(ok, "cannot mount tracefs at {} (real hosts have it; the tests must see the same hooks)", t.display());
     }
 }
 
@@ -74,11 +59,7 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --workspace)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
     p
 }
 
@@ -101,16 +82,9 @@ pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new() -> TempDir {
-        let d = tempfile::Builder::new()
-            .prefix("bypassd-test-")
-            .tempdir()
-            .expect("create temp dir");
+        let d = tempfile::Builder::new().prefix("bypassd-test-").tempdir().expect("create temp dir");
         // Readable by the unprivileged test clients (tempfile makes it 0700).
-        std::fs::set_permissions(
-            d.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod temp dir");
+        std::fs::set_permissions(d.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod temp dir");
         TempDir(d)
     }
     pub fn path(&self) -> &Path {
@@ -135,23 +109,15 @@ impl TestCgroup {
     pub fn new() -> TestCgroup {
         let name = unique("bypassd-test");
         let path = cgroup2_mount().join(&name);
-        std::fs::create_dir(&path)
-            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-        TestCgroup {
-            path,
-            rel: format!("/{name}"),
-        }
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        TestCgroup { path, rel: format!("/{name}") }
     }
 
     /// A sub-cgroup (for policy tests), removed with its parent.
     pub fn child(&self, name: &str) -> TestCgroup {
         let path = self.path.join(name);
-        std::fs::create_dir(&path)
-            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-        TestCgroup {
-            path,
-            rel: format!("{}/{name}", self.rel),
-        }
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        TestCgroup { path, rel: format!("{}/{name}", self.rel) }
     }
 
     /// Make `cmd` start inside this cgroup (before exec, so every socket it opens is seen).
@@ -174,10 +140,7 @@ impl TestCgroup {
 /// Make `cmd` start inside the cgroup directory `dir` (before exec, so every socket
 /// it opens is seen), also for cgroups a test removes and re-creates itself.
 pub fn enter_cgroup(dir: &Path, cmd: &mut Command) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("cgroup.procs"))
-        .expect("open cgroup.procs");
+    let f = std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs")).expect("open cgroup.procs");
     // The closure owns the file, so the fd stays open until the Command is dropped;
     // O_CLOEXEC keeps it out of the exec'd program.
     unsafe {
@@ -239,18 +202,10 @@ pub struct PinDir(pub PathBuf);
 impl PinDir {
     pub fn new() -> PinDir {
         let base = Path::new("/sys/fs/bpf");
-        let is_bpffs = nix::sys::statfs::statfs(base)
-            .map(|s| s.filesystem_type().0 as i64 == 0xcafe4a11)
-            .unwrap_or(false);
+        let is_bpffs = nix::sys::statfs::statfs(base).map(|s| s.filesystem_type().0 as i64 == 0xcafe4a11).unwrap_or(false);
         if !is_bpffs {
-            nix::mount::mount(
-                Some("bpf"),
-                base,
-                Some("bpf"),
-                nix::mount::MsFlags::empty(),
-                None::<&str>,
-            )
-            .expect("mount bpffs");
+            nix::mount::mount(Some("bpf"), base, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+                .expect("mount bpffs");
         }
         PinDir(base.join(unique("bypassd-test")))
     }
@@ -273,16 +228,9 @@ impl Drop for PinDir {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (install iproute2)")?;
+    let out = Command::new("ip").args(args).output().context("running ip (install iproute2)")?;
     if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }
@@ -302,11 +250,7 @@ impl Netns {
     }
 
     /// `program args…` inside this namespace (and, if given, the cgroup).
-    pub fn command(
-        &self,
-        cg: Option<&TestCgroup>,
-        program: impl AsRef<std::ffi::OsStr>,
-    ) -> Command {
+    pub fn command(&self, cg: Option<&TestCgroup>, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).arg(program);
         if let Some(cg) = cg {
@@ -331,10 +275,7 @@ impl Drop for Netns {
 /// Join two namespaces with a veth pair; addresses in CIDR form (v4 and/or v6).
 pub fn veth(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) {
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    let (va, vb) = (
-        format!("bpa{}x{n}", std::process::id() % 100000),
-        format!("bpb{}x{n}", std::process::id() % 100000),
-    );
+    let (va, vb) = (format!("bpa{}x{n}", std::process::id() % 100000), format!("bpb{}x{n}", std::process::id() % 100000));
     ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]).expect("veth add");
     ip(&["link", "set", &va, "netns", &a.name]).expect("veth move");
     ip(&["link", "set", &vb, "netns", &b.name]).expect("veth move");
@@ -367,22 +308,11 @@ pub fn wait_port_file(p: &Path, timeout: Duration) -> u16 {
 /// Run a command that prints one JSON line on success (bypass-traffic); panic with
 /// its output otherwise.
 pub fn run_json(mut cmd: Command) -> serde_json::Value {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
-        out.status
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON from {cmd:?}: {stdout} {stderr}"));
+    assert!(out.status.success(), "{cmd:?} failed ({}):\nstdout: {stdout}\nstderr: {stderr}", out.status);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or_else(|| panic!("no JSON from {cmd:?}: {stdout} {stderr}"));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON from {cmd:?}: {e}: {line}"))
 }
 
@@ -397,11 +327,7 @@ pub struct Sandbox {
 impl Sandbox {
     pub fn new() -> Sandbox {
         require_root();
-        Sandbox {
-            cg: TestCgroup::new(),
-            pins: PinDir::new(),
-            state: TempDir::new(),
-        }
+        Sandbox { cg: TestCgroup::new(), pins: PinDir::new(), state: TempDir::new() }
     }
 
     /// The `[daemon]` table for this sandbox (log level debug), then `extra`.
@@ -436,11 +362,7 @@ pub fn traffic_report(mut child: Child) -> serde_json::Value {
         let _ = e.read_to_string(&mut err);
     }
     assert!(st.success(), "bypass-traffic failed ({st}): {out} {err}");
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON: {out} {err}"));
+    let line = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON: {out} {err}"));
     serde_json::from_str(line).expect("JSON")
 }
 
@@ -455,10 +377,7 @@ struct NotifyLog {
 impl NotifyLog {
     fn listen(sock: UnixDatagram) -> Result<Arc<NotifyLog>> {
         sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-        let log = Arc::new(NotifyLog {
-            msgs: Mutex::new(VecDeque::new()),
-            arrived: Condvar::new(),
-        });
+        let log = Arc::new(NotifyLog { msgs: Mutex::new(VecDeque::new()), arrived: Condvar::new() });
         let weak = Arc::downgrade(&log);
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -501,11 +420,7 @@ impl Daemon {
 
     /// Start `bypassd` (a path: the benchmark runs its own copy) and return it with
     /// the time from spawn to READY=1.
-    pub fn start_timed(
-        bypassd: &Path,
-        config: &str,
-        env: &[(&str, &str)],
-    ) -> Result<(Daemon, Duration)> {
+    pub fn start_timed(bypassd: &Path, config: &str, env: &[(&str, &str)]) -> Result<(Daemon, Duration)> {
         let dir = TempDir::new();
         let cfg = dir.path().join("bypassd.toml");
         std::fs::write(&cfg, config)?;
@@ -515,10 +430,7 @@ impl Daemon {
             config: cfg,
             dir,
             notify,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             bin: bypassd.to_path_buf(),
         };
         let t = d.spawn_timed()?;
@@ -533,24 +445,15 @@ impl Daemon {
     /// Start (again) on the same config; returns the time from spawn to READY=1.
     pub fn spawn_timed(&mut self) -> Result<Duration> {
         self.drain();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("--config")
-            .arg(&self.config)
-            .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"));
+        cmd.arg("--config").arg(&self.config).env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"));
         cmd.env_remove("JOURNAL_STREAM");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
         let t0 = Instant::now();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         self.child = Some(child);
         self.wait_for("READY=1", Duration::from_secs(30))?;
         Ok(t0.elapsed())
@@ -580,10 +483,7 @@ impl Daemon {
                         return Ok(());
                     }
                 }
-                let _ = self
-                    .notify
-                    .arrived
-                    .wait_timeout(q, Duration::from_millis(20));
+                let _ = self.notify.arrived.wait_timeout(q, Duration::from_millis(20));
             }
             if let Some(c) = self.child.as_mut()
                 && let Some(st) = c.try_wait()?
@@ -591,10 +491,7 @@ impl Daemon {
                 bail!("bypassd exited ({st}) before {what}:\n{}", self.log());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "bypassd did not send {what} within {timeout:?}:\n{}",
-                    self.log()
-                );
+                bail!("bypassd did not send {what} within {timeout:?}:\n{}", self.log());
             }
         }
     }
@@ -643,12 +540,7 @@ impl Daemon {
 
     /// Run `bypassd ARGS --config <this config>` to completion.
     pub fn tool(&self, args: &[&str]) -> std::process::Output {
-        Command::new(&self.bin)
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .expect("run bypassd")
+        Command::new(&self.bin).args(args).arg("--config").arg(&self.config).output().expect("run bypassd")
     }
 }
 

@@ -5,10 +5,7 @@ use super::pins;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf,
-    programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockopt, Iter, KProbe, Lsm, SkMsg,
-        SockOps, TracePoint, links::FdLink,
-    },
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockopt, Iter, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
 };
 use std::{
     fs::File,
@@ -65,8 +62,7 @@ pub struct AttachTo<'a> {
 }
 
 fn kernel_btf<'a>(to: &AttachTo<'a>) -> Result<&'a aya::Btf> {
-    to.btf
-        .context("the kernel's BTF (/sys/kernel/btf/vmlinux) could not be read")
+    to.btf.context("the kernel's BTF (/sys/kernel/btf/vmlinux) could not be read")
 }
 
 impl Program {
@@ -82,9 +78,7 @@ impl Program {
     /// Load, attach and pin this program (and its link) into `dir`.
     pub fn attach(&self, ebpf: &mut Ebpf, to: &AttachTo<'_>, dir: &Path) -> Result<()> {
         let name = self.name;
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("BPF object has no program {name}"))?;
+        let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("BPF object has no program {name}"))?;
         let link = match self.hook {
             Hook::SockOps => {
                 let p: &mut SockOps = prog.try_into()?;
@@ -93,20 +87,14 @@ impl Program {
                 // cgroup bpf_links always sit beside other programs (BPF_F_ALLOW_MULTI
                 // semantics) and refuse attach flags: the mode must be the flag-less default.
                 let id = p.attach(to.cgroup, CgroupAttachMode::Single)?;
-                Some(
-                    FdLink::try_from(p.take_link(id)?)
-                        .context("sock_ops link is not a bpf_link")?,
-                )
+                Some(FdLink::try_from(p.take_link(id)?).context("sock_ops link is not a bpf_link")?)
             }
             Hook::SockCreate => {
                 let p: &mut CgroupSock = prog.try_into()?;
                 p.load()?;
                 crate::startup::step(format!("program {name}: verify"));
                 let id = p.attach(to.cgroup, CgroupAttachMode::Single)?;
-                Some(
-                    FdLink::try_from(p.take_link(id)?)
-                        .context("sock_create link is not a bpf_link")?,
-                )
+                Some(FdLink::try_from(p.take_link(id)?).context("sock_create link is not a bpf_link")?)
             }
             Hook::SkMsg => {
                 let p: &mut SkMsg = prog.try_into()?;
@@ -161,14 +149,10 @@ impl Program {
             }
         };
         if let (Some(link), Some(l)) = (link, self.link) {
-            link.pin(pins::link_pin(dir, l))
-                .with_context(|| format!("pinning link {l}"))?;
+            link.pin(pins::link_pin(dir, l)).with_context(|| format!("pinning link {l}"))?;
         }
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("BPF object has no program {name}"))?;
-        prog.pin(pins::prog_pin(dir, name))
-            .with_context(|| format!("pinning program {name}"))?;
+        let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("BPF object has no program {name}"))?;
+        prog.pin(pins::prog_pin(dir, name)).with_context(|| format!("pinning program {name}"))?;
         Ok(())
     }
 }
@@ -178,19 +162,13 @@ impl Program {
     /// later, only while it is needed ([`Program::link_pinned`]).
     pub fn load_unattached(&self, ebpf: &mut Ebpf, to: &AttachTo<'_>, dir: &Path) -> Result<()> {
         let Hook::TpBtf(event) = self.hook else {
-            anyhow::bail!(
-                "{} is not a tp_btf program: only those attach on demand",
-                self.name
-            );
+            anyhow::bail!("{} is not a tp_btf program: only those attach on demand", self.name);
         };
-        let prog = ebpf
-            .program_mut(self.name)
-            .ok_or_else(|| anyhow!("BPF object has no program {}", self.name))?;
+        let prog = ebpf.program_mut(self.name).ok_or_else(|| anyhow!("BPF object has no program {}", self.name))?;
         let p: &mut BtfTracePoint = prog.try_into()?;
         p.load(event, kernel_btf(to)?)?;
         crate::startup::step(format!("program {}: verify", self.name));
-        p.pin(pins::prog_pin(dir, self.name))
-            .with_context(|| format!("pinning program {}", self.name))?;
+        p.pin(pins::prog_pin(dir, self.name)).with_context(|| format!("pinning program {}", self.name))?;
         Ok(())
     }
 
@@ -202,10 +180,7 @@ impl Program {
     /// Attach a pinned tp_btf program of `gen_dir` and pin its link (no-op when attached).
     pub fn link_pinned(&self, gen_dir: &Path) -> Result<()> {
         let (Some(l), Hook::TpBtf(_)) = (self.link, self.hook) else {
-            anyhow::bail!(
-                "{} is not a tp_btf program: only those attach on demand",
-                self.name
-            );
+            anyhow::bail!("{} is not a tp_btf program: only those attach on demand", self.name);
         };
         if self.is_pinned(gen_dir) {
             return Ok(());
@@ -221,13 +196,9 @@ impl Program {
         if !pin.exists() {
             return Ok(false);
         }
-        let id = aya::programs::ProgramInfo::from_pin(&pin)
-            .with_context(|| format!("reading {}", pin.display()))?
-            .id();
+        let id = aya::programs::ProgramInfo::from_pin(&pin).with_context(|| format!("reading {}", pin.display()))?.id();
         // A link may go between listing its id and opening it (someone else's detach).
-        Ok(aya::programs::loaded_links()
-            .flatten()
-            .any(|l| l.program_id() == id))
+        Ok(aya::programs::loaded_links().flatten().any(|l| l.program_id() == id))
     }
 
     /// Detach by unpinning its link (the link holds no other reference of ours).
@@ -235,9 +206,7 @@ impl Program {
         let Some(l) = self.link else { return Ok(()) };
         let pin = pins::link_pin(gen_dir, l);
         match std::fs::remove_file(&pin) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("unpinning {}", pin.display()))
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("unpinning {}", pin.display())),
             _ => Ok(()),
         }
     }
@@ -249,9 +218,7 @@ pub fn attach_all(table: &[Program], ebpf: &mut Ebpf, to: &AttachTo<'_>, dir: &P
     for p in table {
         match p.attach(ebpf, to, dir) {
             Ok(()) => tracing::debug!("{}: attached", p.what),
-            Err(e) if p.required => {
-                return Err(e).with_context(|| format!("attaching {} ({})", p.name, p.what));
-            }
+            Err(e) if p.required => return Err(e).with_context(|| format!("attaching {} ({})", p.name, p.what)),
             Err(e) => tracing::warn!("{}: not available on this kernel ({e:#})", p.what),
         }
         crate::startup::step(format!("program {}", p.name));
@@ -289,12 +256,7 @@ fn attach_to_map(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, attach_type: u32) ->
     // SAFETY: attr is a valid, initialised prefix of union bpf_attr for BPF_PROG_ATTACH;
     // the kernel reads exactly size_of::<ProgAttachAttr>() bytes.
     let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attr as *const ProgAttachAttr,
-            size_of::<ProgAttachAttr>(),
-        )
+        libc::syscall(libc::SYS_bpf, BPF_PROG_ATTACH, &attr as *const ProgAttachAttr, size_of::<ProgAttachAttr>())
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error()).context("BPF_PROG_ATTACH to the SOCKHASH");
@@ -307,27 +269,15 @@ pub fn check_kernel() -> Result<()> {
     use aya::{maps::MapType, programs::ProgramType, sys};
     let mut missing = Vec::new();
     for (t, what) in [
-        (
-            ProgramType::SockOps,
-            "sock_ops programs (CONFIG_CGROUP_BPF)",
-        ),
-        (
-            ProgramType::SkMsg,
-            "sk_msg programs (CONFIG_BPF_STREAM_PARSER)",
-        ),
-        (
-            ProgramType::CgroupSock,
-            "cgroup/sock programs (CONFIG_CGROUP_BPF)",
-        ),
+        (ProgramType::SockOps, "sock_ops programs (CONFIG_CGROUP_BPF)"),
+        (ProgramType::SkMsg, "sk_msg programs (CONFIG_BPF_STREAM_PARSER)"),
+        (ProgramType::CgroupSock, "cgroup/sock programs (CONFIG_CGROUP_BPF)"),
     ] {
         if !sys::is_program_supported(t).unwrap_or(false) {
             missing.push(what);
         }
     }
-    for (t, what) in [
-        (MapType::SockHash, "SOCKHASH maps"),
-        (MapType::SkStorage, "socket local storage maps"),
-    ] {
+    for (t, what) in [(MapType::SockHash, "SOCKHASH maps"), (MapType::SkStorage, "socket local storage maps")] {
         if !sys::is_map_supported(t).unwrap_or(false) {
             missing.push(what);
         }
@@ -343,7 +293,5 @@ pub fn check_kernel() -> Result<()> {
 }
 
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into())
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into())
 }

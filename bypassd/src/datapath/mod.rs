@@ -68,11 +68,7 @@ pub struct PolicyImage {
 impl PolicyImage {
     /// Whether any socket can be admitted (inactive rules are already left out).
     pub fn may_accelerate(&self) -> bool {
-        self.accelerate_by_default
-            || self
-                .rules
-                .iter()
-                .any(|r| r.action == abi::ACTION_ACCELERATE)
+        self.accelerate_by_default || self.rules.iter().any(|r| r.action == abi::ACTION_ACCELERATE)
     }
 }
 
@@ -104,8 +100,7 @@ impl Datapath {
     /// retire every other generation. The new one is attached before the old one
     /// is detached, so there is no window without acceleration.
     pub fn attach(target: &Target, policy: &PolicyImage, paused: bool) -> Result<Datapath> {
-        let cg = File::open(&target.cgroup)
-            .with_context(|| format!("opening cgroup {}", target.cgroup.display()))?;
+        let cg = File::open(&target.cgroup).with_context(|| format!("opening cgroup {}", target.cgroup.display()))?;
         let cgroup_id = cg.metadata()?.ino();
         std::fs::create_dir_all(&target.pin_dir)
             .with_context(|| format!("creating pin directory {}", target.pin_dir.display()))?;
@@ -121,10 +116,7 @@ impl Datapath {
             Ok(dp) => dp,
             Err(e) => {
                 if gen_dir.exists() {
-                    tracing::warn!(
-                        "pinned datapath {} is incomplete ({e:#}); rebuilding it",
-                        gen_dir.display()
-                    );
+                    tracing::warn!("pinned datapath {} is incomplete ({e:#}); rebuilding it", gen_dir.display());
                     pins::retire(&gen_dir)?;
                 }
                 Self::build(target, &cg, &gen_dir, cgroup_id, policy, paused)?
@@ -138,14 +130,8 @@ impl Datapath {
         dp.sync_on_demand(policy)?;
         dp.log_hooks();
         crate::startup::step("tuning");
-        for old in pins::generations(&target.pin_dir)
-            .into_iter()
-            .filter(|g| *g != gen_dir)
-        {
-            tracing::info!(
-                "retiring datapath generation {} (its open connections finish on it)",
-                old.display()
-            );
+        for old in pins::generations(&target.pin_dir).into_iter().filter(|g| *g != gen_dir) {
+            tracing::info!("retiring datapath generation {} (its open connections finish on it)", old.display());
             pins::retire(&old)?;
         }
         crate::startup::step("retire old generations");
@@ -156,10 +142,7 @@ impl Datapath {
     /// the newest complete generation.
     pub fn open_pinned(pin_dir: &Path) -> Result<Datapath> {
         let gen_dir = pins::current(pin_dir)?;
-        let dir_name = gen_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
+        let dir_name = gen_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let name = pins::GenName::parse(dir_name);
         let target = Target {
             pin_dir: pin_dir.to_path_buf(),
@@ -176,29 +159,17 @@ impl Datapath {
     }
 
     fn open(target: &Target, gen_dir: &Path, cgroup_id: u64) -> Result<Datapath> {
-        if let Some(p) = sock::PROGRAMS
-            .iter()
-            .find(|p| p.required && !p.is_pinned(gen_dir))
-        {
-            bail!(
-                "{} ({}) is not pinned in {}",
-                p.name,
-                p.what,
-                gen_dir.display()
-            );
+        if let Some(p) = sock::PROGRAMS.iter().find(|p| p.required && !p.is_pinned(gen_dir)) {
+            bail!("{} ({}) is not pinned in {}", p.name, p.what, gen_dir.display());
         }
         let load = |name: &str| -> Result<Map> {
             let p = pins::map_pin(gen_dir, name);
-            let data = MapData::from_pin(&p)
-                .with_context(|| format!("opening pinned map {}", p.display()))?;
+            let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
             Map::from_map_data(data).with_context(|| format!("pinned map {}", p.display()))
         };
         let control: Array<MapData, u64> = Array::try_from(load(maps::CONTROL)?)?;
         // As the running generation has it (apply_tuning sets it again on attach).
-        let recv_gate = control
-            .get(&abi::CTL_RECV_GATE, 0)
-            .context("reading the recvmsg gate")?
-            != 0;
+        let recv_gate = control.get(&abi::CTL_RECV_GATE, 0).context("reading the recvmsg gate")? != 0;
         Ok(Datapath {
             target: target.clone(),
             gen_dir: gen_dir.to_path_buf(),
@@ -228,8 +199,7 @@ impl Datapath {
         paused: bool,
     ) -> Result<Datapath> {
         // tp_btf and LSM loads need the kernel's BTF too: parse it beside the loader's own parse.
-        let btf =
-            std::thread::spawn(|| aya::Btf::from_sys_fs().context("reading the kernel's BTF"));
+        let btf = std::thread::spawn(|| aya::Btf::from_sys_fs().context("reading the kernel's BTF"));
         let loaded = EbpfLoader::new()
             .map_max_entries(maps::SOCKS, target.capacity)
             .map_max_entries(maps::SENDERS, target.capacity)
@@ -237,9 +207,7 @@ impl Datapath {
             .map_max_entries(maps::COOKIES, target.capacity)
             .map_max_entries(maps::NAT, target.capacity)
             .load(bypassd_ebpf::object());
-        let btf = btf
-            .join()
-            .map_err(|_| anyhow!("the BTF parser thread panicked"))?;
+        let btf = btf.join().map_err(|_| anyhow!("the BTF parser thread panicked"))?;
         // Name missing kernel features instead of the loader's error (probed only on failure).
         let mut ebpf = match loaded {
             Ok(e) => e,
@@ -248,9 +216,7 @@ impl Datapath {
                 return Err(e).context("loading the BPF object (maps)");
             }
         };
-        let btf = btf
-            .map_err(|e| tracing::warn!("{e:#}; tp_btf and LSM hooks are unavailable"))
-            .ok();
+        let btf = btf.map_err(|e| tracing::warn!("{e:#}; tp_btf and LSM hooks are unavailable")).ok();
         crate::startup::step("BTF, object, maps");
 
         let tmp = pins::building_dir(&target.pin_dir);
@@ -263,8 +229,7 @@ impl Datapath {
             let _ = pins::retire(&tmp);
             return Err(e);
         }
-        std::fs::rename(&tmp, gen_dir)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), gen_dir.display()))?;
+        std::fs::rename(&tmp, gen_dir).with_context(|| format!("renaming {} to {}", tmp.display(), gen_dir.display()))?;
         let mut dp = Self::open(target, gen_dir, cgroup_id)?;
         dp.adopted = false;
         // The BTF parses (tens of MiB, one on its own thread's arena) are freed by now:
@@ -288,24 +253,16 @@ impl Datapath {
         paused: bool,
     ) -> Result<()> {
         for name in maps::ALL {
-            let map = ebpf
-                .map(name)
-                .ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
-            map.pin(pins::map_pin(dir, name))
-                .with_context(|| format!("pinning map {name}"))?;
+            let map = ebpf.map(name).ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
+            map.pin(pins::map_pin(dir, name)).with_context(|| format!("pinning map {name}"))?;
         }
         // Policy and pause state go in before anything is attached.
         {
-            let mut control: Array<&mut MapData, u64> =
-                Array::try_from(ebpf.map_mut(maps::CONTROL).context("control map")?)?;
+            let mut control: Array<&mut MapData, u64> = Array::try_from(ebpf.map_mut(maps::CONTROL).context("control map")?)?;
             control.set(abi::CTL_PAUSED, u64::from(paused), 0)?;
             // Safety settings too (the gate may be lifted by apply_tuning once the LSM guard is known).
             control.set(abi::CTL_QUEUE_CAP, target.queue_cap, 0)?;
-            control.set(
-                abi::CTL_RECV_GATE,
-                u64::from(target.splice != SpliceSafety::Off),
-                0,
-            )?;
+            control.set(abi::CTL_RECV_GATE, u64::from(target.splice != SpliceSafety::Off), 0)?;
             control.set(abi::CTL_SEND_MODE, target.send_mode.abi(), 0)?;
         }
         if target.splice != SpliceSafety::Off {
@@ -318,24 +275,12 @@ impl Datapath {
         write_policy(ebpf, policy)?;
         crate::startup::step("map pins, control, policy");
 
-        let socks: SockHash<&MapData, abi::SockKey> =
-            SockHash::try_from(ebpf.map(maps::SOCKS).context("socks map")?)?;
-        let socks_fd = socks
-            .fd()
-            .try_clone()
-            .context("duplicating the SOCKHASH fd")?;
+        let socks: SockHash<&MapData, abi::SockKey> = SockHash::try_from(ebpf.map(maps::SOCKS).context("socks map")?)?;
+        let socks_fd = socks.fd().try_clone().context("duplicating the SOCKHASH fd")?;
         let senders: SockHash<&MapData, abi::SockKey> =
             SockHash::try_from(ebpf.map(maps::SENDERS).context("senders map")?)?;
-        let senders_fd = senders
-            .fd()
-            .try_clone()
-            .context("duplicating the senders' SOCKHASH fd")?;
-        let to = hooks::AttachTo {
-            cgroup: cg,
-            sockhash: socks_fd.as_fd(),
-            senders: senders_fd.as_fd(),
-            btf,
-        };
+        let senders_fd = senders.fd().try_clone().context("duplicating the senders' SOCKHASH fd")?;
+        let to = hooks::AttachTo { cgroup: cg, sockhash: socks_fd.as_fd(), senders: senders_fd.as_fd(), btf };
         // On-demand hooks are loaded (verified) now and attached by sync_on_demand.
         for p in sock::PROGRAMS.iter().filter(|p| sock::is_on_demand(p)) {
             if let Err(e) = p.load_unattached(ebpf, &to, dir) {
@@ -346,10 +291,7 @@ impl Datapath {
         let table: Vec<hooks::Program> = sock::PROGRAMS
             .iter()
             .copied()
-            .filter(|p| {
-                !sock::is_on_demand(p)
-                    && (target.splice_tracepoints || !sock::is_syscall_tracepoint(p))
-            })
+            .filter(|p| !sock::is_on_demand(p) && (target.splice_tracepoints || !sock::is_syscall_tracepoint(p)))
             .collect();
         hooks::attach_all(&table, ebpf, &to, dir)
     }
@@ -361,30 +303,18 @@ impl Datapath {
 
     /// Log which hooks are attached, which wait until needed and which the kernel refused.
     fn log_hooks(&self) {
-        let (on, rest): (Vec<&hooks::Program>, Vec<&hooks::Program>) = sock::PROGRAMS
-            .iter()
-            .partition(|p| p.is_pinned(&self.gen_dir));
-        let (idle, rest): (Vec<&hooks::Program>, Vec<&hooks::Program>) = rest
-            .into_iter()
-            .partition(|p| sock::is_on_demand(p) && p.is_loaded(&self.gen_dir));
-        let (opt_out, off): (Vec<&hooks::Program>, Vec<&hooks::Program>) = rest
-            .into_iter()
-            .partition(|p| !self.target.splice_tracepoints && sock::is_syscall_tracepoint(p));
+        let (on, rest): (Vec<&hooks::Program>, Vec<&hooks::Program>) =
+            sock::PROGRAMS.iter().partition(|p| p.is_pinned(&self.gen_dir));
+        let (idle, rest): (Vec<&hooks::Program>, Vec<&hooks::Program>) =
+            rest.into_iter().partition(|p| sock::is_on_demand(p) && p.is_loaded(&self.gen_dir));
+        let (opt_out, off): (Vec<&hooks::Program>, Vec<&hooks::Program>) =
+            rest.into_iter().partition(|p| !self.target.splice_tracepoints && sock::is_syscall_tracepoint(p));
         let names = |v: &[&hooks::Program]| v.iter().map(|p| p.name).collect::<Vec<_>>().join(", ");
-        let part = |v: &[&hooks::Program], why: &str| {
-            if v.is_empty() {
-                String::new()
-            } else {
-                format!("; {why}: {}", names(v))
-            }
-        };
+        let part = |v: &[&hooks::Program], why: &str| if v.is_empty() { String::new() } else { format!("; {why}: {}", names(v)) };
         tracing::info!(
             "datapath hooks attached: {}{}{}{}",
             names(&on),
-            part(
-                &idle,
-                "loaded, attached only while the policy accelerates and the recvmsg gate is on"
-            ),
+            part(&idle, "loaded, attached only while the policy accelerates and the recvmsg gate is on"),
             part(&off, "not available"),
             part(&opt_out, "off (splice_tracepoints = false)")
         );
@@ -398,28 +328,18 @@ impl Datapath {
     /// hook does not see only sends them to TCP (a live copied_seq beyond it).
     fn sync_on_demand(&mut self, policy: &PolicyImage) -> Result<()> {
         let want = self.recv_gate && policy.may_accelerate();
-        for p in sock::PROGRAMS
-            .iter()
-            .filter(|p| sock::is_on_demand(p) && p.is_loaded(&self.gen_dir))
-        {
+        for p in sock::PROGRAMS.iter().filter(|p| sock::is_on_demand(p) && p.is_loaded(&self.gen_dir)) {
             match (want, p.is_pinned(&self.gen_dir)) {
                 (true, false) => {
                     p.link_pinned(&self.gen_dir)?;
-                    tracing::info!(
-                        "attached {} (the policy accelerates and the recvmsg gate is on)",
-                        p.name
-                    );
+                    tracing::info!("attached {} (the policy accelerates and the recvmsg gate is on)", p.name);
                 }
                 (false, true) => {
                     p.unlink_pinned(&self.gen_dir)?;
                     tracing::info!(
                         "detached {} ({})",
                         p.name,
-                        if self.recv_gate {
-                            "the policy accelerates nothing"
-                        } else {
-                            "the recvmsg gate is off"
-                        }
+                        if self.recv_gate { "the policy accelerates nothing" } else { "the recvmsg gate is off" }
                     );
                 }
                 _ => {}
@@ -436,28 +356,14 @@ impl Datapath {
             SpliceSafety::RecvFirst => true,
             SpliceSafety::Auto => !self.has(bypassd_ebpf::programs::SPLICE_GUARD),
         };
+        self.control.set(abi::CTL_QUEUE_CAP, self.target.queue_cap, 0).context("writing queue cap")?;
         self.control
-            .set(abi::CTL_QUEUE_CAP, self.target.queue_cap, 0)
-            .context("writing queue cap")?;
-        self.control
-            .set(
-                abi::CTL_COALESCE_BELOW,
-                u64::from(self.target.coalesce_below),
-                0,
-            )
+            .set(abi::CTL_COALESCE_BELOW, u64::from(self.target.coalesce_below), 0)
             .context("writing coalescing threshold")?;
-        let readers = if self.target.splice == SpliceSafety::Off {
-            &[][..]
-        } else {
-            &self.target.splice_readers[..]
-        };
+        let readers = if self.target.splice == SpliceSafety::Off { &[][..] } else { &self.target.splice_readers[..] };
         sock::set_configured_splicers(&mut self.splicers, readers)?;
-        self.control
-            .set(abi::CTL_RECV_GATE, u64::from(gate), 0)
-            .context("writing recvmsg gate")?;
-        self.control
-            .set(abi::CTL_SEND_MODE, self.target.send_mode.abi(), 0)
-            .context("writing send mode")?;
+        self.control.set(abi::CTL_RECV_GATE, u64::from(gate), 0).context("writing recvmsg gate")?;
+        self.control.set(abi::CTL_SEND_MODE, self.target.send_mode.abi(), 0).context("writing send mode")?;
         // Only auto mode asks for promotions: no polling thread in the other modes.
         let auto = self.target.send_mode == crate::config::SendMode::Auto;
         if !auto {
@@ -474,32 +380,18 @@ impl Datapath {
     fn describe(&mut self) {
         let has = |n: &str| self.has(n);
         let t = &self.target;
-        self.protections = sock::protections(
-            &has,
-            self.recv_gate,
-            t.splice,
-            t.queue_cap,
-            !t.splice_readers.is_empty(),
-        );
-        self.protections.push(sock::senders_line(
-            t.send_mode,
-            self.has(bypassd_ebpf::programs::PROMOTE),
-        ));
+        self.protections = sock::protections(&has, self.recv_gate, t.splice, t.queue_cap, !t.splice_readers.is_empty());
+        self.protections.push(sock::senders_line(t.send_mode, self.has(bypassd_ebpf::programs::PROMOTE)));
     }
 
     /// Whether the kernel runs `name` (a program of the table) in this generation now.
     pub fn hook_linked(&self, name: &str) -> Result<bool> {
-        sock::program(name)
-            .with_context(|| format!("no program {name} in the table"))?
-            .kernel_linked(&self.gen_dir)
+        sock::program(name).with_context(|| format!("no program {name} in the table"))?.kernel_linked(&self.gen_dir)
     }
 
     /// True while this generation's required hooks are pinned (nobody detached it).
     pub fn is_attached(&self) -> bool {
-        sock::PROGRAMS
-            .iter()
-            .filter(|p| p.required)
-            .all(|p| p.is_pinned(&self.gen_dir))
+        sock::PROGRAMS.iter().filter(|p| p.required).all(|p| p.is_pinned(&self.gen_dir))
     }
 
     pub fn capacity(&self) -> u32 {
@@ -511,21 +403,14 @@ impl Datapath {
         abi::Counter::ALL
             .iter()
             .map(|&c| {
-                let v = self
-                    .counters
-                    .get(&(c as u32), 0)
-                    .with_context(|| format!("reading counter {}", c.name()))?;
+                let v = self.counters.get(&(c as u32), 0).with_context(|| format!("reading counter {}", c.name()))?;
                 Ok((c, v.iter().copied().fold(0u64, u64::wrapping_add)))
             })
             .collect()
     }
 
     pub fn counter(&self, c: abi::Counter) -> Result<u64> {
-        Ok(self
-            .counters()?
-            .into_iter()
-            .find(|(k, _)| *k == c)
-            .map_or(0, |(_, v)| v))
+        Ok(self.counters()?.into_iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| v))
     }
 
     pub fn paused(&self) -> Result<bool> {
@@ -533,9 +418,7 @@ impl Datapath {
     }
 
     pub fn set_paused(&mut self, paused: bool) -> Result<()> {
-        self.control
-            .set(abi::CTL_PAUSED, u64::from(paused), 0)
-            .context("writing pause flag")
+        self.control.set(abi::CTL_PAUSED, u64::from(paused), 0).context("writing pause flag")
     }
 
     /// Swap in a new rule set (see [`Datapath::swap_policy`]); the recvmsg hook is
@@ -574,13 +457,8 @@ impl Datapath {
         let buf = (seq & 1) as u32;
         let m = self.policy.get(&buf, 0)?;
         let n = m.nrules.min(abi::MAX_RULES);
-        let rules = (0..n)
-            .map(|i| self.rules.get(&(buf * abi::MAX_RULES + i), 0))
-            .collect::<Result<_, _>>()?;
-        Ok(PolicyImage {
-            rules,
-            accelerate_by_default: m.default_action == abi::ACTION_ACCELERATE as u32,
-        })
+        let rules = (0..n).map(|i| self.rules.get(&(buf * abi::MAX_RULES + i), 0)).collect::<Result<_, _>>()?;
+        Ok(PolicyImage { rules, accelerate_by_default: m.default_action == abi::ACTION_ACCELERATE as u32 })
     }
 
     /// Known splice readers: (process name, configured, learned).
@@ -591,37 +469,23 @@ impl Datapath {
     /// Receive state of every accelerated socket: what its senders see (read copied_seq,
     /// redirected bytes queued, recvmsg reader, splice reader).
     pub fn rx_states(&self) -> Result<Vec<(abi::SockKey, abi::RxState)>> {
-        self.rx
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("listing receive state")
+        self.rx.iter().collect::<Result<_, _>>().context("listing receive state")
     }
 
     /// NAT pairs the datapath holds: (socket key, its NAT peer).
     pub fn nat_pairs(&self) -> Result<Vec<(abi::SockKey, abi::NatPeer)>> {
-        self.nat
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("listing NAT pairs")
+        self.nat.iter().collect::<Result<_, _>>().context("listing NAT pairs")
     }
 
     /// Sockets in the SOCKHASH, paired up into connections (peers found as sk_msg finds them).
     pub fn connections(&self) -> Result<Vec<Connection>> {
-        sock::connections(
-            &self.socks,
-            &self.senders,
-            &self.nat_pairs()?.into_iter().collect(),
-        )
+        sock::connections(&self.socks, &self.senders, &self.nat_pairs()?.into_iter().collect())
     }
 }
 
 fn check_rules(p: &PolicyImage) -> Result<()> {
     if p.rules.len() > abi::MAX_RULES as usize {
-        bail!(
-            "{} rules exceed the datapath's {} rule slots",
-            p.rules.len(),
-            abi::MAX_RULES
-        );
+        bail!("{} rules exceed the datapath's {} rule slots", p.rules.len(), abi::MAX_RULES);
     }
     Ok(())
 }
@@ -629,24 +493,18 @@ fn check_rules(p: &PolicyImage) -> Result<()> {
 fn meta(p: &PolicyImage) -> abi::PolicyMeta {
     abi::PolicyMeta {
         nrules: p.rules.len() as u32,
-        default_action: u32::from(if p.accelerate_by_default {
-            abi::ACTION_ACCELERATE
-        } else {
-            abi::ACTION_KERNEL
-        }),
+        default_action: u32::from(if p.accelerate_by_default { abi::ACTION_ACCELERATE } else { abi::ACTION_KERNEL }),
     }
 }
 
 /// The first policy, written straight into the freshly loaded maps (buffer 0, seq 0).
 fn write_policy(ebpf: &mut Ebpf, p: &PolicyImage) -> Result<()> {
     check_rules(p)?;
-    let mut rules: Array<&mut MapData, abi::Rule> =
-        Array::try_from(ebpf.map_mut(maps::RULES).context("rules map")?)?;
+    let mut rules: Array<&mut MapData, abi::Rule> = Array::try_from(ebpf.map_mut(maps::RULES).context("rules map")?)?;
     for (i, r) in p.rules.iter().enumerate() {
         rules.set(i as u32, r, 0)?;
     }
-    let mut pm: Array<&mut MapData, abi::PolicyMeta> =
-        Array::try_from(ebpf.map_mut(maps::POLICY).context("policy map")?)?;
+    let mut pm: Array<&mut MapData, abi::PolicyMeta> = Array::try_from(ebpf.map_mut(maps::POLICY).context("policy map")?)?;
     pm.set(0, meta(p), 0)?;
     Ok(())
 }

@@ -21,21 +21,12 @@ pub fn object_hash() -> &'static str {
 
 /// First 12 hex digits of the SHA-256 of `bytes`.
 pub fn hash_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
 /// The generation directory name for this ABI and object.
 pub fn gen_name(capacity: u32, cgroup_id: u64) -> String {
-    gen_name_for(
-        bypassd_ebpf::abi::ABI_VERSION,
-        capacity,
-        cgroup_id,
-        object_hash(),
-    )
+    gen_name_for(bypassd_ebpf::abi::ABI_VERSION, capacity, cgroup_id, object_hash())
 }
 
 /// The generation directory name for any ABI version and object hash (tests plant old ones).
@@ -68,12 +59,7 @@ impl GenName {
                 object = v.to_string();
             }
         }
-        Some(GenName {
-            abi,
-            capacity: capacity?,
-            cgroup_id: cgroup_id?,
-            object,
-        })
+        Some(GenName { abi, capacity: capacity?, cgroup_id: cgroup_id?, object })
     }
 }
 
@@ -94,13 +80,9 @@ pub fn link_pin(gen_dir: &Path, link: &str) -> PathBuf {
 
 /// What kind of pin a file in a generation directory is, and its map/program/link name.
 pub fn classify(file_name: &str) -> Option<(PinKind, &str)> {
-    [
-        ("map_", PinKind::Map),
-        ("prog_", PinKind::Prog),
-        ("link_", PinKind::Link),
-    ]
-    .into_iter()
-    .find_map(|(p, k)| file_name.strip_prefix(p).map(|n| (k, n)))
+    [("map_", PinKind::Map), ("prog_", PinKind::Prog), ("link_", PinKind::Link)]
+        .into_iter()
+        .find_map(|(p, k)| file_name.strip_prefix(p).map(|n| (k, n)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,39 +109,24 @@ pub fn links_root(pin_dir: &Path) -> PathBuf {
 /// A link entry's folder name: `v1-pair-tap0+veth-vm0-1a2b3c4d` (link ABI version,
 /// mode, interfaces with bpffs's forbidden dots replaced, hash of the exact names).
 pub fn link_entry_name(mode: &str, id: &str) -> String {
-    let hash: String = Sha256::digest(id.as_bytes())
-        .iter()
-        .take(4)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!(
-        "v{}-{mode}-{}-{hash}",
-        bypassd_ebpf::abi::BL_ABI_VERSION,
-        id.replace('.', "_")
-    )
+    let hash: String = Sha256::digest(id.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("v{}-{mode}-{}-{hash}", bypassd_ebpf::abi::BL_ABI_VERSION, id.replace('.', "_"))
 }
 
 /// Where an interface's TCX link is pinned in a link entry: `link_tcx_<ifname>`, with
 /// the characters bpffs refuses (`.`) escaped.
 pub fn tcx_pin(entry_dir: &Path, ifname: &str) -> PathBuf {
-    link_pin(
-        entry_dir,
-        &format!("tcx_{}", ifname.replace('%', "%25").replace('.', "%2e")),
-    )
+    link_pin(entry_dir, &format!("tcx_{}", ifname.replace('%', "%25").replace('.', "%2e")))
 }
 
 /// The interface a `link_tcx_*` pin file stands for.
 pub fn tcx_ifname(file_name: &str) -> Option<String> {
-    file_name
-        .strip_prefix("link_tcx_")
-        .map(|n| n.replace("%2e", ".").replace("%25", "%"))
+    file_name.strip_prefix("link_tcx_").map(|n| n.replace("%2e", ".").replace("%25", "%"))
 }
 
 /// Generation directories (and interrupted builds) under the pin directory, sorted.
 pub fn generations(pin_dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(pin_dir) else {
-        return Vec::new();
-    };
+    let Ok(rd) = std::fs::read_dir(pin_dir) else { return Vec::new() };
     let mut v: Vec<PathBuf> = rd
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -174,12 +141,7 @@ pub fn current(pin_dir: &Path) -> Result<PathBuf> {
     generations(pin_dir)
         .into_iter()
         .rev()
-        .find(|g| {
-            g.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(GenName::parse)
-                .is_some()
-        })
+        .find(|g| g.file_name().and_then(|n| n.to_str()).and_then(GenName::parse).is_some())
         .with_context(|| format!("no datapath is pinned under {}", pin_dir.display()))
 }
 
@@ -216,29 +178,15 @@ mod tests {
         let n = gen_name_for(3, 65536, 42, "0123456789ab");
         assert_eq!(n, "v3-cap65536-cg42-obj0123456789ab");
         let g = GenName::parse(&n).expect("parses");
-        assert_eq!(
-            g,
-            GenName {
-                abi: 3,
-                capacity: 65536,
-                cgroup_id: 42,
-                object: "0123456789ab".into()
-            }
-        );
+        assert_eq!(g, GenName { abi: 3, capacity: 65536, cgroup_id: 42, object: "0123456789ab".into() });
         // Generations pinned before objects were hashed still parse (and never match).
-        assert_eq!(
-            GenName::parse("v3-cap8-cg9").map(|g| g.object),
-            Some(String::new())
-        );
+        assert_eq!(GenName::parse("v3-cap8-cg9").map(|g| g.object), Some(String::new()));
         assert_eq!(GenName::parse("building-12"), None);
         assert_eq!(object_hash().len(), 12);
         assert_eq!(classify("link_sockops"), Some((PinKind::Link, "sockops")));
         let p = tcx_pin(Path::new("/x"), "eth0.100");
         assert_eq!(p, Path::new("/x/link_tcx_eth0%2e100"));
-        assert_eq!(
-            tcx_ifname("link_tcx_eth0%2e100").as_deref(),
-            Some("eth0.100")
-        );
+        assert_eq!(tcx_ifname("link_tcx_eth0%2e100").as_deref(), Some("eth0.100"));
         assert!(!link_entry_name("bridge", "br.0").contains('.'));
     }
 }

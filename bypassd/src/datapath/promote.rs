@@ -15,7 +15,9 @@ use aya::maps::{Array, Map, MapData};
 use bypassd_ebpf::{maps, programs};
 use std::{
     io::Read,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+    },
     path::Path,
     sync::{
         Arc,
@@ -58,10 +60,8 @@ impl Handles {
     fn open(gen_dir: &Path) -> Result<Handles> {
         let link = obj_get(&pins::link_pin(gen_dir, LINK))?;
         let p = pins::map_pin(gen_dir, maps::PROMOTE_SEQ);
-        let data =
-            MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
-        let seq = Array::try_from(Map::from_map_data(data)?)
-            .with_context(|| format!("pinned map {}", p.display()))?;
+        let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
+        let seq = Array::try_from(Map::from_map_data(data)?).with_context(|| format!("pinned map {}", p.display()))?;
         Ok(Handles { link, seq })
     }
 
@@ -69,13 +69,11 @@ impl Handles {
     fn run(&self) -> Result<()> {
         let mut a = Attr([0; 32]);
         a.0[0] = self.link.as_raw_fd() as u32; // iter_create.link_fd
-        let fd =
-            bpf(BPF_ITER_CREATE, &a).context("bpf(BPF_ITER_CREATE) for the promotion iterator")?;
+        let fd = bpf(BPF_ITER_CREATE, &a).context("bpf(BPF_ITER_CREATE) for the promotion iterator")?;
         // SAFETY: the kernel returned a new file descriptor that we now own.
         let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
         let mut sink = Vec::new();
-        f.read_to_end(&mut sink)
-            .context("running the promotion iterator")?;
+        f.read_to_end(&mut sink).context("running the promotion iterator")?;
         Ok(())
     }
 }
@@ -84,31 +82,20 @@ impl Handles {
 /// iterator (the kernel refused iter/sockmap): sockets in auto mode then stay targets.
 pub fn spawn(gen_dir: &Path) -> Option<Promoter> {
     if !pins::link_pin(gen_dir, LINK).exists() {
-        tracing::info!(
-            "no {} iterator pinned: send_mode auto never promotes (sockets send at kernel speed)",
-            programs::PROMOTE
-        );
+        tracing::info!("no {} iterator pinned: send_mode auto never promotes (sockets send at kernel speed)", programs::PROMOTE);
         return None;
     }
     let h = match Handles::open(gen_dir) {
         Ok(h) => h,
         Err(e) => {
-            tracing::warn!(
-                "send_mode auto: cannot open the promotion iterator ({e:#}); nothing will be promoted"
-            );
+            tracing::warn!("send_mode auto: cannot open the promotion iterator ({e:#}); nothing will be promoted");
             return None;
         }
     };
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("promote".into())
-        .spawn(move || run(h, &s))
-        .ok()?;
-    Some(Promoter {
-        stop,
-        thread: Some(thread),
-    })
+    let thread = std::thread::Builder::new().name("promote".into()).spawn(move || run(h, &s)).ok()?;
+    Some(Promoter { stop, thread: Some(thread) })
 }
 
 fn run(h: Handles, stop: &AtomicBool) {
@@ -124,9 +111,7 @@ fn run(h: Handles, stop: &AtomicBool) {
         if let Err(e) = h.run()
             && !warned
         {
-            tracing::warn!(
-                "send_mode auto: promotion failed ({e:#}); those sockets stay targets only"
-            );
+            tracing::warn!("send_mode auto: promotion failed ({e:#}); those sockets stay targets only");
             warned = true;
         }
     }

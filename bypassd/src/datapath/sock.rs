@@ -51,13 +51,7 @@ pub const PROGRAMS: &[Program] = &[
         required: false,
         what: "BPF LSM splice guard (lsm/file_permission)",
     },
-    Program {
-        name: p::SK_MSG,
-        hook: Hook::SkMsg,
-        link: None,
-        required: true,
-        what: "sk_msg on the senders' SOCKHASH (redirects)",
-    },
+    Program { name: p::SK_MSG, hook: Hook::SkMsg, link: None, required: true, what: "sk_msg on the senders' SOCKHASH (redirects)" },
     Program {
         name: p::PROMOTE,
         hook: Hook::IterSockmap,
@@ -109,13 +103,7 @@ pub fn program(name: &str) -> Option<&'static Program> {
 
 /// What protects a datapath, for the log and status. `has` tells whether a program
 /// of the table is attached; `gate` whether recvmsg-first gating is on.
-pub fn protections(
-    has: &dyn Fn(&str) -> bool,
-    gate: bool,
-    splice: SpliceSafety,
-    queue_cap: u64,
-    readers: bool,
-) -> Vec<String> {
+pub fn protections(has: &dyn Fn(&str) -> bool, gate: bool, splice: SpliceSafety, queue_cap: u64, readers: bool) -> Vec<String> {
     let publication = if has(p::RX_DONE) {
         "live reads of the receiver; tp_btf sock_recv_length marks recvmsg readers"
     } else if !gate {
@@ -123,19 +111,13 @@ pub fn protections(
     } else {
         "live reads of the receiver; recvmsg hook not attached (attached while the policy accelerates; without it nothing is redirected)"
     };
-    let cap = if queue_cap == 0 {
-        "= each receiver's SO_RCVBUF".to_string()
-    } else {
-        format!("{queue_cap} bytes")
-    };
+    let cap = if queue_cap == 0 { "= each receiver's SO_RCVBUF".to_string() } else { format!("{queue_cap} bytes") };
     let mut s = Vec::new();
     if has(p::SPLICE_GUARD) {
         s.push("BPF LSM guard (splice/sendfile reads of accelerated sockets get EINVAL)");
     }
     if gate {
-        s.push(
-            "recvmsg-first gating (nothing is redirected to a socket before it reads with recvmsg)",
-        );
+        s.push("recvmsg-first gating (nothing is redirected to a socket before it reads with recvmsg)");
     }
     if has(p::SPLICE_KPROBE) {
         s.push("splice detection (kprobe tcp_splice_read: a splicing socket gets nothing redirected again)");
@@ -158,12 +140,8 @@ pub fn protections(
 pub fn senders_line(mode: super::SendMode, promoter: bool) -> String {
     let what = match mode {
         super::SendMode::All => "every accelerated socket from establishment",
-        super::SendMode::Auto if promoter => {
-            "sockets whose traffic turns request/response (promoted by iter/sockmap); streams send through plain TCP"
-        }
-        super::SendMode::Auto => {
-            "none (send_mode auto, but the kernel refused the iter/sockmap promoter): every socket sends through plain TCP"
-        }
+        super::SendMode::Auto if promoter => "sockets whose traffic turns request/response (promoted by iter/sockmap); streams send through plain TCP",
+        super::SendMode::Auto => "none (send_mode auto, but the kernel refused the iter/sockmap promoter): every socket sends through plain TCP",
         super::SendMode::None => "none (send_mode none): every socket sends through plain TCP",
     };
     format!("senders: {what}")
@@ -196,14 +174,8 @@ pub fn connections(
     senders: &SockHash<MapData, abi::SockKey>,
     nat: &std::collections::HashMap<abi::SockKey, abi::NatPeer>,
 ) -> Result<Vec<Connection>> {
-    let keys: Vec<abi::SockKey> = socks
-        .keys()
-        .collect::<Result<_, _>>()
-        .context("listing SOCKHASH keys")?;
-    let senders: HashSet<abi::SockKey> = senders
-        .keys()
-        .collect::<Result<_, _>>()
-        .context("listing the senders' SOCKHASH keys")?;
+    let keys: Vec<abi::SockKey> = socks.keys().collect::<Result<_, _>>().context("listing SOCKHASH keys")?;
+    let senders: HashSet<abi::SockKey> = senders.keys().collect::<Result<_, _>>().context("listing the senders' SOCKHASH keys")?;
     let set: HashSet<abi::SockKey> = keys.iter().copied().collect();
     let mut out = Vec::new();
     for k in &keys {
@@ -211,29 +183,17 @@ pub fn connections(
         let peer = via_nat.map_or_else(|| peer_key(k), |n| n.peer);
         let paired = set.contains(&peer);
         // List each pair once, from the side with the smaller key.
-        if paired
-            && (peer.local_ip, peer.local_port, peer.remote_ip)
-                < (k.local_ip, k.local_port, k.remote_ip)
-        {
+        if paired && (peer.local_ip, peer.local_port, peer.remote_ip) < (k.local_ip, k.local_port, k.remote_ip) {
             continue;
         }
         out.push(Connection {
-            family: if Ipv6Addr::from(k.local_ip).to_ipv4_mapped().is_some() {
-                "ipv4"
-            } else {
-                "ipv6"
-            },
+            family: if Ipv6Addr::from(k.local_ip).to_ipv4_mapped().is_some() { "ipv4" } else { "ipv6" },
             local: sock_addr(&k.local_ip, k.local_port),
             remote: sock_addr(&k.remote_ip, k.remote_port),
             netns: k.netns,
             paired,
             nat: paired && via_nat.is_some(),
-            peer: paired.then(|| {
-                (
-                    sock_addr(&peer.local_ip, peer.local_port),
-                    sock_addr(&peer.remote_ip, peer.remote_port),
-                )
-            }),
+            peer: paired.then(|| (sock_addr(&peer.local_ip, peer.local_port), sock_addr(&peer.remote_ip, peer.remote_port))),
             sender: senders.contains(k),
             peer_sender: paired && senders.contains(&peer),
         });
@@ -243,19 +203,13 @@ pub fn connections(
 }
 
 /// Known splice readers: (process name, configured, learned).
-pub fn splice_readers(
-    splicers: &HashMap<MapData, [u8; abi::COMM_LEN], u64>,
-) -> Result<Vec<(String, bool, bool)>> {
+pub fn splice_readers(splicers: &HashMap<MapData, [u8; abi::COMM_LEN], u64>) -> Result<Vec<(String, bool, bool)>> {
     let mut v: Vec<(String, bool, bool)> = splicers
         .iter()
         .map(|r| {
             r.map(|(k, f)| {
                 let end = k.iter().position(|&b| b == 0).unwrap_or(k.len());
-                (
-                    String::from_utf8_lossy(&k[..end]).into_owned(),
-                    f & abi::SPLICER_CONFIGURED != 0,
-                    f & abi::SPLICER_LEARNED != 0,
-                )
+                (String::from_utf8_lossy(&k[..end]).into_owned(), f & abi::SPLICER_CONFIGURED != 0, f & abi::SPLICER_LEARNED != 0)
             })
         })
         .collect::<Result<_, _>>()?;
@@ -265,20 +219,13 @@ pub fn splice_readers(
 
 /// Write the configured splice readers; drop configured names no longer listed
 /// (learned ones stay until the datapath is rebuilt).
-pub fn set_configured_splicers(
-    splicers: &mut HashMap<MapData, [u8; abi::COMM_LEN], u64>,
-    names: &[String],
-) -> Result<()> {
+pub fn set_configured_splicers(splicers: &mut HashMap<MapData, [u8; abi::COMM_LEN], u64>, names: &[String]) -> Result<()> {
     let want: Vec<[u8; abi::COMM_LEN]> = names.iter().map(|n| comm_key(n)).collect();
     let have: Vec<([u8; abi::COMM_LEN], u64)> = splicers.iter().collect::<Result<_, _>>()?;
     for (k, v) in &have {
         if *v & abi::SPLICER_CONFIGURED != 0 && !want.contains(k) {
             let rest = *v & !abi::SPLICER_CONFIGURED;
-            if rest == 0 {
-                splicers.remove(k)?
-            } else {
-                splicers.insert(k, rest, 0)?
-            }
+            if rest == 0 { splicers.remove(k)? } else { splicers.insert(k, rest, 0)? }
         }
     }
     for k in &want {
@@ -309,8 +256,5 @@ pub fn peer_key(k: &abi::SockKey) -> abi::SockKey {
 
 fn sock_addr(ip: &[u8; 16], port: u32) -> SocketAddr {
     let v6 = Ipv6Addr::from(*ip);
-    SocketAddr::new(
-        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        port as u16,
-    )
+    SocketAddr::new(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4), port as u16)
 }

@@ -25,19 +25,8 @@ pub(super) struct Attr(pub(super) [u32; 32]);
 
 pub(super) fn bpf(cmd: libc::c_long, attr: &Attr) -> std::io::Result<i64> {
     // SAFETY: attr is a valid, initialised bpf_attr of the size passed.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const Attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const Attr, std::mem::size_of::<Attr>()) };
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) }
 }
 
 /// Attach `prog` to `cgroup` as a multi-attach bpf_link (cgroup/getsockopt) and pin it at `pin`.
@@ -90,8 +79,7 @@ pub(super) fn obj_get(pin: &Path) -> Result<OwnedFd> {
     let ptr = path.as_ptr() as u64;
     a.0[0] = ptr as u32; // obj.pathname (u64)
     a.0[1] = (ptr >> 32) as u32;
-    let fd =
-        bpf(BPF_OBJ_GET, &a).with_context(|| format!("opening pinned object {}", pin.display()))?;
+    let fd = bpf(BPF_OBJ_GET, &a).with_context(|| format!("opening pinned object {}", pin.display()))?;
     // SAFETY: the kernel returned a new file descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

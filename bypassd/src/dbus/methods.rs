@@ -37,10 +37,7 @@ fn wire_connection(c: crate::datapath::Connection) -> api::Connection {
         netns: c.netns,
         paired: c.paired,
         nat: c.nat,
-        peer: c
-            .peer
-            .map(|(l, r)| format!("{l} <- {r}"))
-            .unwrap_or_default(),
+        peer: c.peer.map(|(l, r)| format!("{l} <- {r}")).unwrap_or_default(),
         senders: match (c.sender, c.peer_sender) {
             (true, true) => "both",
             (true, false) => "local",
@@ -54,10 +51,7 @@ fn wire_connection(c: crate::datapath::Connection) -> api::Connection {
 fn require_attached(c: &Control) -> Result<(), Error> {
     let s = c.status();
     if s.state == api::state::DETACHED {
-        return Err(Error::NotAttached(format!(
-            "the datapath is detached: {}",
-            s.reason
-        )));
+        return Err(Error::NotAttached(format!("the datapath is detached: {}", s.reason)));
     }
     Ok(())
 }
@@ -79,12 +73,7 @@ impl Manager {
     }
 
     /// Only root may change bypassd. Refusals are logged with the caller's uid.
-    async fn authorize(
-        &self,
-        conn: &zbus::Connection,
-        hdr: &Header<'_>,
-        method: &str,
-    ) -> Result<(), Error> {
+    async fn authorize(&self, conn: &zbus::Connection, hdr: &Header<'_>, method: &str) -> Result<(), Error> {
         let Some(sender) = hdr.sender() else {
             tracing::warn!("refused {method}: the call has no sender to check");
             return Err(Error::AccessDenied(format!(
@@ -104,18 +93,14 @@ impl Manager {
         match uid {
             Ok(0) => Ok(()),
             Ok(uid) => {
-                tracing::warn!(
-                    "refused {method} from uid {uid} ({sender}): only root may change bypassd"
-                );
+                tracing::warn!("refused {method} from uid {uid} ({sender}): only root may change bypassd");
                 Err(Error::AccessDenied(format!(
                     "permission denied: {method} changes bypassd and needs root (caller uid {uid})"
                 )))
             }
             Err(e) => {
                 tracing::warn!("refused {method} from {sender}: cannot tell its uid ({e})");
-                Err(Error::AccessDenied(format!(
-                    "permission denied: cannot determine the caller's uid ({e})"
-                )))
+                Err(Error::AccessDenied(format!("permission denied: cannot determine the caller's uid ({e})")))
             }
         }
     }
@@ -178,14 +163,7 @@ impl Manager {
     /// "local"|"peer"|"none": whose sends run sk_msg).
     #[zbus(out_args("connections"))]
     async fn list_connections(&self) -> Result<Vec<api::Connection>, Error> {
-        self.run(|c| {
-            Ok(c.connections()
-                .map_err(control_error)?
-                .into_iter()
-                .map(wire_connection)
-                .collect())
-        })
-        .await
+        self.run(|c| Ok(c.connections().map_err(control_error)?.into_iter().map(wire_connection).collect())).await
     }
 
     /// The link datapath's [[links]] entries: (name, mode "pair"|"bridge", state
@@ -205,14 +183,7 @@ impl Manager {
     async fn list_policy(&self) -> (String, Vec<api::PolicyRule>) {
         self.run(|c| {
             let (default, entries) = c.policy_list();
-            (
-                default.as_str().to_string(),
-                entries
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| rule_view(i + 1, e))
-                    .collect(),
-            )
+            (default.as_str().to_string(), entries.iter().enumerate().map(|(i, e)| rule_view(i + 1, e)).collect())
         })
         .await
     }
@@ -224,10 +195,7 @@ impl Manager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(), Error> {
-        self.write(conn, &hdr, member::RELOAD, |c| {
-            c.reload().map_err(control_error)
-        })
-        .await
+        self.write(conn, &hdr, member::RELOAD, |c| c.reload().map_err(control_error)).await
     }
 
     /// Stop accelerating new connections (accelerated ones stay). Returns whether
@@ -266,10 +234,7 @@ impl Manager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(), Error> {
-        self.write(conn, &hdr, member::DETACH, |c| {
-            c.detach().map_err(control_error)
-        })
-        .await
+        self.write(conn, &hdr, member::DETACH, |c| c.detach().map_err(control_error)).await
     }
 
     /// Append a runtime rule, given as a TOML table body with the fields of the config
@@ -285,10 +250,7 @@ impl Manager {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<u32, Error> {
         let rule = rule.to_string();
-        self.write(conn, &hdr, member::POLICY_ADD, move |c| {
-            c.policy_add(&rule, None).map_err(control_error)
-        })
-        .await
+        self.write(conn, &hdr, member::POLICY_ADD, move |c| c.policy_add(&rule, None).map_err(control_error)).await
     }
 
     /// Insert a runtime rule at 1-based `position` among the runtime rules (1 to
@@ -316,10 +278,7 @@ impl Manager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(), Error> {
-        self.write(conn, &hdr, member::POLICY_REMOVE, move |c| {
-            c.policy_remove(index).map_err(control_error)
-        })
-        .await
+        self.write(conn, &hdr, member::POLICY_REMOVE, move |c| c.policy_remove(index).map_err(control_error)).await
     }
 
     /// Replace the runtime rules, atomically, with the `[[rules]]` tables of a TOML
@@ -333,10 +292,7 @@ impl Manager {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<bool, Error> {
         let text = rules.to_string();
-        self.write(conn, &hdr, member::POLICY_APPLY, move |c| {
-            c.policy_apply(&text).map_err(control_error)
-        })
-        .await
+        self.write(conn, &hdr, member::POLICY_APPLY, move |c| c.policy_apply(&text).map_err(control_error)).await
     }
 
     /// What PolicyApply with the same document would do, changing nothing: whether
@@ -344,19 +300,11 @@ impl Manager {
     /// set (as ListPolicy shows them). A bad document fails with InvalidArgument,
     /// as PolicyApply would. Everyone may call it.
     #[zbus(out_args("changed", "current", "proposed"))]
-    async fn policy_diff(
-        &self,
-        rules: &str,
-    ) -> Result<(bool, Vec<api::PolicyRule>, Vec<api::PolicyRule>), Error> {
+    async fn policy_diff(&self, rules: &str) -> Result<(bool, Vec<api::PolicyRule>, Vec<api::PolicyRule>), Error> {
         let text = rules.to_string();
         self.run(move |c| {
             let (changed, current, proposed) = c.policy_diff(&text).map_err(control_error)?;
-            let view = |v: Vec<PolicyEntry>| {
-                v.iter()
-                    .enumerate()
-                    .map(|(i, e)| rule_view(i + 1, e))
-                    .collect()
-            };
+            let view = |v: Vec<PolicyEntry>| v.iter().enumerate().map(|(i, e)| rule_view(i + 1, e)).collect();
             Ok((changed, view(current), view(proposed)))
         })
         .await
@@ -369,10 +317,7 @@ impl Manager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<bool, Error> {
-        self.write(conn, &hdr, member::POLICY_RESET, |c| {
-            c.policy_reset().map_err(control_error)
-        })
-        .await
+        self.write(conn, &hdr, member::POLICY_RESET, |c| c.policy_reset().map_err(control_error)).await
     }
 
     /// bypassd's version.
@@ -468,9 +413,6 @@ mod tests {
 
     #[test]
     fn interface_name_is_the_api_constant() {
-        assert_eq!(
-            <Manager as zbus::object_server::Interface>::name().as_str(),
-            api::INTERFACE
-        );
+        assert_eq!(<Manager as zbus::object_server::Interface>::name().as_str(), api::INTERFACE);
     }
 }

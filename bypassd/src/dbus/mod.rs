@@ -67,27 +67,19 @@ impl Drop for Server {
 pub fn serve(control: Control) -> anyhow::Result<Server> {
     let (stop_tx, stop_rx) = mpsc::channel();
     let (first_tx, first_rx) = mpsc::sync_channel(1);
-    let thread = std::thread::Builder::new()
-        .name("bypassd-dbus".into())
-        .spawn({
-            let control = control.clone();
-            move || supervise(control, stop_rx, first_tx)
-        })?;
+    let thread =
+        std::thread::Builder::new().name("bypassd-dbus".into()).spawn({
+        let control = control.clone();
+        move || supervise(control, stop_rx, first_tx)
+    })?;
     let why = match first_rx.recv_timeout(FIRST_CONNECT_WAIT) {
         Ok(Ok(())) => {
-            tracing::info!(
-                "D-Bus control interface {} on the system bus as {}",
-                api::INTERFACE,
-                api::BUS_NAME
-            );
+            tracing::info!("D-Bus control interface {} on the system bus as {}", api::INTERFACE, api::BUS_NAME);
             None
         }
         Ok(Err(why)) => Some(why),
         Err(_) => {
-            let why = format!(
-                "the system bus did not answer within {} s",
-                FIRST_CONNECT_WAIT.as_secs()
-            );
+            let why = format!("the system bus did not answer within {} s", FIRST_CONNECT_WAIT.as_secs());
             control.set_bus_unavailable(Some(why.clone()));
             Some(why)
         }
@@ -98,19 +90,13 @@ pub fn serve(control: Control) -> anyhow::Result<Server> {
              bypassd until the system bus is back. Retrying in the background."
         );
     }
-    Ok(Server {
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    })
+    Ok(Server { stop: Some(stop_tx), thread: Some(thread) })
 }
 
 /// How long start-up waits for the bus before it goes on without it.
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
-fn connect(
-    control: &Control,
-    announcer: &Arc<Announcer>,
-) -> zbus::Result<zbus::blocking::Connection> {
+fn connect(control: &Control, announcer: &Arc<Announcer>) -> zbus::Result<zbus::blocking::Connection> {
     let manager = methods::Manager::new(control.clone(), announcer.clone());
     let conn = zbus::blocking::connection::Builder::system()?
         .method_timeout(METHOD_TIMEOUT)
@@ -124,11 +110,7 @@ fn connect(
 
 /// The supervisor thread: connect (reporting the first outcome to `serve`), watch for
 /// property changes and a lost connection, reconnect with backoff.
-fn supervise(
-    control: Control,
-    stop: mpsc::Receiver<()>,
-    first: mpsc::SyncSender<Result<(), String>>,
-) {
+fn supervise(control: Control, stop: mpsc::Receiver<()>, first: mpsc::SyncSender<Result<(), String>>) {
     let announcer = Arc::new(Announcer::default());
     let mut first = Some(first);
     let mut conn: Option<zbus::blocking::Connection> = None;
@@ -142,10 +124,7 @@ fn supervise(
                     // `serve` logs the first success, unless it stopped waiting.
                     let told = first.take().is_some_and(|f| f.try_send(Ok(())).is_ok());
                     if !told {
-                        tracing::info!(
-                            "D-Bus control interface available again as {}",
-                            api::BUS_NAME
-                        );
+                        tracing::info!("D-Bus control interface available again as {}", api::BUS_NAME);
                     }
                     conn = Some(c);
                     last_error = None;
@@ -155,14 +134,10 @@ fn supervise(
                 Err(e) => {
                     let why = e.to_string();
                     control.set_bus_unavailable(Some(why.clone()));
-                    let told = first
-                        .take()
-                        .is_some_and(|f| f.try_send(Err(why.clone())).is_ok());
+                    let told = first.take().is_some_and(|f| f.try_send(Err(why.clone())).is_ok());
                     // `serve` logs the first failure; later ones are logged when they change.
                     if !told && last_error.as_deref() != Some(why.as_str()) {
-                        tracing::warn!(
-                            "D-Bus control interface still unavailable: {why}; retrying"
-                        );
+                        tracing::warn!("D-Bus control interface still unavailable: {why}; retrying");
                     } else if !told {
                         tracing::debug!("D-Bus control interface still unavailable: {why}");
                     }
@@ -174,9 +149,7 @@ fn supervise(
             },
             Some(c) if c.is_closed() => {
                 let why = "the connection to the system bus was closed".to_string();
-                tracing::warn!(
-                    "D-Bus control interface lost ({why}); the datapath keeps running. Reconnecting."
-                );
+                tracing::warn!("D-Bus control interface lost ({why}); the datapath keeps running. Reconnecting.");
                 control.set_bus_unavailable(Some(why.clone()));
                 last_error = Some(why);
                 conn = None;

@@ -46,47 +46,15 @@ impl Props {
             }
         };
         put(self.state != new.state, p::STATE, new.state.clone().into());
-        put(
-            self.state_reason != new.state_reason,
-            p::STATE_REASON,
-            new.state_reason.clone().into(),
-        );
+        put(self.state_reason != new.state_reason, p::STATE_REASON, new.state_reason.clone().into());
         put(self.paused != new.paused, p::PAUSED, new.paused.into());
-        put(
-            self.cgroup != new.cgroup,
-            p::CGROUP,
-            new.cgroup.clone().into(),
-        );
-        put(
-            self.pin_dir != new.pin_dir,
-            p::PIN_DIR,
-            new.pin_dir.clone().into(),
-        );
-        put(
-            self.config_path != new.config_path,
-            p::CONFIG_PATH,
-            new.config_path.clone().into(),
-        );
-        put(
-            self.config_sha256 != new.config_sha256,
-            p::CONFIG_SHA256,
-            new.config_sha256.clone().into(),
-        );
-        put(
-            self.capacity != new.capacity,
-            p::CAPACITY,
-            new.capacity.into(),
-        );
-        put(
-            self.default_action != new.default_action,
-            p::DEFAULT_ACTION,
-            new.default_action.clone().into(),
-        );
-        put(
-            self.policy_sha256 != new.policy_sha256,
-            p::POLICY_SHA256,
-            new.policy_sha256.clone().into(),
-        );
+        put(self.cgroup != new.cgroup, p::CGROUP, new.cgroup.clone().into());
+        put(self.pin_dir != new.pin_dir, p::PIN_DIR, new.pin_dir.clone().into());
+        put(self.config_path != new.config_path, p::CONFIG_PATH, new.config_path.clone().into());
+        put(self.config_sha256 != new.config_sha256, p::CONFIG_SHA256, new.config_sha256.clone().into());
+        put(self.capacity != new.capacity, p::CAPACITY, new.capacity.into());
+        put(self.default_action != new.default_action, p::DEFAULT_ACTION, new.default_action.clone().into());
+        put(self.policy_sha256 != new.policy_sha256, p::POLICY_SHA256, new.policy_sha256.clone().into());
         m
     }
 }
@@ -104,10 +72,7 @@ impl Announcer {
     }
 
     /// What changed since the last announcement (None: nothing).
-    pub(super) fn changes(
-        &self,
-        control: &Control,
-    ) -> Option<HashMap<&'static str, Value<'static>>> {
+    pub(super) fn changes(&self, control: &Control) -> Option<HashMap<&'static str, Value<'static>>> {
         let now = Props::read(control);
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let changed = last.as_ref().map(|old| old.diff(&now)).unwrap_or_default();
@@ -117,15 +82,9 @@ impl Announcer {
 
     /// Emit `PropertiesChanged` for what a write changed (the comparison runs off
     /// the executor: it reads the daemon's state).
-    pub(super) async fn announce(
-        self: &std::sync::Arc<Self>,
-        control: &Control,
-        conn: &zbus::Connection,
-    ) {
+    pub(super) async fn announce(self: &std::sync::Arc<Self>, control: &Control, conn: &zbus::Connection) {
         let (me, c) = (self.clone(), control.clone());
-        let Some(changed) = blocking::unblock(move || me.changes(&c)).await else {
-            return;
-        };
+        let Some(changed) = blocking::unblock(move || me.changes(&c)).await else { return };
         if let Err(e) = conn
             .emit_signal(
                 None::<BusName<'_>>,

@@ -65,13 +65,10 @@ fn accept_loop(listener: TcpListener, daemon: Control) {
         }
         let slot = Slot(active.clone());
         let d = daemon.clone();
-        let spawned = std::thread::Builder::new()
-            .name("metrics-conn".into())
-            .stack_size(STACK)
-            .spawn(move || {
-                let _slot = slot;
-                handle(stream, &d);
-            });
+        let spawned = std::thread::Builder::new().name("metrics-conn".into()).stack_size(STACK).spawn(move || {
+            let _slot = slot;
+            handle(stream, &d);
+        });
         if let Err(e) = spawned {
             tracing::debug!("metrics: cannot start a handler: {e}");
         }
@@ -84,9 +81,7 @@ fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())?;
+        let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?;
         stream.set_read_timeout(Some(left)).ok()?;
         match stream.read(&mut chunk) {
             Ok(0) => return None,
@@ -103,35 +98,21 @@ fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
 
 fn handle(mut stream: TcpStream, daemon: &Control) {
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let Some(head) = read_head(&mut stream) else {
-        return;
-    };
+    let Some(head) = read_head(&mut stream) else { return };
     let line = String::from_utf8_lossy(&head);
     let mut parts = line.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     let (status, ctype, body) = if method != "GET" && method != "HEAD" {
-        (
-            "405 Method Not Allowed",
-            "text/plain",
-            "read-only: GET /metrics or /healthz\n".to_string(),
-        )
+        ("405 Method Not Allowed", "text/plain", "read-only: GET /metrics or /healthz\n".to_string())
     } else {
         match path {
-            "/metrics" => (
-                "200 OK",
-                registry::CONTENT_TYPE,
-                registry::render(Snapshot::take(daemon)),
-            ),
+            "/metrics" => ("200 OK", registry::CONTENT_TYPE, registry::render(Snapshot::take(daemon))),
             "/healthz" => match Snapshot::take(daemon).health() {
                 Ok(s) => ("200 OK", "text/plain", format!("{s}\n")),
                 Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
             },
-            _ => (
-                "404 Not Found",
-                "text/plain",
-                "not found: GET /metrics or /healthz\n".to_string(),
-            ),
+            _ => ("404 Not Found", "text/plain", "not found: GET /metrics or /healthz\n".to_string()),
         }
     };
     let mut out = format!(

@@ -26,9 +26,7 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self {
-            listen: default_listen(),
-        }
+        Self { listen: default_listen() }
     }
 }
 
@@ -72,10 +70,7 @@ pub fn record_reload(ok: bool) {
 
 /// (reloads, failed reloads).
 pub fn reloads() -> (u64, u64) {
-    (
-        RELOADS.load(Ordering::Relaxed),
-        RELOADS_FAILED.load(Ordering::Relaxed),
-    )
+    (RELOADS.load(Ordering::Relaxed), RELOADS_FAILED.load(Ordering::Relaxed))
 }
 
 /// The endpoint binds once at start: say so when a reload asks for another address.
@@ -95,10 +90,7 @@ pub fn serve(daemon: crate::control::Control, cfg: &MetricsConfig) -> Option<htt
     let addr = cfg.listen.0?;
     match http::Server::start(addr, daemon) {
         Ok(s) => {
-            tracing::info!(
-                "metrics: serving /metrics and /healthz on http://{}",
-                s.addr
-            );
+            tracing::info!("metrics: serving /metrics and /healthz on http://{}", s.addr);
             Some(s)
         }
         Err(e) => {
@@ -115,23 +107,9 @@ mod tests {
     #[test]
     fn listen_parses_addresses_and_empty() {
         assert_eq!(Listen::try_from(String::new()).unwrap(), Listen(None));
-        assert_eq!(
-            Listen::try_from("[::1]:9477".to_string())
-                .unwrap()
-                .0
-                .unwrap()
-                .port(),
-            9477
-        );
+        assert_eq!(Listen::try_from("[::1]:9477".to_string()).unwrap().0.unwrap().port(), 9477);
         let e = Listen::try_from("localhost".to_string()).unwrap_err();
         assert!(e.contains("not an address:port"), "{e}");
-        assert!(
-            MetricsConfig::default()
-                .listen
-                .0
-                .unwrap()
-                .ip()
-                .is_loopback()
-        );
+        assert!(MetricsConfig::default().listen.0.unwrap().ip().is_loopback());
     }
 }

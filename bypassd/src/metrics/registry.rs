@@ -6,7 +6,12 @@ use bypassd_ebpf::abi::Counter as C;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, info::Info},
+    metrics::{
+        MetricType,
+        counter::ConstCounter,
+        gauge::ConstGauge,
+        info::Info,
+    },
     registry::Registry,
 };
 
@@ -30,12 +35,7 @@ pub const PASS_REASONS: [(&str, Option<C>); 7] = [
 #[derive(Debug)]
 struct Families(Snapshot);
 
-fn counter(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    v: u64,
-) -> Result<(), std::fmt::Error> {
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
     let c = ConstCounter::new(v);
     c.encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
 }
@@ -66,91 +66,29 @@ impl Collector for Families {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
         let abi = bypassd_ebpf::abi::ABI_VERSION.to_string();
-        let info = Info::new([
-            ("version", env!("CARGO_PKG_VERSION")),
-            ("abi", abi.as_str()),
-        ]);
-        info.encode(e.encode_descriptor(
-            "bypassd_build",
-            "bypassd version and BPF ABI version",
-            None,
-            MetricType::Info,
-        )?)?;
-        let states = [
-            bypassd_api::state::ATTACHED,
-            bypassd_api::state::DETACHED,
-            bypassd_api::state::DEGRADED,
-        ]
-        .map(|st| (st, ConstGauge::new(i64::from(s.state == st))));
-        labelled(
-            &mut e,
-            "bypassd_datapath_state",
-            "1 for the datapath's current state",
-            MetricType::Gauge,
-            "state",
-            &states,
-        )?;
-        gauge(
-            &mut e,
-            "bypassd_datapath_paused",
-            "1 while acceleration of new connections is paused",
-            i64::from(s.paused),
-        )?;
-        let rules = [
-            ("runtime", ConstGauge::new(s.rules_runtime as i64)),
-            ("config", ConstGauge::new(s.rules_config as i64)),
-        ];
-        labelled(
-            &mut e,
-            "bypassd_policy_rules",
-            "Policy rules in effect, by where they come from",
-            MetricType::Gauge,
-            "source",
-            &rules,
-        )?;
-        counter(
-            &mut e,
-            "bypassd_reloads",
-            "Configuration reloads attempted (SIGHUP or D-Bus)",
-            s.reloads,
-        )?;
-        counter(
-            &mut e,
-            "bypassd_reloads_failed",
-            "Reloads refused; the running configuration was kept",
-            s.reloads_failed,
-        )?;
+        let info = Info::new([("version", env!("CARGO_PKG_VERSION")), ("abi", abi.as_str())]);
+        info.encode(e.encode_descriptor("bypassd_build", "bypassd version and BPF ABI version", None, MetricType::Info)?)?;
+        let states = [bypassd_api::state::ATTACHED, bypassd_api::state::DETACHED, bypassd_api::state::DEGRADED]
+            .map(|st| (st, ConstGauge::new(i64::from(s.state == st))));
+        labelled(&mut e, "bypassd_datapath_state", "1 for the datapath's current state", MetricType::Gauge, "state", &states)?;
+        gauge(&mut e, "bypassd_datapath_paused", "1 while acceleration of new connections is paused", i64::from(s.paused))?;
+        let rules = [("runtime", ConstGauge::new(s.rules_runtime as i64)), ("config", ConstGauge::new(s.rules_config as i64))];
+        labelled(&mut e, "bypassd_policy_rules", "Policy rules in effect, by where they come from", MetricType::Gauge, "source", &rules)?;
+        counter(&mut e, "bypassd_reloads", "Configuration reloads attempted (SIGHUP or D-Bus)", s.reloads)?;
+        counter(&mut e, "bypassd_reloads_failed", "Reloads refused; the running configuration was kept", s.reloads_failed)?;
         if let Some(n) = s.accelerated_sockets {
-            gauge(
-                &mut e,
-                "bypassd_accelerated_sockets",
-                "Sockets in the SOCKHASH now",
-                n as i64,
-            )?;
+            gauge(&mut e, "bypassd_accelerated_sockets", "Sockets in the SOCKHASH now", n as i64)?;
         }
         links(&mut e, &s.links)?;
         if s.counters.is_empty() {
             return Ok(()); // no datapath pinned: no datapath counters
         }
         let c = |k| s.counter(k);
-        counter(
-            &mut e,
-            "bypassd_redirected_messages",
-            "Sends delivered straight to the peer socket",
-            c(C::RedirectedMsgs),
-        )?;
-        counter(
-            &mut e,
-            "bypassd_redirected_bytes",
-            "Bytes delivered straight to the peer socket",
-            c(C::RedirectedBytes),
-        )?;
+        counter(&mut e, "bypassd_redirected_messages", "Sends delivered straight to the peer socket", c(C::RedirectedMsgs))?;
+        counter(&mut e, "bypassd_redirected_bytes", "Bytes delivered straight to the peer socket", c(C::RedirectedBytes))?;
         let explained: u64 = PASS_REASONS.iter().filter_map(|(_, k)| *k).map(c).sum();
         let passed = PASS_REASONS.map(|(r, k)| {
-            (
-                r,
-                ConstCounter::new(k.map_or_else(|| c(C::PassedMsgs).saturating_sub(explained), c)),
-            )
+            (r, ConstCounter::new(k.map_or_else(|| c(C::PassedMsgs).saturating_sub(explained), c)))
         });
         labelled(
             &mut e,
@@ -160,28 +98,10 @@ impl Collector for Families {
             "reason",
             &passed,
         )?;
-        counter(
-            &mut e,
-            "bypassd_passed_bytes",
-            "Bytes of accelerated sockets left on the kernel TCP path (all reasons)",
-            c(C::PassedBytes),
-        )?;
-        counter(
-            &mut e,
-            "bypassd_sockets_inserted",
-            "Sockets put into the SOCKHASH",
-            c(C::SocketsInserted),
-        )?;
-        counter(
-            &mut e,
-            "bypassd_insert_failures",
-            "Admitted sockets not inserted (SOCKHASH full or key taken)",
-            c(C::InsertFailures),
-        )?;
-        let skipped = [
-            ("policy", ConstCounter::new(c(C::PolicyKernel))),
-            ("paused", ConstCounter::new(c(C::PausedSkips))),
-        ];
+        counter(&mut e, "bypassd_passed_bytes", "Bytes of accelerated sockets left on the kernel TCP path (all reasons)", c(C::PassedBytes))?;
+        counter(&mut e, "bypassd_sockets_inserted", "Sockets put into the SOCKHASH", c(C::SocketsInserted))?;
+        counter(&mut e, "bypassd_insert_failures", "Admitted sockets not inserted (SOCKHASH full or key taken)", c(C::InsertFailures))?;
+        let skipped = [("policy", ConstCounter::new(c(C::PolicyKernel))), ("paused", ConstCounter::new(c(C::PausedSkips)))];
         labelled(
             &mut e,
             "bypassd_sockets_not_accelerated",
@@ -190,91 +110,21 @@ impl Collector for Families {
             "reason",
             &skipped,
         )?;
-        counter(
-            &mut e,
-            "bypassd_splice_sockets",
-            "Accelerated sockets seen reading with splice",
-            c(C::SpliceSeen),
-        )?;
-        counter(
-            &mut e,
-            "bypassd_splice_stranded_sockets",
-            "Splice readers that had redirected bytes queued",
-            c(C::SpliceStranded),
-        )?;
-        counter(
-            &mut e,
-            "bypassd_splice_refused",
-            "splice/sendfile reads refused by the BPF LSM guard",
-            c(C::SpliceRefused),
-        )?;
-        counter(
-            &mut e,
-            "bypassd_stranded_drops",
-            "Sends refused because the peer splices with bytes stranded",
-            c(C::StrandedDrops),
-        )?;
+        counter(&mut e, "bypassd_splice_sockets", "Accelerated sockets seen reading with splice", c(C::SpliceSeen))?;
+        counter(&mut e, "bypassd_splice_stranded_sockets", "Splice readers that had redirected bytes queued", c(C::SpliceStranded))?;
+        counter(&mut e, "bypassd_splice_refused", "splice/sendfile reads refused by the BPF LSM guard", c(C::SpliceRefused))?;
+        counter(&mut e, "bypassd_stranded_drops", "Sends refused because the peer splices with bytes stranded", c(C::StrandedDrops))?;
         // Service mesh: connections paired through a NAT capture (docs/mesh.md).
-        let paths = [
-            ("local", ConstCounter::new(c(C::NatPairedLocal))),
-            ("inbound", ConstCounter::new(c(C::NatPairedInbound))),
-        ];
-        labelled(
-            &mut e,
-            "bypassd_nat_pairs",
-            "NAT-captured connections paired from the proxy's SO_ORIGINAL_DST answer, by capture path",
-            MetricType::Counter,
-            "path",
-            &paths,
-        )?;
-        counter(
-            &mut e,
-            "bypassd_nat_unpaired",
-            "SO_ORIGINAL_DST answers not paired (a socket not accelerated, or not the client)",
-            c(C::NatUnpaired),
-        )?;
-        counter(
-            &mut e,
-            "bypassd_nat_redirected_messages",
-            "Of the redirected sends: to a NAT peer",
-            c(C::NatRedirectedMsgs),
-        )?;
-        counter(
-            &mut e,
-            "bypassd_nat_redirected_bytes",
-            "Of the redirected bytes: to a NAT peer",
-            c(C::NatRedirectedBytes),
-        )?;
-        let how = [
-            ("at_insert", ConstCounter::new(c(C::SenderAtInsert))),
-            ("promoted", ConstCounter::new(c(C::SenderPromoted))),
-        ];
-        labelled(
-            &mut e,
-            "bypassd_senders",
-            "Sockets made senders (their sends run sk_msg), by when",
-            MetricType::Counter,
-            "when",
-            &how,
-        )?;
-        counter(
-            &mut e,
-            "bypassd_sender_failures",
-            "Sockets that could not become senders (they send through plain TCP)",
-            c(C::SenderFailed),
-        )?;
-        counter(
-            &mut e,
-            "bypassd_nat_not_client",
-            "Of the unpaired answers: the tuple's owner was another connection (port remapped)",
-            c(C::NatNotClient),
-        )?;
-        counter(
-            &mut e,
-            "bypassd_nat_local_redirected_bytes",
-            "Of the NAT-redirected bytes: app <-> its own sidecar",
-            c(C::NatLocalRedirectedBytes),
-        )?;
+        let paths = [("local", ConstCounter::new(c(C::NatPairedLocal))), ("inbound", ConstCounter::new(c(C::NatPairedInbound)))];
+        labelled(&mut e, "bypassd_nat_pairs", "NAT-captured connections paired from the proxy's SO_ORIGINAL_DST answer, by capture path", MetricType::Counter, "path", &paths)?;
+        counter(&mut e, "bypassd_nat_unpaired", "SO_ORIGINAL_DST answers not paired (a socket not accelerated, or not the client)", c(C::NatUnpaired))?;
+        counter(&mut e, "bypassd_nat_redirected_messages", "Of the redirected sends: to a NAT peer", c(C::NatRedirectedMsgs))?;
+        counter(&mut e, "bypassd_nat_redirected_bytes", "Of the redirected bytes: to a NAT peer", c(C::NatRedirectedBytes))?;
+        let how = [("at_insert", ConstCounter::new(c(C::SenderAtInsert))), ("promoted", ConstCounter::new(c(C::SenderPromoted)))];
+        labelled(&mut e, "bypassd_senders", "Sockets made senders (their sends run sk_msg), by when", MetricType::Counter, "when", &how)?;
+        counter(&mut e, "bypassd_sender_failures", "Sockets that could not become senders (they send through plain TCP)", c(C::SenderFailed))?;
+        counter(&mut e, "bypassd_nat_not_client", "Of the unpaired answers: the tuple's owner was another connection (port remapped)", c(C::NatNotClient))?;
+        counter(&mut e, "bypassd_nat_local_redirected_bytes", "Of the NAT-redirected bytes: app <-> its own sidecar", c(C::NatLocalRedirectedBytes))?;
         Ok(())
     }
 }
@@ -282,10 +132,7 @@ impl Collector for Families {
 /// The link datapath: frames and bytes per [[links]] entry, redirected past the bridge
 /// or passed to it, and per port (interface) of the entry now. The `link` label is the
 /// entry's name from the config, `port` one of its interfaces (both bounded).
-fn links(
-    e: &mut DescriptorEncoder,
-    links: &[crate::datapath::link::EntryStats],
-) -> Result<(), std::fmt::Error> {
+fn links(e: &mut DescriptorEncoder, links: &[crate::datapath::link::EntryStats]) -> Result<(), std::fmt::Error> {
     if links.is_empty() {
         return Ok(());
     }
@@ -293,39 +140,16 @@ fn links(
     let frames: Pick = |s| [s.redirected_frames, s.passed_frames];
     let bytes: Pick = |s| [s.redirected_bytes, s.passed_bytes];
     let families: [(&str, &str, Pick, bool); 4] = [
-        (
-            "bypassd_link_frames",
-            "Frames of a [[links]] entry, by action",
-            frames,
-            false,
-        ),
-        (
-            "bypassd_link_bytes",
-            "Bytes of a [[links]] entry, by action",
-            bytes,
-            false,
-        ),
-        (
-            "bypassd_link_port_frames",
-            "Frames arriving on one port of a [[links]] entry, by action",
-            frames,
-            true,
-        ),
-        (
-            "bypassd_link_port_bytes",
-            "Bytes arriving on one port of a [[links]] entry, by action",
-            bytes,
-            true,
-        ),
+        ("bypassd_link_frames", "Frames of a [[links]] entry, by action", frames, false),
+        ("bypassd_link_bytes", "Bytes of a [[links]] entry, by action", bytes, false),
+        ("bypassd_link_port_frames", "Frames arriving on one port of a [[links]] entry, by action", frames, true),
+        ("bypassd_link_port_bytes", "Bytes arriving on one port of a [[links]] entry, by action", bytes, true),
     ];
     for (name, help, pick, per_port) in families {
         let mut fam = e.encode_descriptor(name, help, None, MetricType::Counter)?;
         for l in links {
-            let rows: Vec<(Option<&str>, &bypassd_ebpf::abi::LinkStats)> = if per_port {
-                l.ports.iter().map(|(p, s)| (Some(p.as_str()), s)).collect()
-            } else {
-                vec![(None, &l.total)]
-            };
+            let rows: Vec<(Option<&str>, &bypassd_ebpf::abi::LinkStats)> =
+                if per_port { l.ports.iter().map(|(p, s)| (Some(p.as_str()), s)).collect() } else { vec![(None, &l.total)] };
             for (port, s) in rows {
                 for (action, v) in ["redirected", "passed"].into_iter().zip(pick(s)) {
                     let mut set = vec![("link", l.name.as_str())];
@@ -391,51 +215,16 @@ mod tests {
         ] {
             assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
         }
-        let mut s = Snapshot {
-            state: "attached".into(),
-            ..Snapshot::default()
-        };
-        s.counters = vec![
-            (C::PassedMsgs, 10),
-            (C::OrderWait, 3),
-            (C::NotReady, 2),
-            (C::PassedBytes, 7),
-        ];
+        let mut s = Snapshot { state: "attached".into(), ..Snapshot::default() };
+        s.counters = vec![(C::PassedMsgs, 10), (C::OrderWait, 3), (C::NotReady, 2), (C::PassedBytes, 7)];
         let text = render(s);
-        assert!(
-            text.contains("bypassd_passed_messages_total{reason=\"no_peer\"} 5"),
-            "{text}"
-        );
-        assert!(
-            text.contains("bypassd_passed_messages_total{reason=\"order\"} 3"),
-            "{text}"
-        );
+        assert!(text.contains("bypassd_passed_messages_total{reason=\"no_peer\"} 5"), "{text}");
+        assert!(text.contains("bypassd_passed_messages_total{reason=\"order\"} 3"), "{text}");
         assert!(text.contains("bypassd_build_info{version=\""), "{text}");
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
         // Label values come from fixed lists only.
-        let allowed = [
-            "no_peer",
-            "order",
-            "backpressure",
-            "not_ready",
-            "splice",
-            "coalesced",
-            "peer_stale",
-            "local",
-            "inbound",
-            "policy",
-            "paused",
-            "at_insert",
-            "promoted",
-            "runtime",
-            "config",
-            "attached",
-            "detached",
-            "degraded",
-        ];
-        for l in text.lines().filter(|l| {
-            !l.starts_with('#') && l.contains('{') && !l.starts_with("bypassd_build_info")
-        }) {
+        let allowed = ["no_peer", "order", "backpressure", "not_ready", "splice", "coalesced", "peer_stale", "local", "inbound", "policy", "paused", "at_insert", "promoted", "runtime", "config", "attached", "detached", "degraded"];
+        for l in text.lines().filter(|l| !l.starts_with('#') && l.contains('{') && !l.starts_with("bypassd_build_info")) {
             let v = l.split('"').nth(1).unwrap();
             assert!(allowed.contains(&v), "unbounded label value in {l}");
         }
@@ -443,30 +232,12 @@ mod tests {
 
     #[test]
     fn link_and_mesh_counters_are_served() {
-        let stats = bypassd_ebpf::abi::LinkStats {
-            redirected_frames: 7,
-            redirected_bytes: 700,
-            passed_frames: 2,
-            passed_bytes: 90,
-        };
-        let port = bypassd_ebpf::abi::LinkStats {
-            redirected_frames: 5,
-            redirected_bytes: 500,
-            passed_frames: 1,
-            passed_bytes: 40,
-        };
+        let stats = bypassd_ebpf::abi::LinkStats { redirected_frames: 7, redirected_bytes: 700, passed_frames: 2, passed_bytes: 90 };
+        let port = bypassd_ebpf::abi::LinkStats { redirected_frames: 5, redirected_bytes: 500, passed_frames: 1, passed_bytes: 40 };
         let s = Snapshot {
             state: "attached".into(),
-            counters: vec![
-                (C::NatPairedLocal, 4),
-                (C::NatPairedInbound, 3),
-                (C::NatRedirectedBytes, 1000),
-            ],
-            links: vec![crate::datapath::link::EntryStats {
-                name: "tap0+veth0".into(),
-                total: stats,
-                ports: vec![("tap0".into(), port)],
-            }],
+            counters: vec![(C::NatPairedLocal, 4), (C::NatPairedInbound, 3), (C::NatRedirectedBytes, 1000)],
+            links: vec![crate::datapath::link::EntryStats { name: "tap0+veth0".into(), total: stats, ports: vec![("tap0".into(), port)] }],
             ..Snapshot::default()
         };
         let text = render(s);

@@ -46,37 +46,24 @@ impl Snapshot {
         {
             snap.counters = dp.counters().unwrap_or_default();
             // A pair lists as one connection; an unpaired entry is one socket.
-            snap.accelerated_sockets = dp
-                .connections()
-                .ok()
-                .map(|c| c.iter().map(|c| if c.paired { 2 } else { 1 }).sum());
+            snap.accelerated_sockets =
+                dp.connections().ok().map(|c| c.iter().map(|c| if c.paired { 2 } else { 1 }).sum());
         }
         snap
     }
 
     pub fn counter(&self, c: Counter) -> u64 {
-        self.counters
-            .iter()
-            .find(|(k, _)| *k == c)
-            .map_or(0, |(_, v)| *v)
+        self.counters.iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| *v)
     }
 
     /// `/healthz`: healthy when the datapath is attached as configured.
     pub fn health(&self) -> Result<String, String> {
         if self.state == bypassd_api::state::ATTACHED {
-            Ok(if self.paused {
-                "ok: attached (paused)".into()
-            } else {
-                "ok: attached".into()
-            })
+            Ok(if self.paused { "ok: attached (paused)".into() } else { "ok: attached".into() })
         } else if self.reason.is_empty() {
             Err(self.state.clone())
         } else {
-            Err(format!(
-                "{}: {}",
-                self.state,
-                self.reason.replace('\n', " ")
-            ))
+            Err(format!("{}: {}", self.state, self.reason.replace('\n', " ")))
         }
     }
 }

@@ -25,10 +25,7 @@ impl Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{s}` is not a valid CIDR (bad address `{a}`)"))?;
+        let addr: IpAddr = a.trim().parse().map_err(|_| format!("`{s}` is not a valid CIDR (bad address `{a}`)"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let bad_prefix = || format!("`{s}` is not a valid CIDR (prefix must be 0-{max})");
         let prefix = match p {
@@ -38,10 +35,7 @@ impl Cidr {
         let net = IpNet::new(addr, prefix).map_err(|_| bad_prefix())?;
         // Reject host bits: "10.0.0.1/8" is almost always a typo for a host or a net.
         if net.trunc() != net {
-            return Err(format!(
-                "`{s}` has host bits set (did you mean {}?)",
-                net.trunc()
-            ));
+            return Err(format!("`{s}` has host bits set (did you mean {}?)", net.trunc()));
         }
         Ok(Cidr(net))
     }
@@ -55,9 +49,7 @@ impl Cidr {
         match self.0 {
             IpNet::V6(n) => n,
             // A v4 prefix is at most 32, so the mapped one is at most 128: never fails.
-            IpNet::V4(n) => {
-                Ipv6Net::new(n.network().to_ipv6_mapped(), n.prefix_len() + 96).unwrap_or_default()
-            }
+            IpNet::V4(n) => Ipv6Net::new(n.network().to_ipv6_mapped(), n.prefix_len() + 96).unwrap_or_default(),
         }
     }
 
@@ -95,26 +87,11 @@ mod tests {
         assert_eq!(Cidr::parse("10.0.0.0/8").unwrap().prefix(), 8);
         assert_eq!(Cidr::parse("::1").unwrap().prefix(), 128);
         assert_eq!(Cidr::parse("::1").unwrap().to_string(), "::1/128");
-        assert!(
-            Cidr::parse("10.0.0.0/33")
-                .unwrap_err()
-                .contains("prefix must be 0-32")
-        );
-        assert!(
-            Cidr::parse("fd00::/129")
-                .unwrap_err()
-                .contains("prefix must be 0-128")
-        );
-        assert!(
-            Cidr::parse("10.0.0.300/8")
-                .unwrap_err()
-                .contains("bad address")
-        );
+        assert!(Cidr::parse("10.0.0.0/33").unwrap_err().contains("prefix must be 0-32"));
+        assert!(Cidr::parse("fd00::/129").unwrap_err().contains("prefix must be 0-128"));
+        assert!(Cidr::parse("10.0.0.300/8").unwrap_err().contains("bad address"));
         let e = Cidr::parse("10.0.0.1/8").unwrap_err();
-        assert!(
-            e.contains("host bits") && e.contains("did you mean 10.0.0.0/8"),
-            "{e}"
-        );
+        assert!(e.contains("host bits") && e.contains("did you mean 10.0.0.0/8"), "{e}");
     }
 
     #[test]
@@ -123,10 +100,6 @@ mod tests {
         assert_eq!(c.mapped().prefix_len(), 112);
         assert!(c.contains(&to_mapped("10.1.2.3".parse().unwrap())));
         assert!(!c.contains(&to_mapped("10.2.0.1".parse().unwrap())));
-        assert!(
-            Cidr::parse("::/0")
-                .unwrap()
-                .contains(&to_mapped("127.0.0.1".parse().unwrap()))
-        );
+        assert!(Cidr::parse("::/0").unwrap().contains(&to_mapped("127.0.0.1".parse().unwrap())));
     }
 }

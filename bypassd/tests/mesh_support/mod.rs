@@ -32,10 +32,7 @@ impl std::ops::Deref for Env {
 
 impl Env {
     pub fn new() -> Env {
-        Env {
-            sb: Sandbox::new(),
-            dir: TempDir::new(),
-        }
+        Env { sb: Sandbox::new(), dir: TempDir::new() }
     }
 
     /// A daemon that accelerates everything in this test's cgroup.
@@ -60,23 +57,14 @@ impl Env {
     pub fn serve(&self, ns: &Netns, listen: &str, extra: &[&str]) -> (Child, u16) {
         let port_file = self.dir.path().join(bypass_testsupport::unique("port"));
         let mut cmd = self.traffic(ns);
-        cmd.args(["serve", "--listen", listen, "--port-file"])
-            .arg(&port_file)
-            .args(extra);
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
+        cmd.args(["serve", "--listen", listen, "--port-file"]).arg(&port_file).args(extra);
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn serve");
         match wait_port(&port_file, Duration::from_secs(20)) {
             Some(p) => (child, p),
             None => {
                 let _ = child.kill();
                 let out = child.wait_with_output().expect("wait serve");
-                panic!(
-                    "serve {listen} did not start: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                panic!("serve {listen} did not start: {}", String::from_utf8_lossy(&out.stderr));
             }
         }
     }
@@ -85,18 +73,13 @@ impl Env {
     pub fn send(&self, ns: &Netns, connect: &str, args: &[&str]) -> Child {
         let mut c = self.traffic(ns);
         c.args(["send", "--connect", connect]).args(args);
-        c.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn send")
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn send")
     }
 
     /// Every kernel-path message had a safety reason (testsupport::counters).
     pub fn assert_passes_explained(&self) {
         let d = self.datapath();
-        bypass_testsupport::counters::assert_passes_explained(|c| {
-            d.counter(c).expect("read counters")
-        });
+        bypass_testsupport::counters::assert_passes_explained(|c| d.counter(c).expect("read counters"));
     }
 }
 
@@ -140,16 +123,8 @@ impl Mesh {
         capture::install(&pods.a, how);
         capture::install(&pods.b, how);
         let daemon = env.daemon();
-        let envoys = vec![
-            envoy::Envoy::start(&pods.a, &env.cg, &env.dir),
-            envoy::Envoy::start(&pods.b, &env.cg, &env.dir),
-        ];
-        Mesh {
-            daemon,
-            envoys,
-            pods,
-            env,
-        }
+        let envoys = vec![envoy::Envoy::start(&pods.a, &env.cg, &env.dir), envoy::Envoy::start(&pods.b, &env.cg, &env.dir)];
+        Mesh { daemon, envoys, pods, env }
     }
 
     pub fn counter(&self, c: Counter) -> u64 {
@@ -164,11 +139,7 @@ impl Mesh {
             if left.is_empty() {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} pairing entries left behind: {left:?}",
-                left.len()
-            );
+            assert!(Instant::now() < deadline, "{} pairing entries left behind: {left:?}", left.len());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -186,40 +157,23 @@ impl Script {
     /// `python3 linger.py ARGS` run by `cmd` (a netns/cgroup/uid wrapper already set up).
     pub fn spawn(mut cmd: Command, args: &[&str]) -> Script {
         let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mesh_support/linger.py");
-        cmd.arg("python3")
-            .arg(py)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("python3 linger.py {args:?}: {e}"));
+        cmd.arg("python3").arg(py).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("python3 linger.py {args:?}: {e}"));
         let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-        Script {
-            child,
-            out,
-            what: args.join(" "),
-        }
+        Script { child, out, what: args.join(" ") }
     }
 
     pub fn next(&mut self) -> Value {
         use std::io::BufRead;
         let mut line = String::new();
-        self.out
-            .read_line(&mut line)
-            .unwrap_or_else(|e| panic!("reading from linger.py {}: {e}", self.what));
-        serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("linger.py {} said {line:?}: {e}", self.what))
+        self.out.read_line(&mut line).unwrap_or_else(|e| panic!("reading from linger.py {}: {e}", self.what));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("linger.py {} said {line:?}: {e}", self.what))
     }
 
     pub fn go(&mut self) {
         use std::io::Write;
         let stdin = self.child.stdin.as_mut().expect("stdin");
-        stdin
-            .write_all(b"go\n")
-            .and_then(|()| stdin.flush())
-            .unwrap_or_else(|e| panic!("linger.py {}: {e}", self.what));
+        stdin.write_all(b"go\n").and_then(|()| stdin.flush()).unwrap_or_else(|e| panic!("linger.py {}: {e}", self.what));
     }
 
     /// Wait for a clean exit.
@@ -238,16 +192,7 @@ impl Drop for Script {
 
 /// Run a command in `ns` (sysctl, ss), panicking with its stderr; returns stdout.
 pub fn in_ns(ns: &Netns, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .args(args)
-        .output()
-        .expect("ip netns exec");
-    assert!(
-        out.status.success(),
-        "{args:?} in {}: {}",
-        ns.name,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("ip").args(["netns", "exec", &ns.name]).args(args).output().expect("ip netns exec");
+    assert!(out.status.success(), "{args:?} in {}: {}", ns.name, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

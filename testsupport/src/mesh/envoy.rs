@@ -57,9 +57,7 @@ fn cluster(name: &str, bind: Option<&str>) -> String {
         "  - name: {name}\n    type: ORIGINAL_DST\n    lb_policy: CLUSTER_PROVIDED\n    connect_timeout: 5s\n"
     );
     if let Some(b) = bind {
-        c += &format!(
-            "    upstream_bind_config: {{source_address: {{address: \"{b}\", port_value: 0}}}}\n"
-        );
+        c += &format!("    upstream_bind_config: {{source_address: {{address: \"{b}\", port_value: 0}}}}\n");
     }
     c
 }
@@ -119,19 +117,9 @@ impl Envoy {
         let logf = std::fs::File::create(&log).expect("envoy log");
         let _ = std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666));
         let mut c = ns.command(Some(cg), "setpriv");
-        c.args(["--reuid", "1337", "--regid", "1337", "--clear-groups"])
-            .arg(&bin);
-        c.arg("-c").arg(&cfg).args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--base-id",
-            &id.to_string(),
-        ]);
-        c.args(["-l", "warning"])
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("dup"))
-            .stderr(logf);
+        c.args(["--reuid", "1337", "--regid", "1337", "--clear-groups"]).arg(&bin);
+        c.arg("-c").arg(&cfg).args(["--concurrency", "1", "--disable-hot-restart", "--base-id", &id.to_string()]);
+        c.args(["-l", "warning"]).stdin(Stdio::null()).stdout(logf.try_clone().expect("dup")).stderr(logf);
         let child = c.spawn().expect("spawn envoy");
         let mut e = Envoy { child, log };
         e.wait_listening(ns);
@@ -141,25 +129,15 @@ impl Envoy {
     fn wait_listening(&mut self, ns: &Netns) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &ns.name, "ss", "-Htln"])
-                .output()
-                .expect("ss");
+            let out = Command::new("ip").args(["netns", "exec", &ns.name, "ss", "-Htln"]).output().expect("ss");
             let s = String::from_utf8_lossy(&out.stdout);
             if s.contains(":15001 ") && s.matches(":15006 ").count() >= 2 {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                panic!(
-                    "envoy exited ({st}):\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
+                panic!("envoy exited ({st}):\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
             }
-            assert!(
-                Instant::now() < deadline,
-                "envoy did not listen:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
+            assert!(Instant::now() < deadline, "envoy did not listen:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
             std::thread::sleep(Duration::from_millis(50));
         }
     }

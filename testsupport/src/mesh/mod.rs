@@ -9,18 +9,8 @@ use std::process::Command;
 
 /// `ip -n NS args…`, panicking with its stderr.
 pub fn ip(ns: &Netns, args: &[&str]) {
-    let out = Command::new("ip")
-        .args(["-n", &ns.name])
-        .args(args)
-        .output()
-        .expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip -n {} {}: {}",
-        ns.name,
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("ip").args(["-n", &ns.name]).args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip -n {} {}: {}", ns.name, args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 /// Two pod namespaces joined by a veth: A = 10.97.0.1 / fd97::1, B = 10.97.0.2 / fd97::2,
@@ -38,15 +28,11 @@ pub const POD_B6: &str = "fd97::2";
 impl Pods {
     pub fn new() -> Pods {
         let (a, b) = (Netns::new(), Netns::new());
-        crate::veth(
-            &a,
-            &[&format!("{POD_A4}/24"), &format!("{POD_A6}/64")],
-            &b,
-            &[&format!("{POD_B4}/24"), &format!("{POD_B6}/64")],
-        );
+        crate::veth(&a, &[&format!("{POD_A4}/24"), &format!("{POD_A6}/64")], &b, &[&format!("{POD_B4}/24"), &format!("{POD_B6}/64")]);
         for ns in [&a, &b] {
             ip(ns, &["addr", "add", "::6/128", "dev", "lo", "nodad"]);
         }
         Pods { a, b }
     }
 }
+

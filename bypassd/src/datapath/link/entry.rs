@@ -1,8 +1,8 @@
 //! One `[[links]]` entry: its pin folder (program, maps, one TCX link per
 //! interface), and reconciling it with the interfaces the host has right now.
 use super::{ethtool, fdb, ifaces, tcx};
-use crate::config_links::{LinkSpec, Redirect};
 use crate::datapath::pins::{self, map_pin, prog_pin};
+use crate::config_links::{LinkSpec, Redirect};
 use anyhow::{Context, Result, anyhow};
 use aya::{
     EbpfLoader,
@@ -58,14 +58,12 @@ pub fn dir_name(spec: &LinkSpec) -> String {
 
 fn open_map(dir: &Path, name: &str) -> Result<Map> {
     let p = map_pin(dir, name);
-    let data =
-        MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
+    let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
     Map::from_map_data(data).with_context(|| format!("pinned map {}", p.display()))
 }
 
 fn open(dir: &Path) -> Result<Bpf> {
-    let prog = SchedClassifier::from_pin(prog_pin(dir, PROG))
-        .with_context(|| format!("opening {}", prog_pin(dir, PROG).display()))?;
+    let prog = SchedClassifier::from_pin(prog_pin(dir, PROG)).with_context(|| format!("opening {}", prog_pin(dir, PROG).display()))?;
     Ok(Bpf {
         prog,
         ports: HashMap::try_from(open_map(dir, obj::maps::PORTS)?)?,
@@ -85,31 +83,24 @@ fn build(dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let r = (|| -> Result<()> {
-        let mut ebpf = EbpfLoader::new()
-            .load(obj::object())
-            .context("loading the link BPF object")?;
+        let mut ebpf = EbpfLoader::new().load(obj::object()).context("loading the link BPF object")?;
         for name in obj::maps::ALL {
-            let m = ebpf
-                .map(name)
-                .ok_or_else(|| anyhow!("link object has no map {name}"))?;
-            m.pin(map_pin(&tmp, name))
-                .with_context(|| format!("pinning map {name}"))?;
+            let m = ebpf.map(name).ok_or_else(|| anyhow!("link object has no map {name}"))?;
+            m.pin(map_pin(&tmp, name)).with_context(|| format!("pinning map {name}"))?;
         }
         let prog: &mut SchedClassifier = ebpf
             .program_mut(obj::PROGRAM)
             .ok_or_else(|| anyhow!("link object has no program {}", obj::PROGRAM))?
             .try_into()?;
         prog.load().context("loading the link tc program")?;
-        prog.pin(prog_pin(&tmp, PROG))
-            .context("pinning the link tc program")?;
+        prog.pin(prog_pin(&tmp, PROG)).context("pinning the link tc program")?;
         Ok(())
     })();
     if let Err(e) = r {
         let _ = remove_all(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, dir)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))
+    std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))
 }
 
 /// Unpin everything in a folder (TCX links go first: frames return to the kernel path).
@@ -119,12 +110,7 @@ pub fn remove_all(dir: &Path) -> Result<()> {
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .collect();
-    files.sort_by_key(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .and_then(pins::tcx_ifname)
-            .is_none()
-    });
+    files.sort_by_key(|p| p.file_name().and_then(|n| n.to_str()).and_then(pins::tcx_ifname).is_none());
     for p in files {
         std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
     }
@@ -133,9 +119,7 @@ pub fn remove_all(dir: &Path) -> Result<()> {
 
 /// Pinned TCX links in an entry folder: (interface name, pin path).
 fn pinned_links(dir: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
     rd.filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
@@ -147,16 +131,7 @@ fn pinned_links(dir: &Path) -> Vec<(String, PathBuf)> {
 impl Entry {
     pub fn new(spec: LinkSpec, root: &Path) -> Entry {
         let dir = root.join(dir_name(&spec));
-        Entry {
-            spec,
-            dir,
-            bpf: None,
-            adopted: false,
-            ifaces: Vec::new(),
-            problems: Vec::new(),
-            missing: Vec::new(),
-            fdb_synced: false,
-        }
+        Entry { spec, dir, bpf: None, adopted: false, ifaces: Vec::new(), problems: Vec::new(), missing: Vec::new(), fdb_synced: false }
     }
 
     /// Open the pinned folder, or build it.
@@ -173,10 +148,7 @@ impl Entry {
             }
             Err(e) => {
                 if self.dir.exists() {
-                    tracing::warn!(
-                        "link pins {} are incomplete ({e:#}); rebuilding them",
-                        self.dir.display()
-                    );
+                    tracing::warn!("link pins {} are incomplete ({e:#}); rebuilding them", self.dir.display());
                     retire_dir(&self.dir)?;
                 }
                 build(&self.dir)?;
@@ -188,11 +160,7 @@ impl Entry {
     }
 
     /// The interfaces this entry should be attached to now, and notes on skipped ones.
-    fn wanted(
-        &self,
-        host: &ifaces::Host,
-        claimed: &[String],
-    ) -> (Vec<String>, Vec<String>, Vec<String>) {
+    fn wanted(&self, host: &ifaces::Host, claimed: &[String]) -> (Vec<String>, Vec<String>, Vec<String>) {
         let mut notes = Vec::new();
         let mut missing = Vec::new();
         if let Some(p) = &self.spec.pair {
@@ -213,9 +181,7 @@ impl Entry {
         ports.retain(|p| {
             let mine = claimed.contains(p);
             if mine {
-                notes.push(format!(
-                    "port {p} is skipped: it is one side of a configured pair"
-                ));
+                notes.push(format!("port {p} is skipped: it is one side of a configured pair"));
             }
             !mine
         });
@@ -244,11 +210,7 @@ impl Entry {
         let spec = self.spec.clone();
         let dir = self.dir.clone();
         let bpf = self.bpf.as_mut().context("link maps are not open")?;
-        let old: Vec<(u32, abi::LinkPort)> = bpf
-            .ports
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the port map")?;
+        let old: Vec<(u32, abi::LinkPort)> = bpf.ports.iter().collect::<Result<_, _>>().context("reading the port map")?;
 
         // Stale or unwanted links first.
         for (name, pin) in pinned_links(&dir) {
@@ -259,10 +221,7 @@ impl Entry {
                 continue;
             }
             if pinned == 0 {
-                tracing::info!(
-                    "link {}: {name} was deleted; removing its stale pin",
-                    spec.id()
-                );
+                tracing::info!("link {}: {name} was deleted; removing its stale pin", spec.id());
             } else if Some(pinned) == now
                 && let Some((_, port)) = old.iter().find(|(i, _)| *i == pinned)
             {
@@ -274,13 +233,7 @@ impl Entry {
         let mut ifs = Vec::new();
         for name in names {
             let Some(ifindex) = host.ifindex(name) else {
-                ifs.push(Iface {
-                    name: name.clone(),
-                    ifindex: 0,
-                    attached: false,
-                    offloads: None,
-                    slot: None,
-                });
+                ifs.push(Iface { name: name.clone(), ifindex: 0, attached: false, offloads: None, slot: None });
                 continue;
             };
             let pin = pins::tcx_pin(&dir, name);
@@ -288,32 +241,19 @@ impl Entry {
             if !attached {
                 match tcx::attach(&mut bpf.prog, name, &pin) {
                     Ok(()) => {
-                        tracing::info!(
-                            "link {}: attached to {name} (ifindex {ifindex})",
-                            spec.id()
-                        );
+                        tracing::info!("link {}: attached to {name} (ifindex {ifindex})", spec.id());
                         attached = true;
                         self.fdb_synced = false;
                     }
                     Err(e) => self.problems.push(format!("{e:#}")),
                 }
             }
-            ifs.push(Iface {
-                name: name.clone(),
-                ifindex,
-                attached,
-                offloads: None,
-                slot: None,
-            });
+            ifs.push(Iface { name: name.clone(), ifindex, attached, offloads: None, slot: None });
         }
 
         // Port map: slots kept per ifindex, originals of changed offloads kept with them.
         let present: Vec<&Iface> = ifs.iter().filter(|i| i.attached).collect();
-        let mut used: Vec<u32> = old
-            .iter()
-            .filter(|(i, _)| present.iter().any(|p| p.ifindex == *i))
-            .map(|(_, p)| p.slot)
-            .collect();
+        let mut used: Vec<u32> = old.iter().filter(|(i, _)| present.iter().any(|p| p.ifindex == *i)).map(|(_, p)| p.slot).collect();
         let mut ports = Vec::new();
         for i in &present {
             let prev = old.iter().find(|(k, _)| *k == i.ifindex).map(|(_, p)| *p);
@@ -322,38 +262,18 @@ impl Entry {
                 None => {
                     // A slot no port has counted in yet, so a new port's counters start at 0.
                     let free = || (0..abi::BL_MAX_PORTS).filter(|s| !used.contains(s));
-                    let unused = |s: &u32| {
-                        bpf.stats.get(s, 0).is_ok_and(|v| {
-                            v.iter()
-                                .all(|c| c.redirected_frames == 0 && c.passed_frames == 0)
-                        })
-                    };
-                    let s = free()
-                        .find(unused)
-                        .or_else(|| free().next())
-                        .context("too many ports in one link entry")?;
+                    let unused = |s: &u32| bpf.stats.get(s, 0).is_ok_and(|v| v.iter().all(|c| c.redirected_frames == 0 && c.passed_frames == 0));
+                    let s = free().find(unused).or_else(|| free().next()).context("too many ports in one link entry")?;
                     used.push(s);
                     s
                 }
             };
-            let mut flags = if spec.is_bridge() {
-                abi::BL_PORT_BRIDGE
-            } else {
-                0
-            };
+            let mut flags = if spec.is_bridge() { abi::BL_PORT_BRIDGE } else { 0 };
             if spec.redirect == Redirect::Auto && host.veth_peer_elsewhere(&i.name) {
                 flags |= abi::BL_PORT_PEER;
             }
             let offload = prev.map_or(0, |p| p.offload);
-            ports.push((
-                i.ifindex,
-                abi::LinkPort {
-                    target: 0,
-                    slot,
-                    flags,
-                    offload,
-                },
-            ));
+            ports.push((i.ifindex, abi::LinkPort { target: 0, slot, flags, offload }));
         }
         if !spec.is_bridge() && ports.len() == 2 {
             let (a, b) = (ports[0].0, ports[1].0);
@@ -363,27 +283,15 @@ impl Entry {
         // Offloads: remember the original once per ifindex, then apply and read back.
         let want = spec.checksum_offload;
         for (ifindex, port) in &mut ports {
-            let name = &present
-                .iter()
-                .find(|p| p.ifindex == *ifindex)
-                .map(|p| p.name.clone())
-                .unwrap_or_default();
-            if let Err(e) = save_and_apply(
-                name,
-                port,
-                want.rx.wanted(),
-                want.tx.wanted(),
-                &mut self.problems,
-            ) {
+            let name = &present.iter().find(|p| p.ifindex == *ifindex).map(|p| p.name.clone()).unwrap_or_default();
+            if let Err(e) = save_and_apply(name, port, want.rx.wanted(), want.tx.wanted(), &mut self.problems) {
                 self.problems.push(format!("{e:#}"));
             }
         }
         // Destinations go in before the sources that point at them.
         ports.sort_by_key(|(_, p)| p.target != 0);
         for (ifindex, port) in &ports {
-            bpf.ports
-                .insert(ifindex, port, 0)
-                .context("writing the port map")?;
+            bpf.ports.insert(ifindex, port, 0).context("writing the port map")?;
         }
         for (ifindex, _) in &old {
             if !ports.iter().any(|(i, _)| i == ifindex) {
@@ -391,11 +299,7 @@ impl Entry {
             }
         }
         if spec.is_bridge() {
-            bpf.control.set(
-                abi::BL_CTL_AGEING_NS,
-                host.ageing_ns(spec.bridge_name().unwrap_or_default()),
-                0,
-            )?;
+            bpf.control.set(abi::BL_CTL_AGEING_NS, host.ageing_ns(spec.bridge_name().unwrap_or_default()), 0)?;
             // FDB entries pointing at ports that are gone would only ever pass; drop them.
             let stale: Vec<abi::LinkMac> = bpf
                 .fdb
@@ -414,10 +318,7 @@ impl Entry {
                         tracing::info!("link {}: {n} MACs taken from the bridge's FDB", spec.id());
                         self.fdb_synced = true;
                     }
-                    Err(e) => tracing::warn!(
-                        "link {}: reading the bridge's FDB: {e:#} (MACs are learned from frames meanwhile)",
-                        spec.id()
-                    ),
+                    Err(e) => tracing::warn!("link {}: reading the bridge's FDB: {e:#} (MACs are learned from frames meanwhile)", spec.id()),
                 }
             }
         }
@@ -425,10 +326,7 @@ impl Entry {
             if i.ifindex != 0 {
                 i.offloads = ethtool::read(&i.name).ok();
             }
-            i.slot = ports
-                .iter()
-                .find(|(k, _)| *k == i.ifindex)
-                .map(|(_, p)| p.slot);
+            i.slot = ports.iter().find(|(k, _)| *k == i.ifindex).map(|(_, p)| p.slot);
         }
         self.ifaces = ifs;
         Ok(())
@@ -480,9 +378,7 @@ fn add(t: &mut abi::LinkStats, s: &abi::LinkStats) {
 
 /// Retire one pinned entry folder (ours, possibly left by an earlier configuration).
 pub fn retire_dir(dir: &Path) -> Result<()> {
-    let ports: Vec<(u32, abi::LinkPort)> = open(dir)
-        .map(|b| b.ports.iter().filter_map(|r| r.ok()).collect())
-        .unwrap_or_default();
+    let ports: Vec<(u32, abi::LinkPort)> = open(dir).map(|b| b.ports.iter().filter_map(|r| r.ok()).collect()).unwrap_or_default();
     for (name, pin) in pinned_links(dir) {
         let pinned = tcx::pinned_ifindex(&pin).unwrap_or(0);
         std::fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
@@ -502,40 +398,27 @@ pub fn retire_dir(dir: &Path) -> Result<()> {
 /// Remember the original offloads once per interface, then apply what is asked. A
 /// feature back at "keep" after bypassd changed it gets its original again, once;
 /// then bypassd stops managing it.
-fn save_and_apply(
-    name: &str,
-    port: &mut abi::LinkPort,
-    rx: Option<bool>,
-    tx: Option<bool>,
-    problems: &mut Vec<String>,
-) -> Result<()> {
+fn save_and_apply(name: &str, port: &mut abi::LinkPort, rx: Option<bool>, tx: Option<bool>, problems: &mut Vec<String>) -> Result<()> {
     let managed = |bit: u32| port.offload & bit != 0;
-    if rx.is_none()
-        && tx.is_none()
-        && !managed(abi::BL_OFF_RX_SAVED)
-        && !managed(abi::BL_OFF_TX_SAVED)
-    {
+    if rx.is_none() && tx.is_none() && !managed(abi::BL_OFF_RX_SAVED) && !managed(abi::BL_OFF_TX_SAVED) {
         return Ok(());
     }
     let now = ethtool::read(name)?;
-    let mut want = [
-        (rx, abi::BL_OFF_RX_SAVED, abi::BL_OFF_RX_ON, now.rx),
-        (tx, abi::BL_OFF_TX_SAVED, abi::BL_OFF_TX_ON, now.tx),
-    ]
-    .map(|(want, saved, on, cur)| match want {
-        Some(w) => {
-            if port.offload & saved == 0 {
-                port.offload |= saved | if cur { on } else { 0 };
+    let mut want = [(rx, abi::BL_OFF_RX_SAVED, abi::BL_OFF_RX_ON, now.rx), (tx, abi::BL_OFF_TX_SAVED, abi::BL_OFF_TX_ON, now.tx)]
+        .map(|(want, saved, on, cur)| match want {
+            Some(w) => {
+                if port.offload & saved == 0 {
+                    port.offload |= saved | if cur { on } else { 0 };
+                }
+                Some(w)
             }
-            Some(w)
-        }
-        None if port.offload & saved != 0 => {
-            let orig = port.offload & on != 0;
-            port.offload &= !(saved | on);
-            Some(orig)
-        }
-        None => None,
-    });
+            None if port.offload & saved != 0 => {
+                let orig = port.offload & on != 0;
+                port.offload &= !(saved | on);
+                Some(orig)
+            }
+            None => None,
+        });
     // Only what differs from now.
     want[0] = want[0].filter(|&w| w != now.rx);
     want[1] = want[1].filter(|&w| w != now.tx);

@@ -51,12 +51,7 @@ pub struct Offloads {
 impl Offloads {
     pub fn describe(&self) -> String {
         let b = |v: bool| if v { "on" } else { "off" };
-        format!(
-            "rx-checksum {} tx-checksum {} tso {}",
-            b(self.rx),
-            b(self.tx),
-            b(self.tso)
-        )
+        format!("rx-checksum {} tx-checksum {} tso {}", b(self.rx), b(self.tx), b(self.tso))
     }
 }
 
@@ -72,35 +67,23 @@ fn socket() -> Result<OwnedFd> {
 
 fn ioctl(ifname: &str, data: *mut libc::c_void) -> std::io::Result<()> {
     let sock = socket().map_err(std::io::Error::other)?;
-    let mut req = Ifreq {
-        name: [0; libc::IFNAMSIZ],
-        data,
-        _pad: [0; 16],
-    };
+    let mut req = Ifreq { name: [0; libc::IFNAMSIZ], data, _pad: [0; 16] };
     let n = ifname.len().min(libc::IFNAMSIZ - 1);
     req.name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
     // SAFETY: req is a valid ifreq whose data points at a live ethtool struct of the
     // kind its first word (cmd) names.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL as _, &mut req) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
 fn get(ifname: &str, cmd: u32) -> Result<bool> {
     let mut v = EthtoolValue { cmd, data: 0 };
-    ioctl(ifname, (&mut v as *mut EthtoolValue).cast())
-        .with_context(|| format!("ethtool get 0x{cmd:x} on {ifname}"))?;
+    ioctl(ifname, (&mut v as *mut EthtoolValue).cast()).with_context(|| format!("ethtool get 0x{cmd:x} on {ifname}"))?;
     Ok(v.data != 0)
 }
 
 fn set(ifname: &str, cmd: u32, on: bool) -> std::io::Result<()> {
-    let mut v = EthtoolValue {
-        cmd,
-        data: u32::from(on),
-    };
+    let mut v = EthtoolValue { cmd, data: u32::from(on) };
     ioctl(ifname, (&mut v as *mut EthtoolValue).cast())
 }
 
@@ -108,11 +91,7 @@ pub fn read(ifname: &str) -> Result<Offloads> {
     let tx = get(ifname, ETHTOOL_GTXCSUM)?;
     // GTSO is any TSO bit; without tx checksumming the kernel drops the TCP/TCP6 ones and
     // keeps only variants such as tx-tcp-accecn-segmentation, which is no TSO for us.
-    Ok(Offloads {
-        rx: get(ifname, ETHTOOL_GRXCSUM)?,
-        tx,
-        tso: tx && get(ifname, ETHTOOL_GTSO)?,
-    })
+    Ok(Offloads { rx: get(ifname, ETHTOOL_GRXCSUM)?, tx, tso: tx && get(ifname, ETHTOOL_GTSO)? })
 }
 
 /// Ask for rx/tx checksumming on or off, then read back what the kernel kept (it may
@@ -120,22 +99,12 @@ pub fn read(ifname: &str) -> Result<Offloads> {
 /// Returns the new state and, per asked feature, why it did not take.
 pub fn apply(ifname: &str, rx: Option<bool>, tx: Option<bool>) -> Result<(Offloads, Vec<String>)> {
     let mut problems = Vec::new();
-    for (what, cmd, want) in [
-        ("rx-checksum", ETHTOOL_SRXCSUM, rx),
-        ("tx-checksum", ETHTOOL_STXCSUM, tx),
-    ] {
+    for (what, cmd, want) in [("rx-checksum", ETHTOOL_SRXCSUM, rx), ("tx-checksum", ETHTOOL_STXCSUM, tx)] {
         if let Some(on) = want
             && let Err(e) = set(ifname, cmd, on)
         {
-            let why = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                "fixed by the driver".to_string()
-            } else {
-                e.to_string()
-            };
-            problems.push(format!(
-                "{what} {} refused on {ifname}: {why}",
-                if on { "on" } else { "off" }
-            ));
+            let why = if e.raw_os_error() == Some(libc::EOPNOTSUPP) { "fixed by the driver".to_string() } else { e.to_string() };
+            problems.push(format!("{what} {} refused on {ifname}: {why}", if on { "on" } else { "off" }));
         }
     }
     let now = read(ifname)?;
@@ -144,10 +113,7 @@ pub fn apply(ifname: &str, rx: Option<bool>, tx: Option<bool>) -> Result<(Offloa
             && on != have
             && !problems.iter().any(|p| p.starts_with(what))
         {
-            problems.push(format!(
-                "{what} stays {} on {ifname} (the kernel kept it)",
-                if have { "on" } else { "off" }
-            ));
+            problems.push(format!("{what} stays {} on {ifname} (the kernel kept it)", if have { "on" } else { "off" }));
         }
     }
     Ok((now, problems))
@@ -158,13 +124,8 @@ pub fn driver(ifname: &str) -> Result<String> {
     // SAFETY: all-zero is a valid EthtoolDrvinfo.
     let mut d: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
     d.cmd = ETHTOOL_GDRVINFO;
-    ioctl(ifname, (&mut d as *mut EthtoolDrvinfo).cast())
-        .with_context(|| format!("ethtool driver info of {ifname}"))?;
-    let end = d
-        .driver
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(d.driver.len());
+    ioctl(ifname, (&mut d as *mut EthtoolDrvinfo).cast()).with_context(|| format!("ethtool driver info of {ifname}"))?;
+    let end = d.driver.iter().position(|&b| b == 0).unwrap_or(d.driver.len());
     let s = String::from_utf8_lossy(&d.driver[..end]).into_owned();
     if s.is_empty() {
         bail!("{ifname} reports no driver");

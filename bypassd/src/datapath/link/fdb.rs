@@ -11,9 +11,7 @@ pub type Fdb = HashMap<MapData, abi::LinkMac, abi::LinkFdbEntry>;
 
 /// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
 pub fn now_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-    })
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
 /// Copy the bridge's learned MACs behind `ports` into `fdb` (this thread's netns),
@@ -29,22 +27,11 @@ pub fn sync(fdb: &mut Fdb, ports: &[u32]) -> Result<usize> {
             continue;
         }
         let seen = now.saturating_sub(u64::from(e.updated_cs) * 10_000_000);
-        let key = abi::LinkMac {
-            addr: e.mac,
-            pad: 0,
-        };
+        let key = abi::LinkMac { addr: e.mac, pad: 0 };
         if fdb.get(&key, 0).is_ok_and(|old| old.seen_ns >= seen) {
             continue;
         }
-        fdb.insert(
-            key,
-            abi::LinkFdbEntry {
-                ifindex: e.ifindex,
-                flags: 0,
-                seen_ns: seen,
-            },
-            0,
-        )?;
+        fdb.insert(key, abi::LinkFdbEntry { ifindex: e.ifindex, flags: 0, seen_ns: seen }, 0)?;
         n += 1;
     }
     Ok(n)
@@ -55,13 +42,7 @@ pub fn sync(fdb: &mut Fdb, ports: &[u32]) -> Result<usize> {
 /// its entries age out while ours stay fresh: only an entry pointing at that very
 /// port is forgotten. A MAC behind something that is not one of our ports (e.g. the
 /// bridge itself) is dropped: frames to it are not ours to move.
-pub fn update(
-    fdb: &mut Fdb,
-    is_port: bool,
-    mac: [u8; 6],
-    ifindex: u32,
-    gone: bool,
-) -> Result<(), aya::maps::MapError> {
+pub fn update(fdb: &mut Fdb, is_port: bool, mac: [u8; 6], ifindex: u32, gone: bool) -> Result<(), aya::maps::MapError> {
     let key = abi::LinkMac { addr: mac, pad: 0 };
     if gone {
         match fdb.get(&key, 0) {
@@ -69,15 +50,7 @@ pub fn update(
             _ => Ok(()),
         }
     } else if is_port {
-        fdb.insert(
-            key,
-            abi::LinkFdbEntry {
-                ifindex,
-                flags: 0,
-                seen_ns: now_ns(),
-            },
-            0,
-        )
+        fdb.insert(key, abi::LinkFdbEntry { ifindex, flags: 0, seen_ns: now_ns() }, 0)
     } else {
         match fdb.get(&key, 0) {
             Ok(_) => fdb.remove(&key),

@@ -30,30 +30,20 @@ impl Host {
 
     /// The bridge's ports, sorted by name.
     pub fn bridge_ports(&self, bridge: &str) -> Vec<String> {
-        let Some(br) = self.get(bridge) else {
-            return Vec::new();
-        };
-        let mut v: Vec<String> = self
-            .0
-            .iter()
-            .filter(|l| l.master == br.ifindex)
-            .map(|l| l.name.clone())
-            .collect();
+        let Some(br) = self.get(bridge) else { return Vec::new() };
+        let mut v: Vec<String> = self.0.iter().filter(|l| l.master == br.ifindex).map(|l| l.name.clone()).collect();
         v.sort();
         v
     }
 
     /// The bridge's FDB ageing time in nanoseconds (netlink gives centiseconds); 0 = never.
     pub fn ageing_ns(&self, bridge: &str) -> u64 {
-        self.get(bridge)
-            .and_then(|l| l.ageing_cs)
-            .map_or(300_000_000_000, |cs| u64::from(cs) * 10_000_000)
+        self.get(bridge).and_then(|l| l.ageing_cs).map_or(300_000_000_000, |cs| u64::from(cs) * 10_000_000)
     }
 
     /// A veth whose peer is in another netns: bpf_redirect_peer delivers straight into
     /// the peer's namespace (it drops frames for a peer in this netns).
     pub fn veth_peer_elsewhere(&self, name: &str) -> bool {
-        self.get(name)
-            .is_some_and(|l| l.kind == "veth" && l.link_elsewhere)
+        self.get(name).is_some_and(|l| l.kind == "veth" && l.link_elsewhere)
     }
 }

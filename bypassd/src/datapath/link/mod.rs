@@ -63,17 +63,12 @@ impl Links {
             }
         }
         if !specs.is_empty() {
-            std::fs::create_dir_all(&root)
-                .with_context(|| format!("creating {}", root.display()))?;
+            std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         }
         // Anything else pinned there is a former entry of ours.
         let keep: Vec<PathBuf> = entries.iter().map(|e| e.dir.clone()).collect();
         if let Ok(rd) = std::fs::read_dir(&root) {
-            for d in rd
-                .filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.is_dir() && !keep.contains(p))
-            {
+            for d in rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir() && !keep.contains(p)) {
                 tracing::info!("retiring link pins {} (no longer configured)", d.display());
                 entry::retire_dir(&d)?;
             }
@@ -87,21 +82,9 @@ impl Links {
         for e in &self.entries {
             let (state, reason) = state(e);
             let how = if e.adopted { "adopted" } else { "set up" };
-            tracing::info!(
-                "link {} {how}: {state}{}",
-                e.spec.id(),
-                if reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({reason})")
-                }
-            );
+            tracing::info!("link {} {how}: {state}{}", e.spec.id(), if reason.is_empty() { String::new() } else { format!(" ({reason})") });
             if !e.missing.is_empty() {
-                tracing::warn!(
-                    "link {}: {} missing; attached when it appears",
-                    e.spec.id(),
-                    e.missing.join(", ")
-                );
+                tracing::warn!("link {}: {} missing; attached when it appears", e.spec.id(), e.missing.join(", "));
             }
         }
         Ok(())
@@ -126,15 +109,8 @@ impl Links {
                 .filter(|e| !e.spec.is_bridge() && e.spec.netns_path() == ns)
                 .flat_map(|e| e.spec.interfaces().into_iter().map(String::from))
                 .collect();
-            let mut group: Vec<&mut Entry> = self
-                .entries
-                .iter_mut()
-                .filter(|e| e.spec.netns_path() == ns)
-                .collect();
-            let before: Vec<_> = group
-                .iter()
-                .map(|e| (e.missing.clone(), e.problems.clone()))
-                .collect();
+            let mut group: Vec<&mut Entry> = self.entries.iter_mut().filter(|e| e.spec.netns_path() == ns).collect();
+            let before: Vec<_> = group.iter().map(|e| (e.missing.clone(), e.problems.clone())).collect();
             let r = netns::run_in(ns, || -> Result<()> {
                 let host = ifaces::Host::read().context("listing interfaces")?;
                 for e in group.iter_mut() {
@@ -151,11 +127,7 @@ impl Links {
             if let Some((missing, problem)) = why {
                 for e in group.iter_mut() {
                     e.missing.clone_from(&missing);
-                    e.problems = if problem.is_empty() {
-                        Vec::new()
-                    } else {
-                        vec![problem.clone()]
-                    };
+                    e.problems = if problem.is_empty() { Vec::new() } else { vec![problem.clone()] };
                 }
             } else if let Some(p) = ns
                 && let Err(e) = watch::watch_netns(p)
@@ -165,15 +137,7 @@ impl Links {
             for (e, b) in group.iter().zip(before) {
                 if (e.missing.clone(), e.problems.clone()) != b {
                     let (state, reason) = state(e);
-                    tracing::info!(
-                        "link {}: {state}{}",
-                        e.spec.id(),
-                        if reason.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" ({reason})")
-                        }
-                    );
+                    tracing::info!("link {}: {state}{}", e.spec.id(), if reason.is_empty() { String::new() } else { format!(" ({reason})") });
                 }
             }
         }
@@ -182,11 +146,7 @@ impl Links {
     /// A bridge FDB change from netlink in netns `netns` (None: bypassd's own): the
     /// MAC was seen on port `ifindex`, or the bridge forgot it there.
     pub fn fdb_update(&mut self, netns: Option<&str>, mac: [u8; 6], ifindex: u32, gone: bool) {
-        for e in self
-            .entries
-            .iter_mut()
-            .filter(|e| e.spec.is_bridge() && e.spec.netns_path() == netns)
-        {
+        for e in self.entries.iter_mut().filter(|e| e.spec.is_bridge() && e.spec.netns_path() == netns) {
             e.fdb_update(mac, ifindex, gone);
         }
     }
@@ -196,11 +156,7 @@ impl Links {
     }
 
     pub fn summary(&self) -> String {
-        let attached = self
-            .entries
-            .iter()
-            .filter(|e| state(e).0 == "attached")
-            .count();
+        let attached = self.entries.iter().filter(|e| state(e).0 == "attached").count();
         format!("{attached}/{} links attached", self.entries.len())
     }
 
@@ -211,11 +167,7 @@ impl Links {
                 let (state, reason) = state(e);
                 api::LinkStatus {
                     name: e.spec.id(),
-                    mode: if e.spec.is_bridge() {
-                        "bridge".into()
-                    } else {
-                        "pair".into()
-                    },
+                    mode: if e.spec.is_bridge() { "bridge".into() } else { "pair".into() },
                     state: state.into(),
                     reason,
                     netns: e.spec.netns_path().unwrap_or_default().into(),
@@ -248,11 +200,7 @@ impl Links {
             .map(|e| EntryStats {
                 name: e.spec.id(),
                 total: e.stats(),
-                ports: e
-                    .ifaces
-                    .iter()
-                    .filter_map(|i| Some((i.name.clone(), e.slot_stats(i.slot?))))
-                    .collect(),
+                ports: e.ifaces.iter().filter_map(|i| Some((i.name.clone(), e.slot_stats(i.slot?)))).collect(),
             })
             .collect()
     }
@@ -262,11 +210,8 @@ impl Links {
     pub fn stats(&self) -> Vec<(String, u64)> {
         let mut v = Vec::new();
         for es in self.entry_stats() {
-            let rows = std::iter::once((format!("link.{}", es.name), es.total)).chain(
-                es.ports
-                    .iter()
-                    .map(|(p, s)| (format!("link.{}.port.{p}", es.name), *s)),
-            );
+            let rows = std::iter::once((format!("link.{}", es.name), es.total))
+                .chain(es.ports.iter().map(|(p, s)| (format!("link.{}.port.{p}", es.name), *s)));
             for (prefix, s) in rows {
                 for (k, n) in [
                     ("redirected_frames", s.redirected_frames),
@@ -306,14 +251,8 @@ fn state(e: &Entry) -> (&'static str, String) {
 }
 
 fn retire_root(root: &Path) -> Result<usize> {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return Ok(0);
-    };
-    let dirs: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
+    let Ok(rd) = std::fs::read_dir(root) else { return Ok(0) };
+    let dirs: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
     for d in &dirs {
         entry::retire_dir(d)?;
     }

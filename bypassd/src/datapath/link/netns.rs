@@ -24,21 +24,13 @@ pub fn run_in<T: Send>(path: Option<&str>, f: impl FnOnce() -> T + Send) -> Resu
     let Some(path) = path else { return Ok(f()) };
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::Missing(path.to_string()));
-        }
-        Err(e)
-            if e.kind() == std::io::ErrorKind::PermissionDenied && path.starts_with("/proc/") =>
-        {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::Missing(path.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && path.starts_with("/proc/") => {
             return Err(Error::Other(anyhow::Error::new(e).context(format!(
                 "opening netns {path} (the ns file of a process with capabilities bypassd lacks needs CAP_SYS_PTRACE; /run/netns/NAME files do not)"
             ))));
         }
-        Err(e) => {
-            return Err(Error::Other(
-                anyhow::Error::new(e).context(format!("opening netns {path}")),
-            ));
-        }
+        Err(e) => return Err(Error::Other(anyhow::Error::new(e).context(format!("opening netns {path}")))),
     };
     std::thread::scope(|s| {
         s.spawn(move || -> Result<T> {
@@ -53,7 +45,6 @@ pub fn run_in<T: Send>(path: Option<&str>, f: impl FnOnce() -> T + Send) -> Resu
 
 /// setns(2) this thread into the netns of `file`.
 pub fn enter(file: &std::fs::File, path: &str) -> Result<()> {
-    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| {
-        format!("entering netns {path} (setns needs CAP_SYS_ADMIN; is {path} a network namespace?)")
-    })
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering netns {path} (setns needs CAP_SYS_ADMIN; is {path} a network namespace?)"))
 }

@@ -25,16 +25,9 @@ const IFLA_BR_AGEING_TIME: u16 = 4;
 /// A NETLINK_ROUTE socket bound to `groups` (0: requests only).
 pub fn socket(groups: u32) -> Result<OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("opening a netlink socket (AF_NETLINK must be allowed)");
+        return Err(std::io::Error::last_os_error()).context("opening a netlink socket (AF_NETLINK must be allowed)");
     }
     // SAFETY: fd is a fresh socket nobody else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -44,11 +37,7 @@ pub fn socket(groups: u32) -> Result<OwnedFd> {
     sa.nl_groups = groups;
     // SAFETY: sa is a valid sockaddr_nl of the size given.
     let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&sa as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
+        libc::bind(sock.as_raw_fd(), (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32)
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error()).context("binding the netlink socket");
@@ -57,13 +46,11 @@ pub fn socket(groups: u32) -> Result<OwnedFd> {
 }
 
 fn u16_at(b: &[u8], off: usize) -> u16 {
-    b.get(off..off + 2)
-        .map_or(0, |s| u16::from_ne_bytes([s[0], s[1]]))
+    b.get(off..off + 2).map_or(0, |s| u16::from_ne_bytes([s[0], s[1]]))
 }
 
 pub fn u32_at(b: &[u8], off: usize) -> u32 {
-    b.get(off..off + 4)
-        .map_or(0, |s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(off..off + 4).map_or(0, |s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 /// Netlink messages in a datagram: (type, body).
@@ -117,32 +104,19 @@ pub fn parse_link(body: &[u8]) -> Option<Link> {
     if body.len() < IFINFOMSG_LEN {
         return None;
     }
-    let mut l = Link {
-        ifindex: u32_at(body, 4),
-        ..Default::default()
-    };
+    let mut l = Link { ifindex: u32_at(body, 4), ..Default::default() };
     for (t, p) in attrs(&body[IFINFOMSG_LEN..]) {
         match t {
-            IFLA_IFNAME => {
-                l.name =
-                    String::from_utf8_lossy(p.split(|&b| b == 0).next().unwrap_or(p)).into_owned()
-            }
+            IFLA_IFNAME => l.name = String::from_utf8_lossy(p.split(|&b| b == 0).next().unwrap_or(p)).into_owned(),
             IFLA_MASTER => l.master = u32_at(p, 0),
             IFLA_LINK => l.link = u32_at(p, 0),
             IFLA_LINK_NETNSID => l.link_elsewhere = true,
             IFLA_LINKINFO => {
                 for (it, ip) in attrs(p) {
                     match it {
-                        IFLA_INFO_KIND => {
-                            l.kind =
-                                String::from_utf8_lossy(ip.split(|&b| b == 0).next().unwrap_or(ip))
-                                    .into_owned()
-                        }
+                        IFLA_INFO_KIND => l.kind = String::from_utf8_lossy(ip.split(|&b| b == 0).next().unwrap_or(ip)).into_owned(),
                         IFLA_INFO_DATA => {
-                            l.ageing_cs = attrs(ip)
-                                .iter()
-                                .find(|(t, _)| *t == IFLA_BR_AGEING_TIME)
-                                .map(|(_, v)| u32_at(v, 0));
+                            l.ageing_cs = attrs(ip).iter().find(|(t, _)| *t == IFLA_BR_AGEING_TIME).map(|(_, v)| u32_at(v, 0));
                         }
                         _ => {}
                     }
@@ -158,11 +132,7 @@ pub fn parse_link(body: &[u8]) -> Option<Link> {
 pub fn links() -> Result<Vec<Link>> {
     let mut body = [0u8; IFINFOMSG_LEN];
     body[0] = libc::AF_UNSPEC as u8;
-    Ok(dump(RTM_GETLINK, &body, "link")?
-        .iter()
-        .filter(|(t, _)| *t == RTM_NEWLINK)
-        .filter_map(|(_, b)| parse_link(b))
-        .collect())
+    Ok(dump(RTM_GETLINK, &body, "link")?.iter().filter(|(t, _)| *t == RTM_NEWLINK).filter_map(|(_, b)| parse_link(b)).collect())
 }
 
 /// One bridge FDB entry (AF_BRIDGE neighbour) as RTM_NEWNEIGH describes it.
@@ -193,13 +163,7 @@ pub fn parse_neigh(body: &[u8]) -> Option<Neigh> {
     if body.len() < NDMSG_LEN || body[0] != AF_BRIDGE {
         return None;
     }
-    let mut n = Neigh {
-        ifindex: u32_at(body, 4),
-        mac: [0; 6],
-        state: u16_at(body, 8),
-        master: 0,
-        updated_cs: 0,
-    };
+    let mut n = Neigh { ifindex: u32_at(body, 4), mac: [0; 6], state: u16_at(body, 8), master: 0, updated_cs: 0 };
     let mut have_mac = false;
     for (t, p) in attrs(&body[NDMSG_LEN..]) {
         match t {
@@ -220,11 +184,7 @@ pub fn parse_neigh(body: &[u8]) -> Option<Neigh> {
 pub fn fdb() -> Result<Vec<Neigh>> {
     let mut body = [0u8; NDMSG_LEN];
     body[0] = AF_BRIDGE;
-    Ok(dump(RTM_GETNEIGH, &body, "bridge FDB")?
-        .iter()
-        .filter(|(t, _)| *t == RTM_NEWNEIGH)
-        .filter_map(|(_, b)| parse_neigh(b))
-        .collect())
+    Ok(dump(RTM_GETNEIGH, &body, "bridge FDB")?.iter().filter(|(t, _)| *t == RTM_NEWNEIGH).filter_map(|(_, b)| parse_neigh(b)).collect())
 }
 
 /// A NLM_F_DUMP request of `ty` with `body`: every message of the answer (type, body).
@@ -239,8 +199,7 @@ fn dump(ty: u16, body: &[u8], what: &str) -> Result<Vec<(u16, Vec<u8>)>> {
     req[NLMSG_HDRLEN..].copy_from_slice(body);
     // SAFETY: req is valid for reads of its length.
     if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("netlink {what} dump request"));
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("netlink {what} dump request"));
     }
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
@@ -248,8 +207,7 @@ fn dump(ty: u16, body: &[u8], what: &str) -> Result<Vec<(u16, Vec<u8>)>> {
         // SAFETY: buf is valid for writes of its length.
         let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("reading the netlink {what} dump"));
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("reading the netlink {what} dump"));
         }
         for (t, b) in messages(&buf[..n as usize]) {
             match t {
@@ -257,10 +215,7 @@ fn dump(ty: u16, body: &[u8], what: &str) -> Result<Vec<(u16, Vec<u8>)>> {
                 NLMSG_ERROR => {
                     let errno = -(u32_at(b, 0) as i32);
                     if errno != 0 {
-                        bail!(
-                            "netlink {what} dump failed: {}",
-                            std::io::Error::from_raw_os_error(errno)
-                        );
+                        bail!("netlink {what} dump failed: {}", std::io::Error::from_raw_os_error(errno));
                     }
                 }
                 _ => out.push((t, b.to_vec())),

@@ -14,12 +14,7 @@ pub enum Event {
     Links,
     /// A bridge learned (`gone` false) or forgot a MAC on port `ifindex`, in the
     /// netns of `[[links]] netns = ...` (None: bypassd's own).
-    Fdb {
-        netns: Option<String>,
-        mac: [u8; 6],
-        ifindex: u32,
-        gone: bool,
-    },
+    Fdb { netns: Option<String>, mac: [u8; 6], ifindex: u32, gone: bool },
 }
 
 const RTMGRP_LINK: u32 = 1;
@@ -51,12 +46,7 @@ fn parse_in(buf: &[u8], netns: Option<&str>) -> Vec<Event> {
 /// An AF_BRIDGE neighbour message: a learned (not permanent/local) FDB entry.
 fn fdb(body: &[u8], new: bool, netns: Option<&str>) -> Option<Event> {
     let n = learned(nl::parse_neigh(body)?)?;
-    Some(Event::Fdb {
-        netns: netns.map(String::from),
-        mac: n.mac,
-        ifindex: n.ifindex,
-        gone: !new,
-    })
+    Some(Event::Fdb { netns: netns.map(String::from), mac: n.mac, ifindex: n.ifindex, gone: !new })
 }
 
 /// A MAC the bridge learned behind a port (not its own or a port's address, not
@@ -77,8 +67,7 @@ static WATCHED: Mutex<Vec<(String, (u64, u64))>> = Mutex::new(Vec::new());
 pub fn spawn(on: impl Fn(Vec<Event>) + Send + Sync + 'static) -> Result<()> {
     let sink: Sink = Arc::new(on);
     let _ = SINK.set(sink.clone());
-    let sock = nl::socket(RTMGRP_LINK | RTMGRP_NEIGH)
-        .context("subscribing to netlink link and neighbour events")?;
+    let sock = nl::socket(RTMGRP_LINK | RTMGRP_NEIGH).context("subscribing to netlink link and neighbour events")?;
     std::thread::Builder::new()
         .name("link-watch".into())
         .spawn({
@@ -96,12 +85,8 @@ pub fn spawn(on: impl Fn(Vec<Event>) + Send + Sync + 'static) -> Result<()> {
 /// thread enters the netns, subscribes there, and ends (releasing the netns) once
 /// the path is gone or refers to another netns; it then asks for a re-check.
 pub fn watch_netns(path: &str) -> Result<()> {
-    let Some(sink) = SINK.get().cloned() else {
-        return Ok(());
-    };
-    let Some(id) = super::netns::identity(path) else {
-        return Ok(());
-    };
+    let Some(sink) = SINK.get().cloned() else { return Ok(()) };
+    let Some(id) = super::netns::identity(path) else { return Ok(()) };
     let mut w = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
     if w.iter().any(|(p, i)| p == path && *i == id) {
         return Ok(());
@@ -114,8 +99,7 @@ pub fn watch_netns(path: &str) -> Result<()> {
         .spawn(move || {
             let sock = super::netns::enter(&file, &p).and_then(|()| {
                 drop(file);
-                let s = nl::socket(RTMGRP_LINK | RTMGRP_NEIGH)
-                    .context("subscribing to netlink events")?;
+                let s = nl::socket(RTMGRP_LINK | RTMGRP_NEIGH).context("subscribing to netlink events")?;
                 set_timeout(&s, 2)?;
                 Ok(s)
             });
@@ -130,16 +114,11 @@ pub fn watch_netns(path: &str) -> Result<()> {
                 }
             };
             watch(&sock, Some((&p, id)), &sink);
-            WATCHED
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|(q, i)| !(*q == p && *i == id));
+            WATCHED.lock().unwrap_or_else(|e| e.into_inner()).retain(|(q, i)| !(*q == p && *i == id));
             sink(vec![Event::Links]);
         })
         .context("starting a netlink watcher thread")?;
-    rx.recv()
-        .context("the netlink watcher thread ended")?
-        .with_context(|| format!("watching netns {path}"))?;
+    rx.recv().context("the netlink watcher thread ended")?.with_context(|| format!("watching netns {path}"))?;
     w.retain(|(q, _)| q != path);
     w.push((path.to_string(), id));
     tracing::info!("link datapath: watching netlink events in netns {path}");
@@ -147,19 +126,10 @@ pub fn watch_netns(path: &str) -> Result<()> {
 }
 
 fn set_timeout(sock: &OwnedFd, secs: i64) -> Result<()> {
-    let tv = libc::timeval {
-        tv_sec: secs,
-        tv_usec: 0,
-    };
+    let tv = libc::timeval { tv_sec: secs, tv_usec: 0 };
     // SAFETY: setsockopt with a valid timeval of the size given.
     let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
+        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32)
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error()).context("setting a netlink receive timeout");
@@ -181,10 +151,7 @@ fn watch(sock: &OwnedFd, ns: Option<(&str, (u64, u64))>, on: &Sink) {
                 Some(libc::ENOBUFS) => on(vec![Event::Links]), // events were lost: re-check everything
                 Some(libc::EAGAIN) | Some(libc::EINTR) => {}
                 _ => {
-                    tracing::warn!(
-                        "netlink watcher{} stopped: {e}; links are re-checked on the daemon tick only",
-                        name.map(|p| format!(" of netns {p}")).unwrap_or_default()
-                    );
+                    tracing::warn!("netlink watcher{} stopped: {e}; links are re-checked on the daemon tick only", name.map(|p| format!(" of netns {p}")).unwrap_or_default());
                     return;
                 }
             }
