@@ -5,7 +5,6 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use bypassd::datapath::pins::{self, PinKind};
 use bypassd_ebpf::{abi::Counter, maps};
-use serde::{Deserialize, Serialize};
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
@@ -81,55 +80,7 @@ pub struct Counters {
     control: Array<MapData, u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Snap(pub [u64; Counter::COUNT as usize]);
-
-impl Default for Snap {
-    fn default() -> Snap {
-        Snap([0; Counter::COUNT as usize]) // (derive stops at 32 elements)
-    }
-}
-
-impl Snap {
-    pub fn get(&self, c: Counter) -> u64 {
-        self.0[c as usize]
-    }
-    pub fn since(&self, before: &Snap) -> Snap {
-        let mut d = Snap::default();
-        for i in 0..d.0.len() {
-            d.0[i] = self.0[i].wrapping_sub(before.0[i]);
-        }
-        d
-    }
-    pub fn add(&mut self, o: &Snap) {
-        for i in 0..self.0.len() {
-            self.0[i] = self.0[i].wrapping_add(o.0[i]);
-        }
-    }
-    pub fn is_zero(&self) -> bool {
-        self.0.iter().all(|v| *v == 0)
-    }
-    pub fn to_map(self) -> BTreeMap<String, u64> {
-        Counter::ALL.iter().map(|c| (c.name().to_string(), self.get(*c))).collect()
-    }
-}
-
-impl<'de> Deserialize<'de> for Snap {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Snap, D::Error> {
-        let m = BTreeMap::<String, u64>::deserialize(d)?;
-        let mut s = Snap::default();
-        for c in Counter::ALL {
-            s.0[c as usize] = m.get(c.name()).copied().unwrap_or(0);
-        }
-        Ok(s)
-    }
-}
-
-impl Serialize for Snap {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.to_map().serialize(s)
-    }
-}
+pub use bypass_testsupport::counters::Snap;
 
 impl Counters {
     pub fn open(pin_dir: &Path) -> Result<Counters> {
