@@ -73,8 +73,15 @@ pub struct RealPoint {
     pub bypass_median: f64,
     /// bypass / kernel (higher is better).
     pub ratio: f64,
-    /// Messages redirected during each bypass run (must all be > 0).
+    /// Messages redirected during each bypass run (must all be > 0, except in a run
+    /// that `send_mode = "auto"` kept targets-only on purpose).
     pub redirected_msgs: Vec<u64>,
+    /// Bypass runs in which no socket became a sender (send_mode auto: a stream, or a
+    /// burst per turn, keeps the kernel's send path) and nothing ran sk_msg.
+    pub targets_only_runs: usize,
+    /// Bypass runs that redirected nothing without that reason (an error).
+    #[serde(skip)]
+    unexplained: usize,
     /// Share of the bypass runs' bytes that took the redirect.
     pub redirected_share: f64,
     /// Every sk_msg decision of the bypass runs, by counter.
@@ -317,6 +324,11 @@ pub fn run(o: &Opts, out: &Path) -> Result<RealResults> {
                 if let (Some(c), Some(b)) = (&counters, before) {
                     let d = c.read()?.since(&b);
                     p.redirected_msgs.push(d.get(Counter::RedirectedMsgs));
+                    if crate::report::targets_only(&d) {
+                        p.targets_only_runs += 1;
+                    } else if d.get(Counter::RedirectedMsgs) == 0 {
+                        p.unexplained += 1;
+                    }
                     redirected[i] += d.get(Counter::RedirectedBytes);
                     passed[i] += d.get(Counter::PassedBytes);
                     for (k, v) in d.to_map() {
@@ -343,7 +355,7 @@ pub fn run(o: &Opts, out: &Path) -> Result<RealResults> {
         p.ratio = if p.kernel_median > 0.0 { p.bypass_median / p.kernel_median } else { 0.0 };
         let total = (redirected[i] + passed[i]) as f64;
         p.redirected_share = if total > 0.0 { redirected[i] as f64 / total } else { 0.0 };
-        if p.redirected_msgs.iter().any(|&m| m == 0) {
+        if p.unexplained > 0 {
             res.errors.push(format!("{}: a bypass run redirected nothing ({:?})", p.workload, p.redirected_msgs));
         }
     }
@@ -358,22 +370,27 @@ pub fn run(o: &Opts, out: &Path) -> Result<RealResults> {
 pub fn markdown(r: &RealResults) -> String {
     let mut s = String::from(
         "## Real programs (bypass/kernel; kernel runs with bypassd detached, interleaved, medians)\n\n\
-         | workload | kernel | bypass | ratio | redirected share | load (1 min) |\n|---|---|---|---|---|---|\n",
+         | workload | kernel | bypass | ratio | redirected share | targets-only runs | load (1 min) |\n|---|---|---|---|---|---|---|\n",
     );
     for p in &r.points {
         let lo = p.load.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = p.load.iter().copied().fold(0.0, f64::max);
         s.push_str(&format!(
-            "| {} | {:.0} {u} | {:.0} {u} | **{:.2}** | {:.1} % | {lo:.1}–{hi:.1} |\n",
+            "| {} | {:.0} {u} | {:.0} {u} | **{:.2}** | {:.1} % | {} | {lo:.1}–{hi:.1} |\n",
             p.workload,
             p.kernel_median,
             p.bypass_median,
             p.ratio,
             100.0 * p.redirected_share,
+            p.targets_only_runs,
             u = p.unit
         ));
     }
-    s.push_str(&format!("\n{} repetitions per mode.", r.reps));
+    s.push_str(&format!(
+        "\n{} repetitions per mode. Targets-only runs: with send_mode auto, no socket became a sender (a stream, or \
+         more than 64 KiB written per turn), so every send took the kernel's send path by choice.",
+        r.reps
+    ));
     for e in &r.errors {
         s.push_str(&format!("\n- error: {e}"));
     }

@@ -38,10 +38,15 @@ fn spawn_server(sb: &Sandbox, sub: &str, extra: &[&str], dir: &Path) -> (Child, 
 
 /// A request/response loop of `iters` 64-byte echoes; rr compares every echoed byte.
 fn request_response(sb: &Sandbox, iters: u64) -> Value {
+    echoes(sb, "64", iters)
+}
+
+/// `iters` echoes of `size` bytes (rr's size syntax) on one connection.
+fn echoes(sb: &Sandbox, size: &str, iters: u64) -> Value {
     let dir = TempDir::new();
     let (srv, port) = spawn_server(sb, "rr-serve", &[], dir.path());
     let mut c = sb.traffic();
-    c.args(["rr", "--connect", &format!("127.0.0.1:{port}"), "--size", "64", "--iters", &iters.to_string()]);
+    c.args(["rr", "--connect", &format!("127.0.0.1:{port}"), "--size", size, "--iters", &iters.to_string()]);
     let v = run_json(c);
     let s = traffic_report(srv);
     assert_ok(&s);
@@ -78,6 +83,23 @@ fn auto_promotes_both_ends_of_a_request_response_pair_and_redirects_intact() {
     // redirect start); most of the rest was redirected.
     let redirected = counter(&sb, Counter::RedirectedMsgs);
     assert!(redirected >= 4000, "only {redirected} of 8000 messages were redirected: {v}");
+}
+
+#[test]
+fn auto_keeps_bursts_above_64_kib_per_turn_on_the_kernel_send_path() {
+    let sb = Sandbox::new();
+    let _d = daemon(&sb, "auto");
+    // 128 KiB each way per turn: a burst, which TCP hands over faster than a redirect.
+    let v = echoes(&sb, "128K", 300);
+    assert_ok(&v);
+    assert_eq!(counter(&sb, Counter::SocketsInserted), 2);
+    assert_eq!(counter(&sb, Counter::SenderPromoted), 0, "a burst per turn promoted a sender: {v}");
+    assert_eq!(counter(&sb, Counter::RedirectedMsgs) + counter(&sb, Counter::PassedMsgs), 0);
+    // The same conversation at 16 KiB a turn is request/response: both ends promoted.
+    let v = echoes(&sb, "16K", 300);
+    assert_ok(&v);
+    assert_eq!(counter(&sb, Counter::SenderPromoted), 2, "16 KiB turns: {v}");
+    assert!(counter(&sb, Counter::RedirectedMsgs) > 0, "{v}");
 }
 
 #[test]

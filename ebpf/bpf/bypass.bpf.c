@@ -136,6 +136,7 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 	 * this. BPF_NOEXIST: a live socket with the same key keeps its state (and entry).
 	 */
 	rx.copied_seq = tp->copied_seq;
+	rx.turn_seq = tp->write_seq;
 	rx.rcvbuf = ((struct sock___bp *)tp)->sk_rcvbuf;
 	rx.ready = !control(BP_CTL_RECV_GATE);
 	/* A known splice reader: TCP only, as if it had been seen splicing. */

@@ -48,9 +48,16 @@ struct {
  * sample (the answer). Request/response turns at almost every sample (at every
  * other one behind delayed ACKs); a one-way stream never does, and a stream of small
  * writes behind Nagle keeps unsent bytes queued (write_seq > snd_nxt).
+ * A turn whose answer was a burst (more than BP_PROMOTE_BURST bytes written since the
+ * previous turn: a 256 KiB HTTP response, 32 pipelined 16 KiB redis replies) does not
+ * count. A redirect moves a write only once it is all copied in, and the sender then
+ * waits on the reader's socket lock, while TCP hands a burst over segment by segment
+ * and the reader copies out as the writer copies in: redirected, such bursts ran at
+ * 0.69-0.90x the kernel (nginx 256 KiB, redis 16 KiB -P 32), against 1.2x at 16 KiB.
  */
 #define BP_PROMOTE_TURNS 8    /* turns seen before promotion */
 #define BP_PROMOTE_WATCH 256  /* samples watched before giving up (a stream) */
+#define BP_PROMOTE_BURST (64 * 1024)
 
 /* At establishment, after the socket is in bp_socks: make it a sender now, or let
  * sock_ops watch it. A failed insert leaves it a target only (kernel-speed sends). */
@@ -96,8 +103,11 @@ static __always_inline void sendmode_rtt(struct bpf_sock_ops *ops)
 	rx = bpf_map_lookup_elem(&bp_rx, &key);
 	if (!rx || rx->send != BP_SENDER_NONE)
 		goto stop;
-	if (in != rx->seen_in && ops->snd_una == ops->snd_nxt && tp->write_seq == ops->snd_nxt)
-		rx->turns++;
+	if (in != rx->seen_in && ops->snd_una == ops->snd_nxt && tp->write_seq == ops->snd_nxt) {
+		if (tp->write_seq - rx->turn_seq <= BP_PROMOTE_BURST)
+			rx->turns++;
+		rx->turn_seq = tp->write_seq;
+	}
 	rx->seen_in = in;
 	rx->samples++;
 	if (rx->turns >= BP_PROMOTE_TURNS && 2 * rx->turns >= rx->samples) {

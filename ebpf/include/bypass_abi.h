@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 7
+#define BP_ABI_VERSION 8
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -170,6 +170,8 @@ struct bp_rx_state {
 	__u16 turns;      /* send_mode auto: RTT samples at which the conversation had turned */
 	__u16 samples;    /* ...of all RTT samples watched */
 	__u32 seen_in;    /* data_segs_in at the last RTT sample */
+	__u32 turn_seq;   /* ...write_seq at the last turn (what it wrote per turn) */
+	__u32 pad;
 };
 
 /*

@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -231,6 +231,9 @@ pub struct RxState {
     pub samples: u16,
     /// data_segs_in at the last RTT sample.
     pub seen_in: u32,
+    /// write_seq at the last turn: what the socket wrote per turn.
+    pub turn_seq: u32,
+    pub pad: u32,
 }
 
 // SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding

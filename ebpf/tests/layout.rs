@@ -18,7 +18,7 @@ fn c_layout() -> BTreeMap<String, u64> {
             "local_port_lo", "local_port_hi", "remote_port_lo", "remote_port_hi", "uid", "cgroup_id"][..]),
         ("bp_policy_meta", &["nrules", "default_action"][..]),
         ("bp_sk_info", &["cgroup_id", "uid", "flags", "recv_seq", "pad"][..]),
-        ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced", "sk", "cookie", "redirected", "pace_read", "pace_ns", "window", "send", "turns", "samples", "seen_in"][..]),
+        ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced", "sk", "cookie", "redirected", "pace_read", "pace_ns", "window", "send", "turns", "samples", "seen_in", "turn_seq", "pad"][..]),
         // Link datapath.
         ("bl_port", &["target", "slot", "flags", "offload"][..]),
         ("bl_mac", &["addr", "pad"][..]),
@@ -81,7 +81,7 @@ fn c_and_rust_layouts_agree() {
         local_port_lo, local_port_hi, remote_port_lo, remote_port_hi, uid, cgroup_id]);
     rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
     rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags, recv_seq, pad]);
-    rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced, sk, cookie, redirected, pace_read, pace_ns, window, send, turns, samples, seen_in]);
+    rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced, sk, cookie, redirected, pace_read, pace_ns, window, send, turns, samples, seen_in, turn_seq, pad]);
     rust_layout!(r, "bl_port", LinkPort, [target, slot, flags, offload]);
     rust_layout!(r, "bl_mac", LinkMac, [addr, pad]);
     rust_layout!(r, "bl_fdb_entry", LinkFdbEntry, [ifindex, flags, seen_ns]);
