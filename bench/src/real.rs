@@ -41,6 +41,28 @@ impl Work {
             Work::Bulk => "MiB/s",
         }
     }
+    /// What one unit of work is, for CPU time per unit.
+    fn op(self) -> &'static str {
+        match self {
+            Work::Redis { .. } | Work::Wrk { .. } => "request",
+            Work::Bulk => "MiB",
+        }
+    }
+}
+
+/// One run's figure (higher is better) and how much work it did (requests, MiB).
+struct Run {
+    fig: f64,
+    units: f64,
+}
+
+/// CPU time the cgroup's processes (client and server) have used, in µs.
+fn cpu_usec(cg: &TestCgroup) -> Result<u64> {
+    let f = cg.path.join("cpu.stat");
+    let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+        .with_context(|| format!("no usage_usec in {}", f.display()))
 }
 
 fn size_name(b: u32) -> String {
@@ -88,6 +110,14 @@ pub struct RealPoint {
     pub decisions: BTreeMap<String, u64>,
     /// 1-minute load average beside each run (kernel and bypass interleaved).
     pub load: Vec<f64>,
+    /// What the CPU figures are per: "request" or "MiB".
+    pub op: String,
+    /// CPU time (client + server, µs) per request or MiB, for each run.
+    pub kernel_cpu: Vec<f64>,
+    pub bypass_cpu: Vec<f64>,
+    /// bypass / kernel of the medians (lower is cheaper). Less swayed by where the
+    /// scheduler puts client and server than the throughput is.
+    pub cpu_ratio: f64,
 }
 
 #[derive(Serialize, Default)]
@@ -189,8 +219,8 @@ fn number_after(text: &str, key: &str) -> Option<f64> {
     text[i..].split_whitespace().next()?.trim_matches(|c: char| !c.is_ascii_digit() && c != '.').parse().ok()
 }
 
-/// Run one workload once; returns its figure.
-fn run_once(cg: &TestCgroup, s: &Servers, w: Work, o: &Opts) -> Result<f64> {
+/// Run one workload once.
+fn run_once(cg: &TestCgroup, s: &Servers, w: Work, o: &Opts) -> Result<Run> {
     match w {
         Work::Redis { test, size, pipeline } => {
             let n = if o.short { 4000 } else { 40000 } * if pipeline > 1 { 8 } else { 1 };
@@ -206,7 +236,7 @@ fn run_once(cg: &TestCgroup, s: &Servers, w: Work, o: &Opts) -> Result<f64> {
                 .and_then(|l| l.split(',').nth(1))
                 .and_then(|v| v.trim_matches('"').parse().ok())
                 .with_context(|| format!("no {test} figure from redis-benchmark: {text}"))?;
-            Ok(rps)
+            Ok(Run { fig: rps, units: n as f64 })
         }
         Work::Wrk { path } => {
             let mut c = cg.command("wrk");
@@ -217,10 +247,17 @@ fn run_once(cg: &TestCgroup, s: &Servers, w: Work, o: &Opts) -> Result<f64> {
             if text.contains("Non-2xx") || text.contains("Socket errors") {
                 bail!("wrk saw errors: {text}");
             }
-            number_after(&text, "Requests/sec:").with_context(|| format!("no Requests/sec from wrk: {text}"))
+            let fig = number_after(&text, "Requests/sec:").with_context(|| format!("no Requests/sec from wrk: {text}"))?;
+            // "  123456 requests in 2.00s, ..."
+            let units = text
+                .lines()
+                .find(|l| l.contains(" requests in "))
+                .and_then(|l| l.split_whitespace().next()?.parse().ok())
+                .with_context(|| format!("no request count from wrk: {text}"))?;
+            Ok(Run { fig, units })
         }
         Work::Bulk => {
-            let bytes = if o.short { "256M" } else { "1G" };
+            let (bytes, mib) = if o.short { ("256M", 256.0) } else { ("1G", 1024.0) };
             let dir = TempDir::new();
             let pf = dir.path().join("port");
             let mut sv = cg.command(traffic_bin()?);
@@ -246,7 +283,7 @@ fn run_once(cg: &TestCgroup, s: &Servers, w: Work, o: &Opts) -> Result<f64> {
             if v["ok"] != serde_json::Value::Bool(true) {
                 bail!("bulk stream failed verification: {line}");
             }
-            v["mib_per_sec"].as_f64().context("no mib_per_sec")
+            Ok(Run { fig: v["mib_per_sec"].as_f64().context("no mib_per_sec")?, units: mib })
         }
     }
 }
@@ -300,7 +337,7 @@ pub fn run(o: &Opts, out: &Path) -> Result<RealResults> {
     let servers = start_servers(&cg, tmp.path())?;
     let mut res = RealResults { reps: o.reps, ..Default::default() };
     let mut points: Vec<RealPoint> =
-        WORKS.iter().map(|w| RealPoint { workload: w.name(), unit: w.unit().into(), ..Default::default() }).collect();
+        WORKS.iter().map(|w| RealPoint { workload: w.name(), unit: w.unit().into(), op: w.op().into(), ..Default::default() }).collect();
     let mut redirected = vec![0u64; WORKS.len()];
     let mut passed = vec![0u64; WORKS.len()];
     for rep in 0..o.reps {
@@ -312,13 +349,15 @@ pub fn run(o: &Opts, out: &Path) -> Result<RealResults> {
             for (i, w) in WORKS.iter().enumerate() {
                 crate::fixtures::check_stop()?;
                 let before = counters.as_ref().map(|c| c.read()).transpose()?;
-                let fig = match run_once(&cg, &servers, *w, o) {
-                    Ok(f) => f,
+                let cpu0 = cpu_usec(&cg)?;
+                let run = match run_once(&cg, &servers, *w, o) {
+                    Ok(r) => r,
                     Err(e) => {
                         res.errors.push(format!("{} ({}): {e:#}", w.name(), if bypass { "bypass" } else { "kernel" }));
                         continue;
                     }
                 };
+                let (fig, cpu) = (run.fig, (cpu_usec(&cg)? - cpu0) as f64 / run.units);
                 let p = &mut points[i];
                 p.load.push(load1());
                 if let (Some(c), Some(b)) = (&counters, before) {
@@ -335,8 +374,10 @@ pub fn run(o: &Opts, out: &Path) -> Result<RealResults> {
                         *p.decisions.entry(k).or_default() += v;
                     }
                     p.bypass.push(fig);
+                    p.bypass_cpu.push(cpu);
                 } else {
                     p.kernel.push(fig);
+                    p.kernel_cpu.push(cpu);
                 }
                 eprintln!(
                     "[bench] real: rep {rep} {} {}: {fig:.1} {} (load {:.2})",
@@ -353,6 +394,8 @@ pub fn run(o: &Opts, out: &Path) -> Result<RealResults> {
         p.kernel_median = median(&p.kernel);
         p.bypass_median = median(&p.bypass);
         p.ratio = if p.kernel_median > 0.0 { p.bypass_median / p.kernel_median } else { 0.0 };
+        let kc = median(&p.kernel_cpu);
+        p.cpu_ratio = if kc > 0.0 { median(&p.bypass_cpu) / kc } else { 0.0 };
         let total = (redirected[i] + passed[i]) as f64;
         p.redirected_share = if total > 0.0 { redirected[i] as f64 / total } else { 0.0 };
         if p.unexplained > 0 {
@@ -370,24 +413,31 @@ pub fn run(o: &Opts, out: &Path) -> Result<RealResults> {
 pub fn markdown(r: &RealResults) -> String {
     let mut s = String::from(
         "## Real programs (bypass/kernel; kernel runs with bypassd detached, interleaved, medians)\n\n\
-         | workload | kernel | bypass | ratio | redirected share | targets-only runs | load (1 min) |\n|---|---|---|---|---|---|---|\n",
+         | workload | kernel | bypass | ratio | CPU per op, kernel → bypass | CPU ratio | redirected share | targets-only runs | load (1 min) |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for p in &r.points {
         let lo = p.load.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = p.load.iter().copied().fold(0.0, f64::max);
         s.push_str(&format!(
-            "| {} | {:.0} {u} | {:.0} {u} | **{:.2}** | {:.1} % | {} | {lo:.1}–{hi:.1} |\n",
+            "| {} | {:.0} {u} | {:.0} {u} | **{:.2}** | {:.1} → {:.1} µs/{} | {:.2} | {:.1} % | {} | {lo:.1}–{hi:.1} |\n",
             p.workload,
             p.kernel_median,
             p.bypass_median,
             p.ratio,
+            median(&p.kernel_cpu),
+            median(&p.bypass_cpu),
+            p.op,
+            p.cpu_ratio,
             100.0 * p.redirected_share,
             p.targets_only_runs,
             u = p.unit
         ));
     }
     s.push_str(&format!(
-        "\n{} repetitions per mode. Targets-only runs: with send_mode auto, no socket became a sender (a stream, or \
+        "\n{} repetitions per mode. CPU per op: the CPU time of the cgroup holding client and server (cpu.stat \
+         usage_usec) over the run, per request or MiB; CPU ratio = bypass / kernel of the medians (lower is cheaper). \
+         Targets-only runs: with send_mode auto, no socket became a sender (a stream, or \
          more than 64 KiB written per turn), so every send took the kernel's send path by choice.",
         r.reps
     ));

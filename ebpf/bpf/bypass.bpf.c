@@ -81,8 +81,8 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 	struct tcp_sock___bp *tp;
 	struct sock___bp *s;
 	struct bpf_sock *sk;
-	__u32 cb_flags;
-	__u64 cookie;
+	__u32 cb_flags, uid;
+	__u64 cookie, cgroup_id;
 	long err;
 
 	if (ops->op == BPF_SOCK_OPS_RTT_CB) {
@@ -119,7 +119,9 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 		return 1;
 	}
 	s = (void *)tp;
-	if (!policy_admits(&key, BPF_CORE_READ(s, sk_cgrp_data.cgroup, kn, id), BPF_CORE_READ(s, sk_uid.val))) {
+	cgroup_id = BPF_CORE_READ(s, sk_cgrp_data.cgroup, kn, id);
+	uid = BPF_CORE_READ(s, sk_uid.val);
+	if (!policy_admits(&key, cgroup_id, uid)) {
 		count(BP_CTR_POLICY_KERNEL, 1);
 		return 1;
 	}
@@ -127,8 +129,8 @@ int bypass_sockops(struct bpf_sock_ops *ops)
 	 * has it from sock_create. Without it (no memory) the rx hook takes the long way. */
 	info = bpf_sk_storage_get(&bp_sk_info, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (info && !info->flags) {
-		info->cgroup_id = BPF_CORE_READ(s, sk_cgrp_data.cgroup, kn, id);
-		info->uid = BPF_CORE_READ(s, sk_uid.val);
+		info->cgroup_id = cgroup_id;
+		info->uid = uid;
 		info->flags = BP_SK_KNOWN;
 	}
 	/*
