@@ -184,8 +184,9 @@ pub enum SendMode {
     /// Every accelerated socket, from establishment.
     #[default]
     All,
-    /// Targets only until their traffic turns request/response; streams of writes
-    /// keep the kernel's send path (its coalescing beats per-write redirects).
+    /// Targets only until their traffic turns request/response (at most 64 KiB
+    /// written per turn); streams of writes and large bursts keep the kernel's send
+    /// path, which is faster for them.
     Auto,
     /// None: nothing is redirected (sends at the kernel's speed; for comparison).
     None,
