@@ -115,6 +115,8 @@ pub struct RealPoint {
     /// CPU time (client + server, µs) per request or MiB, for each run.
     pub kernel_cpu: Vec<f64>,
     pub bypass_cpu: Vec<f64>,
+    pub kernel_cpu_median: f64,
+    pub bypass_cpu_median: f64,
     /// bypass / kernel of the medians (lower is cheaper). Less swayed by where the
     /// scheduler puts client and server than the throughput is.
     pub cpu_ratio: f64,
@@ -391,11 +393,13 @@ pub fn run(o: &Opts, out: &Path) -> Result<RealResults> {
     }
     sw.detach()?;
     for (i, p) in points.iter_mut().enumerate() {
+        let over = |b: f64, k: f64| if k > 0.0 { b / k } else { 0.0 };
         p.kernel_median = median(&p.kernel);
         p.bypass_median = median(&p.bypass);
-        p.ratio = if p.kernel_median > 0.0 { p.bypass_median / p.kernel_median } else { 0.0 };
-        let kc = median(&p.kernel_cpu);
-        p.cpu_ratio = if kc > 0.0 { median(&p.bypass_cpu) / kc } else { 0.0 };
+        p.ratio = over(p.bypass_median, p.kernel_median);
+        p.kernel_cpu_median = median(&p.kernel_cpu);
+        p.bypass_cpu_median = median(&p.bypass_cpu);
+        p.cpu_ratio = over(p.bypass_cpu_median, p.kernel_cpu_median);
         let total = (redirected[i] + passed[i]) as f64;
         p.redirected_share = if total > 0.0 { redirected[i] as f64 / total } else { 0.0 };
         if p.unexplained > 0 {
@@ -425,8 +429,8 @@ pub fn markdown(r: &RealResults) -> String {
             p.kernel_median,
             p.bypass_median,
             p.ratio,
-            median(&p.kernel_cpu),
-            median(&p.bypass_cpu),
+            p.kernel_cpu_median,
+            p.bypass_cpu_median,
             p.op,
             p.cpu_ratio,
             100.0 * p.redirected_share,
