@@ -32,15 +32,11 @@ pub enum Helper {
         #[arg(long)]
         cpu: Option<usize>,
     },
-    /// TCP server for churn: per connection read 1 byte, answer 1 byte, wait for EOF.
-    ChurnServer {
-        #[arg(long)]
-        addr: SocketAddr,
-    },
-    /// Connect, exchange 1 byte each way, close, as fast as possible; prints JSON.
-    ChurnClient {
-        #[arg(long)]
-        addr: SocketAddr,
+    /// Connection churn in a fresh network namespace of its own (so no run inherits an
+    /// earlier run's TIME_WAIT sockets): a server thread reads 1 byte, answers 1 byte
+    /// and waits for EOF; the client connects, exchanges, closes, as fast as possible.
+    /// Prints JSON.
+    Churn {
         #[arg(long)]
         millis: u32,
     },
@@ -65,8 +61,7 @@ pub fn run(h: Helper) -> Result<()> {
     match h {
         Helper::UnixServer { path } => unix_server(path),
         Helper::UnixClient { path, test, size, millis, cpu } => unix_client(path, &test, size, millis, cpu),
-        Helper::ChurnServer { addr } => churn_server(addr),
-        Helper::ChurnClient { addr, millis } => churn_client(addr, millis),
+        Helper::Churn { millis } => churn(millis),
         Helper::HoldServer { n } => hold_server(n),
         Helper::HoldClient { addr, n } => hold_client(addr, n),
     }
@@ -179,10 +174,20 @@ fn unix_client(path: PathBuf, test: &str, size: u32, millis: u32, cpu: Option<us
     Ok(())
 }
 
-fn churn_server(addr: SocketAddr) -> Result<()> {
-    let l = TcpListener::bind(addr)?;
-    println!("{}", l.local_addr()?.port());
-    std::io::stdout().flush()?;
+fn churn(millis: u32) -> Result<()> {
+    // Before any thread exists: threads spawned later share this namespace.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare a network namespace")?;
+    let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().context("ip link set lo up")?;
+    if !up.success() {
+        bail!("ip link set lo up: {up}");
+    }
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || churn_server(l));
+    churn_client(addr, millis)
+}
+
+fn churn_server(l: TcpListener) {
     let mut b = [0u8; 16];
     for s in l.incoming() {
         let Ok(mut s) = s else { continue };
@@ -193,7 +198,6 @@ fn churn_server(addr: SocketAddr) -> Result<()> {
         // Wait for the client's FIN, so the client closes first (TIME_WAIT on its side).
         while matches!(s.read(&mut b), Ok(n) if n > 0) {}
     }
-    Ok(())
 }
 
 fn churn_client(addr: SocketAddr, millis: u32) -> Result<()> {

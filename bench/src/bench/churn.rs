@@ -1,7 +1,7 @@
 //! Connection churn.
 use super::{Mode, Plan, env::Env, exe, progress};
 use crate::{
-    fixtures::{Proc, check_stop, median, read_line, run_timeout},
+    fixtures::{check_stop, median, run_timeout},
     report::{self, Churn, Results},
 };
 use anyhow::{Context, Result, bail};
@@ -9,22 +9,14 @@ use bypassd_ebpf::abi::Counter;
 use std::time::Duration;
 
 pub(super) fn churn_section(env: &mut Env, plan: &Plan, r: &mut Results) -> Result<()> {
-    let mut ports = Vec::new();
-    for m in [Mode::Bypass, Mode::Kernel] {
-        let mut cmd = env.cg(m).command(exe()?);
-        cmd.args(["helper", "churn-server", "--addr", "127.0.0.1:0"]);
-        let (p, mut out) = Proc::spawn_piped(cmd, "churn server")?;
-        env.servers.push(p);
-        ports.push(read_line(&mut out)?.parse::<u16>().context("churn server port")?);
-    }
     let mut c = Churn { topology: "loopback".into(), ..Default::default() };
     for rep in 0..plan.churn_reps {
         let order = if rep % 2 == 0 { [Mode::Bypass, Mode::Kernel] } else { [Mode::Kernel, Mode::Bypass] };
         for m in order {
             check_stop()?;
-            let port = ports[if m == Mode::Bypass { 0 } else { 1 }];
+            // Each run in a network namespace of its own: see the helper.
             let mut cmd = env.cg(m).command(exe()?);
-            cmd.args(["helper", "churn-client", "--addr", &format!("127.0.0.1:{port}"), "--millis", &plan.churn_millis.to_string()]);
+            cmd.args(["helper", "churn", "--millis", &plan.churn_millis.to_string()]);
             let before = env.counters().read()?;
             let o = run_timeout(cmd, Duration::from_secs(60))?;
             // Let the last connection's server side close before reading counters.

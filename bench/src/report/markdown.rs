@@ -163,7 +163,8 @@ impl Results {
             let _ = writeln!(s, "## Connection churn ({})\n", c.topology);
             let _ = writeln!(
                 s,
-                "Connect, 1 byte each way, close, back to back from one client. \
+                "Connect, 1 byte each way, close, back to back from one client, each run in a fresh \
+                 network namespace. \
                  Kernel {} conn/s, bypass {} conn/s: ratio {}, cost {}. \
                  The bypass runs inserted {} sockets ({} connections) and redirected {} messages.\n",
                 f(c.kernel_median),
