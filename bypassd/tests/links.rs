@@ -403,3 +403,24 @@ fn bridge_mode_redirects_macs_the_bridge_knew_before_it_started() {
     assert!(redirected >= 1000, "only {redirected} frames redirected, {bridged} bridged");
     assert!(bridged <= 5, "the bridge still forwarded {bridged} frames");
 }
+
+/// Bridge mode where the bridge lives in a netns other than bypassd's (`netns =`, as a
+/// KubeVirt pod's bridge does): its ports are attached there, its FDB is read and
+/// followed there (netlink in that netns), and known unicast skips it both ways.
+#[test]
+fn bridge_mode_inside_another_netns_learns_there_and_skips_the_bridge() {
+    use bypass_testsupport::{Daemon, Netns};
+    let env = Env::new();
+    let t = Topo::new(&[Kind::Vm(true), Kind::Pod, Kind::Pod]);
+    let own = Netns::new(); // bypassd's netns: it has none of the interfaces
+    let cfg = format!("[[links]]\nbridge = \"{}\"\nnetns = \"/run/netns/{}\"\n", t.br, t.node.name);
+    let d = in_netns(Some(&own.name), || Daemon::start(&env.config(&cfg))).unwrap().expect("start bypassd");
+    let log = d.log();
+    assert_eq!(env.pinned().len(), 3, "every bridge port attached: {log}");
+    assert!(log.contains(&format!("watching netlink events in netns /run/netns/{}", t.node.name)), "{log}");
+    assert!(log.contains("MACs taken from the bridge's FDB"), "the FDB was not read in its netns: {log}");
+    t.udp(VM, POD, 10);
+    check_skips_bridge(&env, &t, VM, POD, 50);
+    t.udp(1, 2, 10);
+    check_skips_bridge(&env, &t, 1, 2, 50);
+}
