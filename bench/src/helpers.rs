@@ -177,10 +177,7 @@ fn unix_client(path: PathBuf, test: &str, size: u32, millis: u32, cpu: Option<us
 fn churn(millis: u32) -> Result<()> {
     // Before any thread exists: threads spawned later share this namespace.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare a network namespace")?;
-    let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().context("ip link set lo up")?;
-    if !up.success() {
-        bail!("ip link set lo up: {up}");
-    }
+    bypass_testsupport::ip(&["link", "set", "lo", "up"])?;
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     std::thread::spawn(move || churn_server(l));

@@ -227,7 +227,8 @@ impl Drop for PinDir {
     }
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+/// Run `ip ARGS`; an error carries its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output().context("running ip (install iproute2)")?;
     if !out.status.success() {
         bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
