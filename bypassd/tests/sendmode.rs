@@ -15,7 +15,12 @@ use std::{
 const MIB: u64 = 1 << 20;
 
 fn daemon(sb: &Sandbox, mode: &str) -> Daemon {
-    let cfg = sb.config(&format!("[datapath]\nsend_mode = \"{mode}\"\n\n[policy]\ndefault = \"accelerate\"\n"));
+    daemon_with(sb, mode, "")
+}
+
+/// `extra`: more [datapath] lines.
+fn daemon_with(sb: &Sandbox, mode: &str, extra: &str) -> Daemon {
+    let cfg = sb.config(&format!("[datapath]\nsend_mode = \"{mode}\"\n{extra}\n[policy]\ndefault = \"accelerate\"\n"));
     Daemon::start(&cfg).expect("start bypassd")
 }
 
@@ -79,10 +84,23 @@ fn auto_promotes_both_ends_of_a_request_response_pair_and_redirects_intact() {
     assert_ok(&v);
     assert_eq!(counter(&sb, Counter::SenderPromoted), 2, "client and server both turned request/response: {v}");
     assert_eq!(counter(&sb, Counter::SenderFailed), 0);
+    assert_eq!(counter(&sb, Counter::PromoteFailed), 0);
     // The first exchanges took TCP (before promotion, and until the order rule let the
     // redirect start); most of the rest was redirected.
     let redirected = counter(&sb, Counter::RedirectedMsgs);
     assert!(redirected >= 4000, "only {redirected} of 8000 messages were redirected: {v}");
+}
+
+#[test]
+fn auto_promotes_with_the_recvmsg_gate_off_too() {
+    let sb = Sandbox::new();
+    // The gate needs no recvmsg hook then, but promotion does: it queues the requests.
+    let d = daemon_with(&sb, "auto", "splice_safety = \"off\"\n");
+    let v = request_response(&sb, 4000);
+    assert_ok(&v);
+    assert_eq!(counter(&sb, Counter::SenderPromoted), 2, "{v}\n{}", d.log());
+    assert_eq!(counter(&sb, Counter::PromoteFailed), 0);
+    assert!(counter(&sb, Counter::RedirectedMsgs) >= 4000, "{v}");
 }
 
 #[test]

@@ -43,7 +43,7 @@ char _license[] SEC("license") = "GPL";
 
 #include "peer.h"
 #include "window.h"
-/* Which sockets run sk_msg: bp_senders, promotion (sock_ops RTT samples, iter/sockmap). */
+/* Which sockets run sk_msg: bp_senders, promotion (sock_ops RTT samples, the rx hook's requests). */
 #include "sendmode.h"
 
 SEC("cgroup/sock_create")
@@ -338,8 +338,9 @@ int bypass_rx_done(__u64 *ctx)
 		return 0;
 	seq = tp->copied_seq;
 	info = bpf_sk_storage_get(&bp_sk_info, sk, 0, 0);
-	/* Reading redirected data moves no copied_seq: in redirect mode this is the exit. */
-	if (info && (info->flags & BP_SK_READY) && info->recv_seq == seq)
+	/* Reading redirected data moves no copied_seq: in redirect mode this is the exit
+	 * (unless the socket asked for promotion: see sendmode_request). */
+	if (info && (info->flags & BP_SK_READY) && !info->promote && info->recv_seq == seq)
 		return 0;
 	cookie = sk->__sk_common.skc_cookie.counter;
 	key = cookie ? bpf_map_lookup_elem(&bp_cookies, &cookie) : 0;
@@ -353,9 +354,13 @@ int bypass_rx_done(__u64 *ctx)
 	rx->copied_seq = seq;
 	if (!rx->ready)
 		rx->ready = 1;
-	if (info) {
-		info->recv_seq = seq;
-		info->flags |= BP_SK_READY; /* only this hook sets it */
+	if (!info)
+		return 0;
+	info->recv_seq = seq;
+	info->flags |= BP_SK_READY; /* only this hook sets it */
+	if (info->promote) {
+		info->promote = 0;
+		sendmode_request(sk, key, rx, cookie);
 	}
 	return 0;
 }

@@ -42,8 +42,11 @@ struct cgroup___bp {
 	struct kernfs_node___bp *kn;
 };
 
+struct socket___bp;
+
 struct sock___bp {
 	struct sock_common___bp __sk_common;
+	struct socket___bp *sk_socket; /* its socket and file: the inode names its descriptors */
 	int sk_rcvbuf;
 	unsigned char sk_userlocks;
 	void *sk_user_data;
@@ -66,13 +69,18 @@ struct sk_psock___bp {
 	__u32 msg_tot_len;
 };
 
-struct socket___bp {
-	void *file;
-	struct sock___bp *sk;
+struct inode___bp {
+	unsigned long i_ino;
 };
 
 struct file___bp {
 	void *private_data;
+	struct inode___bp *f_inode;
+};
+
+struct socket___bp {
+	struct file___bp *file;
+	struct sock___bp *sk;
 };
 
 struct fdtable___bp {

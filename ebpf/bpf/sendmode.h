@@ -13,8 +13,10 @@
  * - BP_SEND_AUTO: it starts as a target only; sock_ops watches its RTT samples and
  *   asks for promotion once its conversation keeps turning (request/response:
  *   redirecting cuts latency), never for a stream of writes (where TCP's
- *   coalescing wins). sock_ops can insert into a SOCKHASH only at establishment, so the daemon
- *   runs an iter/sockmap program (bypass_promote) that inserts the asking sockets.
+ *   coalescing wins). sock_ops can insert into a SOCKHASH only at establishment, and
+ *   map iterators (iter/sockmap) are refused on some kernels, so the socket's next read
+ *   (the rx hook, in a process holding it) queues a request in bp_promote_q and the
+ *   daemon inserts it from user space (bypassd/src/datapath/promote.rs).
  *   Joining bp_senders late is safe: the order rule in sk_msg keeps passing until the
  *   peer has read every byte this socket sent on TCP.
  * - BP_SEND_NONE: no sender at all (the kernel's speed for everything; measurement).
@@ -32,14 +34,21 @@ struct {
 	__type(value, __u32);
 } bp_senders SEC(".maps");
 
-/* Bumped by sock_ops for each promotion request: the daemon runs bypass_promote
- * when it moved (one u64, not per CPU, so one read tells). */
+/* Bumped for each queued promotion request: the daemon pops bp_promote_q when it
+ * moved (one u64, not per CPU, so one read tells). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);
 } bp_promote_seq SEC(".maps");
+
+/* Promotion requests for the daemon (see sendmode_request). */
+struct {
+	__uint(type, BPF_MAP_TYPE_QUEUE);
+	__uint(max_entries, 1024);
+	__type(value, struct bp_promote_req);
+} bp_promote_q SEC(".maps");
 
 /*
  * Promotion rule. At each RTT sample (an ACK of new data) the conversation has
@@ -88,11 +97,11 @@ static __always_inline void sendmode_insert(struct bpf_sock_ops *ops, struct bp_
 static __always_inline void sendmode_rtt(struct bpf_sock_ops *ops)
 {
 	struct bp_sock_key key;
+	struct bp_sk_info *info;
 	struct bp_rx_state *rx;
 	struct tcp_sock___bp *tp;
 	struct bpf_sock *sk = ops->sk;
-	__u32 in = ops->data_segs_in, zero = 0;
-	__u64 *seq;
+	__u32 in = ops->data_segs_in;
 
 	if (!sk)
 		return;
@@ -111,10 +120,16 @@ static __always_inline void sendmode_rtt(struct bpf_sock_ops *ops)
 	rx->seen_in = in;
 	rx->samples++;
 	if (rx->turns >= BP_PROMOTE_TURNS && 2 * rx->turns >= rx->samples) {
-		rx->send = BP_SENDER_WANTED;
-		seq = bpf_map_lookup_elem(&bp_promote_seq, &zero);
-		if (seq)
-			__sync_fetch_and_add(seq, 1);
+		/* The socket's next read queues the request (sendmode_request): that runs in
+		 * a process holding it, which the daemon needs. */
+		info = bpf_sk_storage_get(&bp_sk_info, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (info) {
+			rx->send = BP_SENDER_WANTED;
+			info->promote = 1;
+		} else {
+			rx->send = BP_SENDER_FAILED;
+			count(BP_CTR_SENDER_FAILED, 1);
+		}
 		goto stop;
 	}
 	if (rx->samples < BP_PROMOTE_WATCH)
@@ -124,40 +139,36 @@ stop:
 	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
-/* bpf_iter__sockmap, as the kernel passes it (only the layout matters). */
-struct bp_iter_sockmap {
-	void *meta;
-	void *map;
-	void *key;
-	void *sk;
-};
-
 /*
- * Run by the daemon over bp_socks when bp_promote_seq moved: insert every socket
- * that asked into bp_senders. Its next send runs sk_msg. Failure (the socket is
- * closing, the map full) leaves it a target only, counted.
+ * From the rx hook, in the process that just read from a socket that asked: queue the
+ * request for the daemon, which inserts the socket into bp_senders (user space can
+ * insert a socket it holds a descriptor of; no program type the kernel allows here
+ * can). A full queue (the daemon stopped) leaves the socket a target only, counted.
  */
-SEC("iter/sockmap")
-int bypass_promote(struct bp_iter_sockmap *ctx)
+static __always_inline void sendmode_request(struct sock___bp *sk, struct bp_sock_key *key,
+					     struct bp_rx_state *rx, __u64 cookie)
 {
-	struct bp_sock_key key;
-	struct bp_rx_state *rx;
-	void *sk = ctx->sk;
+	struct bp_promote_req req = {};
+	__u32 zero = 0;
+	__u64 *seq;
 
-	if (!ctx->key || !sk)
-		return 0;
-	__builtin_memcpy(&key, ctx->key, sizeof(key));
-	rx = bpf_map_lookup_elem(&bp_rx, &key);
-	if (!rx || rx->send != BP_SENDER_WANTED)
-		return 0;
-	if (bpf_map_update_elem(&bp_senders, &key, sk, BPF_NOEXIST)) {
+	/* Two threads reading at once may both get here: the daemon's second insert finds
+	 * the socket there already (BPF_NOEXIST) and counts nothing. */
+	if (rx->send != BP_SENDER_WANTED)
+		return;
+	rx->send = BP_SENDER_QUEUED;
+	__builtin_memcpy(&req.key, key, sizeof(req.key));
+	req.cookie = cookie;
+	req.ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	req.tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!req.ino || bpf_map_push_elem(&bp_promote_q, &req, 0)) {
 		rx->send = BP_SENDER_FAILED;
 		count(BP_CTR_SENDER_FAILED, 1);
-		return 0;
+		return;
 	}
-	rx->send = BP_SENDER_PROMOTED;
-	count(BP_CTR_SENDER_PROMOTED, 1);
-	return 0;
+	seq = bpf_map_lookup_elem(&bp_promote_seq, &zero);
+	if (seq)
+		__sync_fetch_and_add(seq, 1);
 }
 
 #endif

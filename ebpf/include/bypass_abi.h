@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 8
+#define BP_ABI_VERSION 9
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -51,12 +51,13 @@ enum bp_counter {
 	BP_CTR_PRESSURE_HELD = 27, /* of backpressure_msgs: a grown window not used, TCP memory under pressure */
 	/* Senders (see sendmode.h): sockets whose sends run sk_msg. */
 	BP_CTR_SENDER_AT_INSERT = 28, /* made senders at establishment (send_mode = all) */
-	BP_CTR_SENDER_PROMOTED = 29,  /* made senders later: their traffic turned request/response */
-	BP_CTR_SENDER_FAILED = 30,    /* could not join bp_senders: stay targets only (kernel-speed sends) */
+	BP_CTR_SENDER_PROMOTED = 29,  /* made senders later (request/response); written by the daemon only */
+	BP_CTR_SENDER_FAILED = 30,    /* could not join bp_senders or ask to: stay targets only (kernel-speed sends) */
 	/* 31-33: reserved for the other helpers' counters (merge plan). */
 	BP_CTR_NAT_LOCAL_REDIRECTED_BYTES = 34, /* of nat_redirected_bytes: app <-> its own sidecar */
 	BP_CTR_NAT_NOT_CLIENT = 35, /* answers not paired: the tuple's owner is another connection */
-	BP_CTR_MAX = 36,
+	BP_CTR_PROMOTE_FAILED = 36, /* promotions the daemon could not make (socket gone, no owner found); daemon only */
+	BP_CTR_MAX = 37,
 };
 
 /* Indices in the control array (u64 values). */
@@ -77,10 +78,11 @@ enum bp_control {
 
 /* bp_rx_state.send: this socket's sender state. */
 #define BP_SENDER_NONE 0      /* a redirect target only: sends take plain TCP */
-#define BP_SENDER_WANTED 1    /* asked for promotion (auto); the daemon inserts it */
+#define BP_SENDER_WANTED 1    /* asked for promotion (auto); the daemon inserts it (or fails: counted) */
 #define BP_SENDER_AT_INSERT 2 /* a sender since establishment */
-#define BP_SENDER_PROMOTED 3  /* a sender since its promotion */
+/* 3: unused (was "promoted"; a promoted socket stays queued: user space inserts it) */
 #define BP_SENDER_FAILED 4    /* joining bp_senders failed: stays a target only */
+#define BP_SENDER_QUEUED 5    /* its request is queued: a sender once the daemon inserted it */
 
 /* Rule actions. */
 #define BP_ACTION_KERNEL 0
@@ -133,12 +135,27 @@ struct bp_sk_info {
 	__u32 uid;
 	__u32 flags; /* BP_SK_* */
 	__u32 recv_seq; /* copied_seq after its last consuming recvmsg (the rx hook's fast exit) */
-	__u32 pad;
+	__u32 promote;  /* 1: asked for promotion, its next read queues a bp_promote_req (its
+			 * own word: sock_ops and the rx hook write it and flags unlocked) */
 };
 
 #define BP_SK_KNOWN (1u << 0)      /* cgroup_id and uid are valid */
 #define BP_SK_NO_REDIRECT_IN (1u << 1) /* created by a known splice reader (bp_splicers) */
 #define BP_SK_READY (1u << 2)      /* its bp_rx entry is marked ready and recv_seq published */
+
+/*
+ * bp_promote_q (a BPF queue): a promotion request, pushed by the rx hook in the reading
+ * process (so tgid is a process holding the socket, in the initial pid namespace, and
+ * ino its socket inode). The daemon finds the descriptor in /proc/<tgid>/fd, takes a
+ * copy with pidfd_getfd(2), checks the cookie and inserts it into bp_senders.
+ */
+struct bp_promote_req {
+	struct bp_sock_key key;
+	__u64 cookie;
+	__u64 ino;
+	__u32 tgid;
+	__u32 pad;
+};
 
 /* bp_splicers: process names (comm, 16 bytes, NUL padded) whose sockets never get
  * redirected data. Value: how the name got there. */

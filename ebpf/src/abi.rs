@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -41,12 +41,14 @@ pub enum Counter {
     SenderFailed = 30,
     NatLocalRedirectedBytes = 34,
     NatNotClient = 35,
+    /// Written by the daemon only (the promoter), like `SenderPromoted`.
+    PromoteFailed = 36,
 }
 
 impl Counter {
     /// Array size (`BP_CTR_MAX`); 31-33 are reserved.
-    pub const COUNT: u32 = 36;
-    pub const ALL: [Counter; 33] = [
+    pub const COUNT: u32 = 37;
+    pub const ALL: [Counter; 34] = [
         Counter::SocketsInserted,
         Counter::InsertFailures,
         Counter::RedirectedMsgs,
@@ -80,6 +82,7 @@ impl Counter {
         Counter::SenderFailed,
         Counter::NatLocalRedirectedBytes,
         Counter::NatNotClient,
+        Counter::PromoteFailed,
     ];
 
     /// The stable name used in JSON output and D-Bus.
@@ -118,6 +121,7 @@ impl Counter {
             Counter::SenderFailed => "sender_failures",
             Counter::NatLocalRedirectedBytes => "nat_local_redirected_bytes",
             Counter::NatNotClient => "nat_not_client",
+            Counter::PromoteFailed => "promote_failures",
         }
     }
 }
@@ -140,8 +144,8 @@ pub const SEND_NONE: u64 = 2;
 pub const SENDER_NONE: u32 = 0;
 pub const SENDER_WANTED: u32 = 1;
 pub const SENDER_AT_INSERT: u32 = 2;
-pub const SENDER_PROMOTED: u32 = 3;
 pub const SENDER_FAILED: u32 = 4;
+pub const SENDER_QUEUED: u32 = 5;
 
 pub const ACTION_KERNEL: u8 = 0;
 pub const ACTION_ACCELERATE: u8 = 1;
@@ -203,6 +207,19 @@ pub struct SkInfo {
     pub uid: u32,
     pub flags: u32,
     pub recv_seq: u32,
+    /// 1: asked for promotion; its next read queues a `PromoteReq`.
+    pub promote: u32,
+}
+
+/// `struct bp_promote_req` (bp_promote_q values): a socket to make a sender, and the
+/// process (tgid in the initial pid namespace) and socket inode to find it by.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PromoteReq {
+    pub key: SockKey,
+    pub cookie: u64,
+    pub ino: u64,
+    pub tgid: u32,
     pub pad: u32,
 }
 
@@ -244,6 +261,7 @@ unsafe impl aya::Pod for PolicyMeta {}
 unsafe impl aya::Pod for SkInfo {}
 unsafe impl aya::Pod for RxState {}
 unsafe impl aya::Pod for NatPeer {}
+unsafe impl aya::Pod for PromoteReq {}
 
 /// `struct bp_nat_peer`: the NAT peer of one socket (bp_nat value).
 #[repr(C)]

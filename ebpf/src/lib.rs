@@ -34,8 +34,6 @@ pub mod programs {
     pub const SPLICE_GUARD: &str = "bypass_splice_guard";
     /// cgroup/getsockopt: observes SO_ORIGINAL_DST answers and records NAT pairs.
     pub const GETSOCKOPT: &str = "bypass_getsockopt";
-    /// iter/sockmap over bp_socks, run by the daemon: promotes sockets to senders.
-    pub const PROMOTE: &str = "bypass_promote";
 }
 
 /// Map names in the object.
@@ -53,10 +51,13 @@ pub mod maps {
     pub const NAT: &str = "bp_nat";
     /// Senders: the SOCKHASH sk_msg is attached to (bp_socks holds every target).
     pub const SENDERS: &str = "bp_senders";
-    /// Promotion requests (one u64 bumped by sock_ops).
+    /// Promotion requests queued (one u64, bumped with each).
     pub const PROMOTE_SEQ: &str = "bp_promote_seq";
+    /// The promotion requests (a BPF queue of `abi::PromoteReq`).
+    pub const PROMOTE_QUEUE: &str = "bp_promote_q";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 12] = [SOCKS, COUNTERS, CONTROL, RULES, POLICY, SK_INFO, RX, COOKIES, SPLICERS, NAT, SENDERS, PROMOTE_SEQ];
+    pub const ALL: [&str; 13] =
+        [SOCKS, COUNTERS, CONTROL, RULES, POLICY, SK_INFO, RX, COOKIES, SPLICERS, NAT, SENDERS, PROMOTE_SEQ, PROMOTE_QUEUE];
 }
 
 /// The link datapath (`bpf/link.bpf.c`): tc ingress programs for VM/container links.

@@ -17,7 +17,8 @@ fn c_layout() -> BTreeMap<String, u64> {
         ("bp_rule", &["local_ip", "remote_ip", "local_prefix", "remote_prefix", "action", "flags",
             "local_port_lo", "local_port_hi", "remote_port_lo", "remote_port_hi", "uid", "cgroup_id"][..]),
         ("bp_policy_meta", &["nrules", "default_action"][..]),
-        ("bp_sk_info", &["cgroup_id", "uid", "flags", "recv_seq", "pad"][..]),
+        ("bp_sk_info", &["cgroup_id", "uid", "flags", "recv_seq", "promote"][..]),
+        ("bp_promote_req", &["key", "cookie", "ino", "tgid", "pad"][..]),
         ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced", "sk", "cookie", "redirected", "pace_read", "pace_ns", "window", "send", "turns", "samples", "seen_in", "turn_seq", "pad"][..]),
         // Link datapath.
         ("bl_port", &["target", "slot", "flags", "offload"][..]),
@@ -46,7 +47,7 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_SPLICER_CONFIGURED", "BP_SPLICER_LEARNED",
         "BP_CTR_SENDER_AT_INSERT", "BP_CTR_SENDER_PROMOTED", "BP_CTR_SENDER_FAILED", "BP_CTL_SEND_MODE",
         "BP_SEND_ALL", "BP_SEND_AUTO", "BP_SEND_NONE", "BP_SENDER_NONE", "BP_SENDER_WANTED",
-        "BP_SENDER_AT_INSERT", "BP_SENDER_PROMOTED", "BP_SENDER_FAILED",
+        "BP_SENDER_AT_INSERT", "BP_SENDER_FAILED", "BP_SENDER_QUEUED", "BP_CTR_PROMOTE_FAILED",
         "BL_ABI_VERSION", "BL_MAX_PORTS", "BL_MAX_FDB", "BL_PORT_PEER", "BL_PORT_BRIDGE", "BL_OFF_RX_SAVED",
         "BL_OFF_RX_ON", "BL_OFF_TX_SAVED", "BL_OFF_TX_ON", "BL_CTL_AGEING_NS", "BL_CTL_MAX"] {
         emit(c, c);
@@ -80,7 +81,8 @@ fn c_and_rust_layouts_agree() {
     rust_layout!(r, "bp_rule", Rule, [local_ip, remote_ip, local_prefix, remote_prefix, action, flags,
         local_port_lo, local_port_hi, remote_port_lo, remote_port_hi, uid, cgroup_id]);
     rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
-    rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags, recv_seq, pad]);
+    rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags, recv_seq, promote]);
+    rust_layout!(r, "bp_promote_req", PromoteReq, [key, cookie, ino, tgid, pad]);
     rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced, sk, cookie, redirected, pace_read, pace_ns, window, send, turns, samples, seen_in, turn_seq, pad]);
     rust_layout!(r, "bl_port", LinkPort, [target, slot, flags, offload]);
     rust_layout!(r, "bl_mac", LinkMac, [addr, pad]);
@@ -140,15 +142,16 @@ fn c_and_rust_layouts_agree() {
         ("BL_OFF_TX_ON", BL_OFF_TX_ON.into()),
         ("BL_CTL_AGEING_NS", BL_CTL_AGEING_NS.into()), ("BL_CTL_MAX", BL_CTL_MAX.into()),
     ];
-    let send_consts: [(&str, u64); 12] = [
+    let send_consts: [(&str, u64); 13] = [
         ("BP_CTR_SENDER_AT_INSERT", Counter::SenderAtInsert as u64),
         ("BP_CTR_SENDER_PROMOTED", Counter::SenderPromoted as u64),
         ("BP_CTR_SENDER_FAILED", Counter::SenderFailed as u64),
         ("BP_CTL_SEND_MODE", CTL_SEND_MODE.into()),
         ("BP_SEND_ALL", SEND_ALL), ("BP_SEND_AUTO", SEND_AUTO), ("BP_SEND_NONE", SEND_NONE),
         ("BP_SENDER_NONE", SENDER_NONE.into()), ("BP_SENDER_WANTED", SENDER_WANTED.into()),
-        ("BP_SENDER_AT_INSERT", SENDER_AT_INSERT.into()), ("BP_SENDER_PROMOTED", SENDER_PROMOTED.into()),
-        ("BP_SENDER_FAILED", SENDER_FAILED.into()),
+        ("BP_SENDER_AT_INSERT", SENDER_AT_INSERT.into()),
+        ("BP_SENDER_FAILED", SENDER_FAILED.into()), ("BP_SENDER_QUEUED", SENDER_QUEUED.into()),
+        ("BP_CTR_PROMOTE_FAILED", Counter::PromoteFailed as u64),
     ];
     for (k, v) in consts.into_iter().chain(link_consts).chain(send_consts) {
         r.insert(k.to_string(), v);

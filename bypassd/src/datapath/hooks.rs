@@ -5,7 +5,7 @@ use super::pins;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf,
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockopt, Iter, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockopt, KProbe, Lsm, SkMsg, SockOps, TracePoint, links::FdLink},
 };
 use std::{
     fs::File,
@@ -22,8 +22,6 @@ pub enum Hook {
     SockCreate,
     /// sk_msg verdict on the senders' SOCKHASH: the attachment lives in the map, no link.
     SkMsg,
-    /// iter/sockmap over the targets' SOCKHASH, run by the daemon (link made by sockopt_link).
-    IterSockmap,
     /// kprobe on a kernel function.
     KProbe(&'static str),
     /// BTF-enabled raw tracepoint (tp_btf) on an event.
@@ -50,12 +48,10 @@ pub struct Program {
     pub what: &'static str,
 }
 
-/// What programs attach to: the target cgroup, the two SOCKHASHes, and the kernel's
-/// BTF (parsed once per build: tp_btf, LSM and iterator programs need it; None if unreadable).
+/// What programs attach to: the target cgroup, the senders' SOCKHASH, and the kernel's
+/// BTF (parsed once per build: tp_btf and LSM programs need it; None if unreadable).
 pub struct AttachTo<'a> {
     pub cgroup: &'a File,
-    /// bp_socks: every accelerated socket (redirect targets).
-    pub sockhash: BorrowedFd<'a>,
     /// bp_senders: the sockets whose sends run sk_msg.
     pub senders: BorrowedFd<'a>,
     pub btf: Option<&'a aya::Btf>,
@@ -101,13 +97,6 @@ impl Program {
                 p.load()?;
                 crate::startup::step(format!("program {name}: verify"));
                 attach_to_map(p.fd()?.as_fd(), to.senders, BPF_SK_MSG_VERDICT)?;
-                None
-            }
-            Hook::IterSockmap => {
-                let p: &mut Iter = prog.try_into()?;
-                p.load("sockmap", kernel_btf(to)?)?;
-                let pin = pins::link_pin(dir, self.link.context("the iterator needs a link pin")?);
-                super::sockopt_link::attach_iter_sockmap(p.fd()?.as_fd(), to.sockhash, &pin)?;
                 None
             }
             Hook::KProbe(func) => {

@@ -91,7 +91,7 @@ pub struct Datapath {
     rx: HashMap<MapData, abi::SockKey, abi::RxState>,
     splicers: HashMap<MapData, [u8; abi::COMM_LEN], u64>,
     nat: HashMap<MapData, abi::SockKey, abi::NatPeer>,
-    /// Runs the promotion iterator while this generation is the daemon's (auto mode).
+    /// Serves promotion requests while this generation is the daemon's (auto mode).
     _promoter: Option<promote::Promoter>,
 }
 
@@ -275,12 +275,10 @@ impl Datapath {
         write_policy(ebpf, policy)?;
         crate::startup::step("map pins, control, policy");
 
-        let socks: SockHash<&MapData, abi::SockKey> = SockHash::try_from(ebpf.map(maps::SOCKS).context("socks map")?)?;
-        let socks_fd = socks.fd().try_clone().context("duplicating the SOCKHASH fd")?;
         let senders: SockHash<&MapData, abi::SockKey> =
             SockHash::try_from(ebpf.map(maps::SENDERS).context("senders map")?)?;
         let senders_fd = senders.fd().try_clone().context("duplicating the senders' SOCKHASH fd")?;
-        let to = hooks::AttachTo { cgroup: cg, sockhash: socks_fd.as_fd(), senders: senders_fd.as_fd(), btf };
+        let to = hooks::AttachTo { cgroup: cg, senders: senders_fd.as_fd(), btf };
         // On-demand hooks are loaded (verified) now and attached by sync_on_demand.
         for p in sock::PROGRAMS.iter().filter(|p| sock::is_on_demand(p)) {
             if let Err(e) = p.load_unattached(ebpf, &to, dir) {
@@ -327,19 +325,22 @@ impl Datapath {
     /// sockets accelerated earlier keep what was published, and a later TCP read the
     /// hook does not see only sends them to TCP (a live copied_seq beyond it).
     fn sync_on_demand(&mut self, policy: &PolicyImage) -> Result<()> {
-        let want = self.recv_gate && policy.may_accelerate();
+        // send_mode auto needs it too: it queues the promotion requests.
+        let auto = self.target.send_mode == SendMode::Auto;
+        let want = (self.recv_gate || auto) && policy.may_accelerate();
         for p in sock::PROGRAMS.iter().filter(|p| sock::is_on_demand(p) && p.is_loaded(&self.gen_dir)) {
             match (want, p.is_pinned(&self.gen_dir)) {
                 (true, false) => {
                     p.link_pinned(&self.gen_dir)?;
-                    tracing::info!("attached {} (the policy accelerates and the recvmsg gate is on)", p.name);
+                    let why = if self.recv_gate { "the recvmsg gate is on" } else { "send_mode auto promotes through it" };
+                    tracing::info!("attached {} (the policy accelerates and {why})", p.name);
                 }
                 (false, true) => {
                     p.unlink_pinned(&self.gen_dir)?;
                     tracing::info!(
                         "detached {} ({})",
                         p.name,
-                        if self.recv_gate { "the policy accelerates nothing" } else { "the recvmsg gate is off" }
+                        if self.recv_gate || auto { "the policy accelerates nothing" } else { "the recvmsg gate is off" }
                     );
                 }
                 _ => {}
@@ -381,7 +382,7 @@ impl Datapath {
         let has = |n: &str| self.has(n);
         let t = &self.target;
         self.protections = sock::protections(&has, self.recv_gate, t.splice, t.queue_cap, !t.splice_readers.is_empty());
-        self.protections.push(sock::senders_line(t.send_mode, self.has(bypassd_ebpf::programs::PROMOTE)));
+        self.protections.push(sock::senders_line(t.send_mode, self._promoter.is_some()));
     }
 
     /// Whether the kernel runs `name` (a program of the table) in this generation now.

@@ -1,23 +1,26 @@
 //! Promotion of sockets to senders (`send_mode = "auto"`, see ebpf/bpf/sendmode.h).
 //!
-//! sock_ops can insert into a SOCKHASH only at establishment, so a socket whose
-//! traffic turns request/response later asks for promotion: sock_ops marks its bp_rx
-//! entry and bumps `bp_promote_seq`. This thread notices the bump and runs the
-//! iter/sockmap program over bp_socks, which inserts every asking socket into
-//! bp_senders. Without this thread (daemon stopped) nothing is promoted: the sockets
-//! stay targets only and send at the kernel's speed (fail open).
-use super::{
-    pins,
-    sockopt_link::{Attr, bpf, obj_get},
+//! sock_ops can insert into a SOCKHASH only at establishment, and the program types
+//! that could insert later (map iterators) are refused on some kernels. So a socket
+//! whose traffic turns request/response asks: at its next read, the rx hook queues
+//! (key, cookie, tgid of the reader, socket inode) in `bp_promote_q` and bumps
+//! `bp_promote_seq`. This thread notices the bump, finds the descriptor under
+//! /proc/<tgid>/fd, takes a copy with pidfd_getfd(2) (CAP_SYS_PTRACE), checks the
+//! socket cookie and inserts it into bp_senders. Its next send runs sk_msg; the order
+//! rule there makes joining late safe. Without this thread (daemon stopped) nothing is
+//! promoted: the sockets stay targets only and send at the kernel's speed (fail open).
+//!
+//! The promoted and failed counters are written by this thread only (BPF never
+//! touches those two indices), so adding to them from user space races with nobody.
+use super::pins;
+use anyhow::{Context, Result, bail};
+use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuValues, Queue, SockHash};
+use bypassd_ebpf::{
+    abi::{self, Counter, PromoteReq},
+    maps,
 };
-use anyhow::{Context, Result};
-use aya::maps::{Array, Map, MapData};
-use bypassd_ebpf::{maps, programs};
 use std::{
-    io::Read,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-    },
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::Path,
     sync::{
         Arc,
@@ -27,13 +30,11 @@ use std::{
     time::Duration,
 };
 
-const BPF_ITER_CREATE: libc::c_long = 33;
-
 /// How often the request counter is read: promotion follows a request within this.
 const POLL: Duration = Duration::from_millis(5);
 
-/// The link pin name of the promotion iterator.
-pub const LINK: &str = "promote";
+/// BPF_NOEXIST: a socket already a sender (two reads queued it twice) stays as it is.
+const BPF_NOEXIST: u64 = 1;
 
 /// The running promoter of one datapath generation; stops when dropped.
 pub struct Promoter {
@@ -50,45 +51,144 @@ impl Drop for Promoter {
     }
 }
 
-/// What the thread needs, opened from the generation's pins.
+/// The generation's maps the thread uses, opened from its pins.
 struct Handles {
-    link: OwnedFd,
     seq: Array<MapData, u64>,
+    queue: Queue<MapData, PromoteReq>,
+    senders: SockHash<MapData, abi::SockKey>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn pinned(gen_dir: &Path, name: &str) -> Result<Map> {
+    let p = pins::map_pin(gen_dir, name);
+    let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
+    Ok(Map::from_map_data(data)?)
 }
 
 impl Handles {
     fn open(gen_dir: &Path) -> Result<Handles> {
-        let link = obj_get(&pins::link_pin(gen_dir, LINK))?;
-        let p = pins::map_pin(gen_dir, maps::PROMOTE_SEQ);
-        let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
-        let seq = Array::try_from(Map::from_map_data(data)?).with_context(|| format!("pinned map {}", p.display()))?;
-        Ok(Handles { link, seq })
+        Ok(Handles {
+            seq: Array::try_from(pinned(gen_dir, maps::PROMOTE_SEQ)?).context(maps::PROMOTE_SEQ)?,
+            queue: Queue::try_from(pinned(gen_dir, maps::PROMOTE_QUEUE)?).context(maps::PROMOTE_QUEUE)?,
+            senders: SockHash::try_from(pinned(gen_dir, maps::SENDERS)?).context(maps::SENDERS)?,
+            counters: PerCpuArray::try_from(pinned(gen_dir, maps::COUNTERS)?).context(maps::COUNTERS)?,
+        })
     }
 
-    /// Run the iterator once: every socket that asked is promoted (or marked failed).
-    fn run(&self) -> Result<()> {
-        let mut a = Attr([0; 32]);
-        a.0[0] = self.link.as_raw_fd() as u32; // iter_create.link_fd
-        let fd = bpf(BPF_ITER_CREATE, &a).context("bpf(BPF_ITER_CREATE) for the promotion iterator")?;
-        // SAFETY: the kernel returned a new file descriptor that we now own.
-        let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        let mut sink = Vec::new();
-        f.read_to_end(&mut sink).context("running the promotion iterator")?;
+    /// Serve every queued request; returns (promoted, failed) and the first failure.
+    fn drain(&mut self) -> (u64, u64, Option<anyhow::Error>) {
+        let (mut promoted, mut failed, mut first) = (0, 0, None);
+        loop {
+            let req = match self.queue.pop(0) {
+                Ok(r) => r,
+                Err(MapError::ElementNotFound) => break,
+                Err(e) => {
+                    first.get_or_insert(anyhow::Error::from(e).context("reading the promotion queue"));
+                    break;
+                }
+            };
+            match promote(&mut self.senders, &req) {
+                Ok(true) => promoted += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    failed += 1;
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        (promoted, failed, first)
+    }
+
+    /// Add `n` to a counter only this thread writes (on CPU 0's slot: readers sum them).
+    fn add(&mut self, c: Counter, n: u64) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut v: Vec<u64> = self.counters.get(&(c as u32), 0)?.to_vec();
+        if let Some(first) = v.first_mut() {
+            *first = first.wrapping_add(n);
+        }
+        self.counters.set(c as u32, PerCpuValues::try_from(v)?, 0)?;
         Ok(())
     }
 }
 
-/// Start promoting for the generation in `gen_dir`. None when it has no promotion
-/// iterator (the kernel refused iter/sockmap): sockets in auto mode then stay targets.
+/// Make the requested socket a sender: Ok(false) when it already is one.
+fn promote(senders: &mut SockHash<MapData, abi::SockKey>, req: &PromoteReq) -> Result<bool> {
+    let what = || format!("socket inode {} of process {}", req.ino, req.tgid);
+    let fd = take_socket(req.tgid, req.ino).with_context(what)?;
+    // The inode number or the process may have been reused since the request.
+    if socket_cookie(fd.as_raw_fd()).with_context(what)? != req.cookie {
+        bail!("{}: another socket now (its cookie differs)", what());
+    }
+    match senders.insert(req.key, fd.as_raw_fd(), BPF_NOEXIST) {
+        Ok(()) => Ok(true),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("inserting {} into {}", what(), maps::SENDERS))),
+    }
+}
+
+/// A copy of the descriptor process `tgid` holds for socket inode `ino`.
+fn take_socket(tgid: u32, ino: u64) -> Result<OwnedFd> {
+    // The pidfd first: the process cannot be replaced by another while we look.
+    let pidfd = syscall_fd(libc::SYS_pidfd_open, tgid as libc::c_long, 0).context("pidfd_open")?;
+    let want = format!("socket:[{ino}]");
+    let dir = format!("/proc/{tgid}/fd");
+    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let Ok(e) = e else { continue };
+        if std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+            let n: RawFd = e.file_name().to_str().and_then(|s| s.parse().ok()).context("a descriptor name")?;
+            return syscall_fd(libc::SYS_pidfd_getfd, pidfd.as_raw_fd() as libc::c_long, n as libc::c_long)
+                .context("pidfd_getfd (needs CAP_SYS_PTRACE over the process)");
+        }
+    }
+    bail!("no descriptor of it in {dir} (closed, or passed on)")
+}
+
+/// A syscall returning a new descriptor (pidfd_open, pidfd_getfd: the last argument,
+/// flags, is 0 for both).
+fn syscall_fd(nr: libc::c_long, a: libc::c_long, b: libc::c_long) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain integer arguments; the result is checked before use.
+    let r = unsafe { libc::syscall(nr, a, b, 0) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+fn socket_cookie(fd: RawFd) -> Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: v and len are valid for the kernel to write an u64 into.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut v).cast(), &mut len) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_COOKIE)");
+    }
+    Ok(v)
+}
+
+/// CAP_SYS_PTRACE (bit 19) in this process's effective set, from /proc/self/status.
+fn has_cap_sys_ptrace() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    eff.is_some_and(|e| e & (1 << 19) != 0)
+}
+
+/// Start promoting for the generation in `gen_dir`. None when its maps cannot be opened
+/// (logged): sockets in auto mode then stay targets.
 pub fn spawn(gen_dir: &Path) -> Option<Promoter> {
-    if !pins::link_pin(gen_dir, LINK).exists() {
-        tracing::info!("no {} iterator pinned: send_mode auto never promotes (sockets send at kernel speed)", programs::PROMOTE);
-        return None;
+    if !has_cap_sys_ptrace() {
+        tracing::warn!(
+            "send_mode auto: bypassd lacks CAP_SYS_PTRACE, so it cannot take the sockets of other users' processes \
+             (or of root processes with more capabilities) to promote them: those stay targets (kernel-speed sends), \
+             counted in promote_failures. The packaged unit needs a drop-in for auto: see docs/packaging.md"
+        );
     }
     let h = match Handles::open(gen_dir) {
         Ok(h) => h,
         Err(e) => {
-            tracing::warn!("send_mode auto: cannot open the promotion iterator ({e:#}); nothing will be promoted");
+            tracing::warn!("send_mode auto: cannot open the promotion maps ({e:#}); nothing will be promoted");
             return None;
         }
     };
@@ -98,21 +198,29 @@ pub fn spawn(gen_dir: &Path) -> Option<Promoter> {
     Some(Promoter { stop, thread: Some(thread) })
 }
 
-fn run(h: Handles, stop: &AtomicBool) {
-    let mut seen = h.seq.get(&0, 0).unwrap_or(0);
+fn run(mut h: Handles, stop: &AtomicBool) {
+    // None: drain now (requests queued while no daemon ran; their sockets may be gone).
+    let mut seen: Option<u64> = None;
     let mut warned = false;
     while !stop.load(Ordering::Relaxed) {
+        let now = h.seq.get(&0, 0).ok();
+        if seen.is_none() || now != seen {
+            seen = now;
+            let (promoted, failed, first) = h.drain();
+            if let Err(e) = h.add(Counter::SenderPromoted, promoted).and_then(|()| h.add(Counter::PromoteFailed, failed)) {
+                tracing::warn!("send_mode auto: counting promotions: {e:#}");
+            }
+            if let Some(e) = first {
+                if warned {
+                    tracing::debug!("send_mode auto: a promotion failed ({e:#}); that socket stays a target only");
+                } else {
+                    tracing::warn!(
+                        "send_mode auto: a promotion failed ({e:#}); that socket stays a target only (later failures are counted, logged at debug)"
+                    );
+                    warned = true;
+                }
+            }
+        }
         std::thread::sleep(POLL);
-        let Ok(now) = h.seq.get(&0, 0) else { continue };
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        if let Err(e) = h.run()
-            && !warned
-        {
-            tracing::warn!("send_mode auto: promotion failed ({e:#}); those sockets stay targets only");
-            warned = true;
-        }
     }
 }

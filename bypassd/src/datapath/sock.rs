@@ -53,14 +53,6 @@ pub const PROGRAMS: &[Program] = &[
     },
     Program { name: p::SK_MSG, hook: Hook::SkMsg, link: None, required: true, what: "sk_msg on the senders' SOCKHASH (redirects)" },
     Program {
-        name: p::PROMOTE,
-        hook: Hook::IterSockmap,
-        link: Some(super::promote::LINK),
-        // Without it send_mode auto promotes nothing: sockets send at kernel speed.
-        required: false,
-        what: "iter/sockmap over the SOCKHASH (promotes request/response sockets to senders)",
-    },
-    Program {
         name: p::GETSOCKOPT,
         hook: Hook::CgroupGetsockopt,
         link: Some("getsockopt"),
@@ -91,7 +83,8 @@ pub fn is_syscall_tracepoint(p: &Program) -> bool {
 }
 
 /// Hooks loaded with the datapath but attached only while needed (see
-/// `Datapath::sync_on_demand`): the recvmsg hook, the one global hook left by default.
+/// `Datapath::sync_on_demand`): the recvmsg hook, the one global hook left by default
+/// (it also queues send_mode auto's promotion requests).
 pub fn is_on_demand(p: &Program) -> bool {
     p.name == p::RX_DONE
 }
@@ -140,8 +133,8 @@ pub fn protections(has: &dyn Fn(&str) -> bool, gate: bool, splice: SpliceSafety,
 pub fn senders_line(mode: super::SendMode, promoter: bool) -> String {
     let what = match mode {
         super::SendMode::All => "every accelerated socket from establishment",
-        super::SendMode::Auto if promoter => "sockets whose traffic turns request/response (promoted by iter/sockmap); streams send through plain TCP",
-        super::SendMode::Auto => "none (send_mode auto, but the kernel refused the iter/sockmap promoter): every socket sends through plain TCP",
+        super::SendMode::Auto if promoter => "sockets whose traffic turns request/response (promoted by the daemon); streams send through plain TCP",
+        super::SendMode::Auto => "none (send_mode auto, but the promoter could not start): every socket sends through plain TCP",
         super::SendMode::None => "none (send_mode none): every socket sends through plain TCP",
     };
     format!("senders: {what}")

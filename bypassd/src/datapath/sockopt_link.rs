@@ -1,7 +1,6 @@
 //! Pinned bpf_links aya 0.14 cannot make: the cgroup/getsockopt program
 //! (Hook::CgroupGetsockopt; aya creates the link but cannot hand it out as a pinnable
-//! `FdLink` for this program type) and the iter/sockmap promotion program (aya's Iter
-//! cannot pass the map), and the link of a pinned tp_btf program (aya's `from_pin` asks
+//! `FdLink` for this program type), and the link of a pinned tp_btf program (aya's `from_pin` asks
 //! for the program's BTF by id, which needs CAP_SYS_ADMIN; the unit does not grant it).
 //! Made here with the bpf(2) commands they take.
 use anyhow::{Context, Result, bail};
@@ -17,7 +16,6 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
-const BPF_TRACE_ITER: u32 = 28;
 
 /// `union bpf_attr`, large enough for these commands (the kernel zero-checks the tail).
 #[repr(C, align(8))]
@@ -36,23 +34,6 @@ pub fn attach_getsockopt(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, pin: &Pat
     a.0[1] = cgroup.as_raw_fd() as u32; // link_create.target_fd
     a.0[2] = BPF_CGROUP_GETSOCKOPT; // link_create.attach_type
     let fd = bpf(BPF_LINK_CREATE, &a).context("bpf(BPF_LINK_CREATE) for cgroup/getsockopt")?;
-    // SAFETY: the kernel returned a new file descriptor that we now own.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    pin_link(&link, pin)
-}
-
-/// Create the iterator link of an iter/sockmap `prog` over `map` and pin it at `pin`.
-pub fn attach_iter_sockmap(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, pin: &Path) -> Result<()> {
-    // union bpf_iter_link_info: map.map_fd first, 16 bytes in all.
-    let info: [u32; 4] = [map.as_raw_fd() as u32, 0, 0, 0];
-    let ptr = info.as_ptr() as u64;
-    let mut a = Attr([0; 32]);
-    a.0[0] = prog.as_raw_fd() as u32; // link_create.prog_fd
-    a.0[2] = BPF_TRACE_ITER; // link_create.attach_type
-    a.0[4] = ptr as u32; // link_create.iter_info (u64)
-    a.0[5] = (ptr >> 32) as u32;
-    a.0[6] = std::mem::size_of_val(&info) as u32; // link_create.iter_info_len
-    let fd = bpf(BPF_LINK_CREATE, &a).context("bpf(BPF_LINK_CREATE) for iter/sockmap")?;
     // SAFETY: the kernel returned a new file descriptor that we now own.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     pin_link(&link, pin)

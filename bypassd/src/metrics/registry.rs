@@ -123,6 +123,7 @@ impl Collector for Families {
         let how = [("at_insert", ConstCounter::new(c(C::SenderAtInsert))), ("promoted", ConstCounter::new(c(C::SenderPromoted)))];
         labelled(&mut e, "bypassd_senders", "Sockets made senders (their sends run sk_msg), by when", MetricType::Counter, "when", &how)?;
         counter(&mut e, "bypassd_sender_failures", "Sockets that could not become senders (they send through plain TCP)", c(C::SenderFailed))?;
+        counter(&mut e, "bypassd_promote_failures", "send_mode auto: promotions the daemon could not make (socket or process gone, no ptrace access)", c(C::PromoteFailed))?;
         counter(&mut e, "bypassd_nat_not_client", "Of the unpaired answers: the tuple's owner was another connection (port remapped)", c(C::NatNotClient))?;
         counter(&mut e, "bypassd_nat_local_redirected_bytes", "Of the NAT-redirected bytes: app <-> its own sidecar", c(C::NatLocalRedirectedBytes))?;
         Ok(())
