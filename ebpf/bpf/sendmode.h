@@ -149,6 +149,8 @@ static __always_inline void sendmode_request(struct sock___bp *sk, struct bp_soc
 					     struct bp_rx_state *rx, __u64 cookie)
 {
 	struct bp_promote_req req = {};
+	struct bpf_pidns_info ns = {};
+	__u64 ns_dev = control(BP_CTL_PIDNS_DEV), ns_ino = control(BP_CTL_PIDNS_INO);
 	__u32 zero = 0;
 	__u64 *seq;
 
@@ -160,7 +162,13 @@ static __always_inline void sendmode_request(struct sock___bp *sk, struct bp_soc
 	__builtin_memcpy(&req.key, key, sizeof(req.key));
 	req.cookie = cookie;
 	req.ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
-	req.tgid = bpf_get_current_pid_tgid() >> 32;
+	/* The pid the daemon's /proc knows: its own namespace's when the reader runs in it
+	 * (bypassd in a container with its apps), else the initial one's (bypassd on the
+	 * host). A reader in neither is not found; the cookie check stops any mix-up. */
+	if (ns_ino && !bpf_get_ns_current_pid_tgid(ns_dev, ns_ino, &ns, sizeof(ns)))
+		req.tgid = ns.tgid;
+	else
+		req.tgid = bpf_get_current_pid_tgid() >> 32;
 	if (!req.ino || bpf_map_push_elem(&bp_promote_q, &req, 0)) {
 		rx->send = BP_SENDER_FAILED;
 		count(BP_CTR_SENDER_FAILED, 1);

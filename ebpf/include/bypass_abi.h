@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define BP_ABI_VERSION 9
+#define BP_ABI_VERSION 10
 
 /* Maximum number of policy rules in one buffer (the rule map holds two buffers). */
 #define BP_MAX_RULES 64
@@ -68,7 +68,11 @@ enum bp_control {
 	BP_CTL_RECV_GATE = 3,  /* non-zero: a receiver is a redirect target only after a recvmsg */
 	BP_CTL_COALESCE_BELOW = 4, /* sends smaller than this take TCP while the peer holds redirected data */
 	BP_CTL_SEND_MODE = 5,  /* BP_SEND_*: which sockets run sk_msg on their sends */
-	BP_CTL_MAX = 6,
+	/* The daemon's pid namespace (st_dev, st_ino of /proc/self/ns/pid): a promotion
+	 * request names its reader as the daemon's /proc sees it (0: unknown). */
+	BP_CTL_PIDNS_DEV = 6,
+	BP_CTL_PIDNS_INO = 7,
+	BP_CTL_MAX = 8,
 };
 
 /* BP_CTL_SEND_MODE values. */
@@ -145,8 +149,8 @@ struct bp_sk_info {
 
 /*
  * bp_promote_q (a BPF queue): a promotion request, pushed by the rx hook in the reading
- * process (so tgid is a process holding the socket, in the initial pid namespace, and
- * ino its socket inode). The daemon finds the descriptor in /proc/<tgid>/fd, takes a
+ * process (so tgid is a process holding the socket: its pid in the daemon's pid
+ * namespace when it runs there, else in the initial one; ino is the socket inode). The daemon finds the descriptor in /proc/<tgid>/fd, takes a
  * copy with pidfd_getfd(2), checks the cookie and inserts it into bp_senders.
  */
 struct bp_promote_req {

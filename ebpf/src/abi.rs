@@ -1,7 +1,7 @@
 //! Rust mirror of `include/bypass_abi.h`. `tests/layout.rs` compiles the header with
 //! the host C compiler and checks every size and offset against these definitions.
 
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 pub const MAX_RULES: u32 = 64;
 
 /// Per-CPU counter indices (`enum bp_counter`).
@@ -133,7 +133,10 @@ pub const CTL_QUEUE_CAP: u32 = 2;
 pub const CTL_RECV_GATE: u32 = 3;
 pub const CTL_COALESCE_BELOW: u32 = 4;
 pub const CTL_SEND_MODE: u32 = 5;
-pub const CTL_MAX: u32 = 6;
+/// The daemon's pid namespace (st_dev, st_ino of /proc/self/ns/pid), for promotion requests.
+pub const CTL_PIDNS_DEV: u32 = 6;
+pub const CTL_PIDNS_INO: u32 = 7;
+pub const CTL_MAX: u32 = 8;
 
 /// `BP_CTL_SEND_MODE` values: which sockets run sk_msg on their sends.
 pub const SEND_ALL: u64 = 0;

@@ -6,8 +6,9 @@
 #   1 install the .deb   2 accelerated, intact transfer   3 reload (good and broken)
 #   4 restart during a transfer   5 a [[links]] pair between two netns (link datapath)
 #   6 a [[links]] pair inside a service's netns (netns =, unit drop-in)
-#   7 poweroff and boot again   8 upgrade during a transfer   9 purge during a
-#   transfer   10 the same cycle with the .rpm
+#   7 send_mode auto, without and with its unit drop-in   8 poweroff and boot again
+#   9 upgrade during a transfer   10 purge during a transfer   11 the same cycle with
+#   the .rpm
 # It prints PASS/FAIL per check and `e2e: N passed, M failed`, exits non-zero on any
 # failure, and always tears down: poweroff, kill the exact nspawn pid if needed,
 # remove its cgroups depth-first. The container mounts its own bpffs instance, so
@@ -51,6 +52,8 @@ PIDFILE=$WORK/nspawn.pid
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # shellcheck source=packaging/e2e/links.sh
 . "$(dirname "${BASH_SOURCE[0]}")/links.sh"
+# shellcheck source=packaging/e2e/sendmode.sh
+. "$(dirname "${BASH_SOURCE[0]}")/sendmode.sh"
 BYTES=$((64 << 20))       # plain transfers
 HELD_BYTES=$((32 << 20))  # transfers held open across restart/upgrade/purge
 
@@ -89,7 +92,7 @@ run_check() { # N TITLE FUNCTION
   NOTES='' REASON=''
   echo "== check $n: $title"
   t0=$(now)
-  if { [ -n "$CPID" ] && alive "$CPID"; } || [ "$fn" = check7_reboot ]; then
+  if { [ -n "$CPID" ] && alive "$CPID"; } || [ "$fn" = check8_reboot ]; then
     "$fn"
   else
     fail "the container is not running"
@@ -263,7 +266,7 @@ check4_restart() {
   note "restart during a held transfer (pid $pid0 -> $pid1, datapath adopted); transfer intact; $((red2 - red1)) bytes redirected after the restart"
 }
 
-check7_reboot() {
+check8_reboot() {
   local t0 out ins0 red0 ins1 red1
   t0=$(now)
   stop_container
@@ -284,7 +287,7 @@ check7_reboot() {
   note "enabled, active, attached after poweroff and boot; runtime policy kept (8 MiB transfer redirected: +$((red1 - red0)) bytes)"
 }
 
-check8_upgrade() {
+check9_upgrade() {
   local sha0 sha1 pid0 pid1 since out rc red1 red2 v
   sha0=$(cx sha256sum /etc/bypassd/bypassd.toml | cut -d' ' -f1)
   start_held_transfer u6 || return 1
@@ -311,7 +314,7 @@ check8_upgrade() {
   note "upgrade to $v during a held transfer restarted bypassd (pid $pid0 -> $pid1, adopted); edited config kept byte for byte (no .dpkg-* files); transfer intact; $((red2 - red1)) bytes redirected after the upgrade"
 }
 
-check9_purge() {
+check10_purge() {
   local out rc f left cg2
   start_held_transfer p7 || return 1
   out=$(cx dpkg -P bypassd 2>&1 </dev/null); rc=$?
@@ -341,7 +344,7 @@ check9_purge() {
   note "purge during a held transfer: transfer intact; no unit, no files, no pins, no state, no bus name, no cgroup programs left"
 }
 
-check10_rpm() {
+check11_rpm() {
   local since out rc f left
   since=$(cx date +%s)
   out=$(cx rpm -i --nodeps --force-debian "/root/e2e/pkg1/$(basename "$RPM")" 2>&1); rc=$?
@@ -374,8 +377,8 @@ check10_rpm() {
 echo "e2e: packages $(basename "$DEB1"), $(basename "$DEB2"), $(basename "$RPM"); work dir $WORK"
 stop_stale "$PIDFILE" "$ROOT"
 remove_empty_cgroups bypassd-e2e-
-ensure_rootfs "$WORK" || { echo "e2e: 0 passed, 10 failed"; exit 1; }
-unpack_rootfs "$ROOT" || { echo "e2e: unpacking the rootfs failed"; echo "e2e: 0 passed, 10 failed"; exit 1; }
+ensure_rootfs "$WORK" || { echo "e2e: 0 passed, 11 failed"; exit 1; }
+unpack_rootfs "$ROOT" || { echo "e2e: unpacking the rootfs failed"; echo "e2e: 0 passed, 11 failed"; exit 1; }
 mkdir -p "$ROOT/root/e2e/pkg1" "$ROOT/root/e2e/pkg2"
 cp "$DEB1" "$RPM" "$ROOT/root/e2e/pkg1/"
 cp "$DEB2" "$ROOT/root/e2e/pkg2/"
@@ -383,7 +386,7 @@ install -m 755 "$TRAFFIC" "$ROOT/root/e2e/bypass-traffic"
 
 if ! boot; then
   echo "FAIL boot: the container did not boot"
-  echo "e2e: 0 passed, 10 failed"
+  echo "e2e: 0 passed, 11 failed"
   exit 1
 fi
 
@@ -393,10 +396,11 @@ run_check 3 "reload: edited config applied, broken config refused" check3_reload
 run_check 4 "restart during a transfer" check4_restart
 run_check 5 "a [[links]] pair between two netns" check5_links
 run_check 6 "a [[links]] pair inside a service's netns" check6_netns
-run_check 7 "poweroff and boot again" check7_reboot
-run_check 8 "upgrade during a transfer" check8_upgrade
-run_check 9 "purge during a transfer" check9_purge
-run_check 10 "rpm install, active, status, remove" check10_rpm
+run_check 7 "send_mode auto: refused by the packaged unit, promoted with its drop-in" check_auto
+run_check 8 "poweroff and boot again" check8_reboot
+run_check 9 "upgrade during a transfer" check9_upgrade
+run_check 10 "purge during a transfer" check10_purge
+run_check 11 "rpm install, active, status, remove" check11_rpm
 
 t0=$(now)
 stop_container

@@ -365,6 +365,10 @@ impl Datapath {
         sock::set_configured_splicers(&mut self.splicers, readers)?;
         self.control.set(abi::CTL_RECV_GATE, u64::from(gate), 0).context("writing recvmsg gate")?;
         self.control.set(abi::CTL_SEND_MODE, self.target.send_mode.abi(), 0).context("writing send mode")?;
+        // Promotion requests name their reader as our /proc sees it (see sendmode.h).
+        let (ns_dev, ns_ino) = std::fs::metadata("/proc/self/ns/pid").map_or((0, 0), |m| (m.dev(), m.ino()));
+        self.control.set(abi::CTL_PIDNS_DEV, ns_dev, 0).context("writing the pid namespace")?;
+        self.control.set(abi::CTL_PIDNS_INO, ns_ino, 0).context("writing the pid namespace")?;
         // Only auto mode asks for promotions: no polling thread in the other modes.
         let auto = self.target.send_mode == crate::config::SendMode::Auto;
         if !auto {
