@@ -20,6 +20,7 @@ use bypassd_ebpf::{
     maps,
 };
 use std::{
+    collections::HashMap,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::Path,
     sync::{
@@ -78,6 +79,8 @@ impl Handles {
     /// Serve every queued request; returns (promoted, failed) and the first failure.
     fn drain(&mut self) -> (u64, u64, Option<anyhow::Error>) {
         let (mut promoted, mut failed, mut first) = (0, 0, None);
+        // A process's descriptors are listed once per batch (a server's sockets ask together).
+        let mut tables: HashMap<u32, FdTable> = HashMap::new();
         loop {
             let req = match self.queue.pop(0) {
                 Ok(r) => r,
@@ -87,7 +90,8 @@ impl Handles {
                     break;
                 }
             };
-            match promote(&mut self.senders, &req) {
+            let table = tables.entry(req.tgid).or_insert_with(|| FdTable::open(req.tgid));
+            match promote(&mut self.senders, table, &req) {
                 Ok(true) => promoted += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -114,9 +118,9 @@ impl Handles {
 }
 
 /// Make the requested socket a sender: Ok(false) when it already is one.
-fn promote(senders: &mut SockHash<MapData, abi::SockKey>, req: &PromoteReq) -> Result<bool> {
+fn promote(senders: &mut SockHash<MapData, abi::SockKey>, table: &FdTable, req: &PromoteReq) -> Result<bool> {
     let what = || format!("socket inode {} of process {}", req.ino, req.tgid);
-    let fd = take_socket(req.tgid, req.ino).with_context(what)?;
+    let fd = table.take(req.ino).with_context(what)?;
     // The inode number or the process may have been reused since the request.
     if socket_cookie(fd.as_raw_fd()).with_context(what)? != req.cookie {
         bail!("{}: another socket now (its cookie differs)", what());
@@ -128,21 +132,42 @@ fn promote(senders: &mut SockHash<MapData, abi::SockKey>, req: &PromoteReq) -> R
     }
 }
 
-/// A copy of the descriptor process `tgid` holds for socket inode `ino`.
-fn take_socket(tgid: u32, ino: u64) -> Result<OwnedFd> {
-    // The pidfd first: the process cannot be replaced by another while we look.
-    let pidfd = syscall_fd(libc::SYS_pidfd_open, tgid as libc::c_long, 0).context("pidfd_open")?;
-    let want = format!("socket:[{ino}]");
-    let dir = format!("/proc/{tgid}/fd");
-    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
-        let Ok(e) = e else { continue };
-        if std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
-            let n: RawFd = e.file_name().to_str().and_then(|s| s.parse().ok()).context("a descriptor name")?;
-            return syscall_fd(libc::SYS_pidfd_getfd, pidfd.as_raw_fd() as libc::c_long, n as libc::c_long)
-                .context("pidfd_getfd (needs CAP_SYS_PTRACE over the process)");
+/// One process's socket descriptors by inode, and a pidfd to copy them with.
+struct FdTable {
+    /// The pidfd first: the process cannot be replaced by another while we look.
+    pidfd: Result<OwnedFd, String>,
+    dir: String,
+    sockets: HashMap<u64, RawFd>,
+}
+
+impl FdTable {
+    fn open(tgid: u32) -> FdTable {
+        let dir = format!("/proc/{tgid}/fd");
+        let pidfd = syscall_fd(libc::SYS_pidfd_open, tgid as libc::c_long, 0).map_err(|e| format!("pidfd_open: {e}"));
+        let mut sockets = HashMap::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let (Some(n), Ok(link)) = (e.file_name().to_str().and_then(|s| s.parse().ok()), std::fs::read_link(e.path())) else {
+                    continue;
+                };
+                let ino = link.to_str().and_then(|l| l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok());
+                if let Some(ino) = ino {
+                    sockets.insert(ino, n);
+                }
+            }
         }
+        FdTable { pidfd, dir, sockets }
     }
-    bail!("no descriptor of it in {dir} (closed, or passed on)")
+
+    /// A copy of the descriptor the process holds for socket inode `ino`.
+    fn take(&self, ino: u64) -> Result<OwnedFd> {
+        let pidfd = self.pidfd.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let Some(&n) = self.sockets.get(&ino) else {
+            bail!("no descriptor of it in {} (closed, passed on, or the process is not visible)", self.dir);
+        };
+        syscall_fd(libc::SYS_pidfd_getfd, pidfd.as_raw_fd() as libc::c_long, n as libc::c_long)
+            .context("pidfd_getfd (needs CAP_SYS_PTRACE over the process)")
+    }
 }
 
 /// A syscall returning a new descriptor (pidfd_open, pidfd_getfd: the last argument,
@@ -222,5 +247,23 @@ fn run(mut h: Handles, stop: &AtomicBool) {
             }
         }
         std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{net::TcpListener, os::unix::fs::MetadataExt};
+
+    #[test]
+    fn a_socket_of_this_process_is_found_by_inode_and_copied_with_its_cookie() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let ino = std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd())).expect("stat the socket").ino();
+        let table = FdTable::open(std::process::id());
+        let copy = table.take(ino).expect("take the socket");
+        assert_ne!(copy.as_raw_fd(), l.as_raw_fd(), "a new descriptor");
+        assert_eq!(socket_cookie(copy.as_raw_fd()).expect("cookie"), socket_cookie(l.as_raw_fd()).expect("cookie"));
+        let err = table.take(ino + 1_000_000).expect_err("no such socket");
+        assert!(format!("{err:#}").contains("no descriptor of it in /proc/"), "{err:#}");
     }
 }
