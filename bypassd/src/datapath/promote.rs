@@ -34,6 +34,9 @@ use std::{
 /// How often the request counter is read: promotion follows a request within this.
 const POLL: Duration = Duration::from_millis(5);
 
+/// Promotion failures logged as warnings; later ones at debug.
+const WARN_FAILURES: u32 = 5;
+
 /// BPF_NOEXIST: a socket already a sender (two reads queued it twice) stays as it is.
 const BPF_NOEXIST: u64 = 1;
 
@@ -76,9 +79,9 @@ impl Handles {
         })
     }
 
-    /// Serve every queued request; returns (promoted, failed) and the first failure.
-    fn drain(&mut self) -> (u64, u64, Option<anyhow::Error>) {
-        let (mut promoted, mut failed, mut first) = (0, 0, None);
+    /// Serve every queued request; returns (promoted, failed) and the first few failures.
+    fn drain(&mut self) -> (u64, u64, Vec<anyhow::Error>) {
+        let (mut promoted, mut failed, mut errors) = (0, 0, Vec::new());
         // A process's descriptors are listed once per batch (a server's sockets ask together).
         let mut tables: HashMap<u32, FdTable> = HashMap::new();
         loop {
@@ -86,7 +89,7 @@ impl Handles {
                 Ok(r) => r,
                 Err(MapError::ElementNotFound) => break,
                 Err(e) => {
-                    first.get_or_insert(anyhow::Error::from(e).context("reading the promotion queue"));
+                    errors.push(anyhow::Error::from(e).context("reading the promotion queue"));
                     break;
                 }
             };
@@ -96,11 +99,13 @@ impl Handles {
                 Ok(false) => {}
                 Err(e) => {
                     failed += 1;
-                    first.get_or_insert(e);
+                    if errors.len() < WARN_FAILURES as usize {
+                        errors.push(e);
+                    }
                 }
             }
         }
-        (promoted, failed, first)
+        (promoted, failed, errors)
     }
 
     /// Add `n` to a counter only this thread writes (on CPU 0's slot: readers sum them).
@@ -120,11 +125,7 @@ impl Handles {
 /// Make the requested socket a sender: Ok(false) when it already is one.
 fn promote(senders: &mut SockHash<MapData, abi::SockKey>, table: &FdTable, req: &PromoteReq) -> Result<bool> {
     let what = || format!("socket inode {} of process {}", req.ino, req.tgid);
-    let fd = table.take(req.ino).with_context(what)?;
-    // The inode number or the process may have been reused since the request.
-    if socket_cookie(fd.as_raw_fd()).with_context(what)? != req.cookie {
-        bail!("{}: another socket now (its cookie differs)", what());
-    }
+    let fd = table.take(req.ino, req.cookie).with_context(what)?;
     match senders.insert(req.key, fd.as_raw_fd(), BPF_NOEXIST) {
         Ok(()) => Ok(true),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(false),
@@ -132,41 +133,51 @@ fn promote(senders: &mut SockHash<MapData, abi::SockKey>, table: &FdTable, req: 
     }
 }
 
-/// One process's socket descriptors by inode, and a pidfd to copy them with.
+/// One process's descriptors by inode, and a pidfd to copy them with.
+///
+/// Read from /proc/<tgid>/fdinfo (its `ino:` line), not /proc/<tgid>/fd: listing fd/
+/// needs DAC access to the owner's 0500 directory (CAP_DAC_READ_SEARCH for another
+/// user's process), fdinfo/ only ptrace access. An inode number is unique per file
+/// system only, so every descriptor with it is a candidate; the cookie decides.
 struct FdTable {
     /// The pidfd first: the process cannot be replaced by another while we look.
     pidfd: Result<OwnedFd, String>,
     dir: String,
-    sockets: HashMap<u64, RawFd>,
+    by_ino: HashMap<u64, Vec<RawFd>>,
 }
 
 impl FdTable {
     fn open(tgid: u32) -> FdTable {
-        let dir = format!("/proc/{tgid}/fd");
+        let dir = format!("/proc/{tgid}/fdinfo");
         let pidfd = syscall_fd(libc::SYS_pidfd_open, tgid as libc::c_long, 0).map_err(|e| format!("pidfd_open: {e}"));
-        let mut sockets = HashMap::new();
+        let mut by_ino: HashMap<u64, Vec<RawFd>> = HashMap::new();
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
-                let (Some(n), Ok(link)) = (e.file_name().to_str().and_then(|s| s.parse().ok()), std::fs::read_link(e.path())) else {
-                    continue;
-                };
-                let ino = link.to_str().and_then(|l| l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok());
-                if let Some(ino) = ino {
-                    sockets.insert(ino, n);
+                let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) else { continue };
+                let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+                if let Some(ino) = info.lines().find_map(|l| l.strip_prefix("ino:")?.trim().parse().ok()) {
+                    by_ino.entry(ino).or_default().push(n);
                 }
             }
         }
-        FdTable { pidfd, dir, sockets }
+        FdTable { pidfd, dir, by_ino }
     }
 
-    /// A copy of the descriptor the process holds for socket inode `ino`.
-    fn take(&self, ino: u64) -> Result<OwnedFd> {
+    /// A copy of the process's descriptor of the socket with this inode and cookie.
+    fn take(&self, ino: u64, cookie: u64) -> Result<OwnedFd> {
         let pidfd = self.pidfd.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let Some(&n) = self.sockets.get(&ino) else {
+        let Some(fds) = self.by_ino.get(&ino) else {
             bail!("no descriptor of it in {} (closed, passed on, or the process is not visible)", self.dir);
         };
-        syscall_fd(libc::SYS_pidfd_getfd, pidfd.as_raw_fd() as libc::c_long, n as libc::c_long)
-            .context("pidfd_getfd (needs CAP_SYS_PTRACE over the process)")
+        for &n in fds {
+            let fd = syscall_fd(libc::SYS_pidfd_getfd, pidfd.as_raw_fd() as libc::c_long, n as libc::c_long)
+                .context("pidfd_getfd (needs CAP_SYS_PTRACE over the process)")?;
+            // Inode numbers and pids are reused: the cookie names the socket asked for.
+            if socket_cookie(fd.as_raw_fd()).is_ok_and(|c| c == cookie) {
+                return Ok(fd);
+            }
+        }
+        bail!("descriptor {fds:?} in {} is another file now (its socket cookie differs)", self.dir)
     }
 }
 
@@ -226,23 +237,22 @@ pub fn spawn(gen_dir: &Path) -> Option<Promoter> {
 fn run(mut h: Handles, stop: &AtomicBool) {
     // None: drain now (requests queued while no daemon ran; their sockets may be gone).
     let mut seen: Option<u64> = None;
-    let mut warned = false;
+    let mut warned = 0;
     while !stop.load(Ordering::Relaxed) {
         let now = h.seq.get(&0, 0).ok();
         if seen.is_none() || now != seen {
             seen = now;
-            let (promoted, failed, first) = h.drain();
+            let (promoted, failed, errors) = h.drain();
             if let Err(e) = h.add(Counter::SenderPromoted, promoted).and_then(|()| h.add(Counter::PromoteFailed, failed)) {
                 tracing::warn!("send_mode auto: counting promotions: {e:#}");
             }
-            if let Some(e) = first {
-                if warned {
+            for e in errors {
+                if warned >= WARN_FAILURES {
                     tracing::debug!("send_mode auto: a promotion failed ({e:#}); that socket stays a target only");
                 } else {
-                    tracing::warn!(
-                        "send_mode auto: a promotion failed ({e:#}); that socket stays a target only (later failures are counted, logged at debug)"
-                    );
-                    warned = true;
+                    warned += 1;
+                    let more = if warned == WARN_FAILURES { " (later failures are counted, logged at debug)" } else { "" };
+                    tracing::warn!("send_mode auto: a promotion failed ({e:#}); that socket stays a target only{more}");
                 }
             }
         }
@@ -260,10 +270,13 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let ino = std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd())).expect("stat the socket").ino();
         let table = FdTable::open(std::process::id());
-        let copy = table.take(ino).expect("take the socket");
+        let cookie = socket_cookie(l.as_raw_fd()).expect("cookie");
+        let copy = table.take(ino, cookie).expect("take the socket");
         assert_ne!(copy.as_raw_fd(), l.as_raw_fd(), "a new descriptor");
-        assert_eq!(socket_cookie(copy.as_raw_fd()).expect("cookie"), socket_cookie(l.as_raw_fd()).expect("cookie"));
-        let err = table.take(ino + 1_000_000).expect_err("no such socket");
+        assert_eq!(socket_cookie(copy.as_raw_fd()).expect("cookie"), cookie);
+        let err = table.take(ino, cookie + 1).expect_err("another cookie");
+        assert!(format!("{err:#}").contains("cookie differs"), "{err:#}");
+        let err = table.take(ino + 1_000_000, cookie).expect_err("no such socket");
         assert!(format!("{err:#}").contains("no descriptor of it in /proc/"), "{err:#}");
     }
 }
