@@ -121,6 +121,25 @@ fn auto_keeps_bursts_above_64_kib_per_turn_on_the_kernel_send_path() {
 }
 
 #[test]
+fn auto_promotes_neither_end_when_only_one_turns() {
+    let sb = Sandbox::new();
+    let _d = daemon(&sb, "auto");
+    // 64 B requests answered with 128 KiB: the client's conversation turns, the
+    // server's answers are bursts. One end a sender alone costs the TCP direction the
+    // ACKs it got on the other's segments (sendmode.h): neither end is promoted.
+    let dir = TempDir::new();
+    let (srv, port) = spawn_server(&sb, "rr-serve", &["--size", "64", "--reply-size", "128K"], dir.path());
+    let mut c = sb.traffic();
+    c.args(["rr", "--connect", &format!("127.0.0.1:{port}"), "--size", "64", "--reply-size", "128K", "--iters", "400"]);
+    let v = run_json(c);
+    assert_ok(&v);
+    assert_ok(&traffic_report(srv));
+    assert_eq!(counter(&sb, Counter::SocketsInserted), 2);
+    assert_eq!(counter(&sb, Counter::SenderPromoted), 0, "one end became a sender alone: {v}");
+    assert_eq!(counter(&sb, Counter::RedirectedMsgs) + counter(&sb, Counter::PassedMsgs), 0);
+}
+
+#[test]
 fn auto_promotes_nothing_without_the_daemon_and_stays_intact() {
     let sb = Sandbox::new();
     let mut d = daemon(&sb, "auto");

@@ -36,22 +36,27 @@ static __always_inline int key_eq(const struct bp_sock_key *a, const struct bp_s
 }
 
 /*
- * The key of the socket this one's data goes to: its NAT peer when a proxy's
- * SO_ORIGINAL_DST paired them, else the owner of the swapped tuple. Returns the NAT
- * path (BP_NAT_PATH_*), 0 for the swapped tuple.
+ * Turn a socket's own key into the key of the socket its data goes to: its NAT peer
+ * when a proxy's SO_ORIGINAL_DST paired them, else the owner of the swapped tuple.
+ * Returns the NAT path (BP_NAT_PATH_*), 0 for the swapped tuple.
  */
-static __always_inline int peer_key_of(struct sk_msg_md *msg, struct bp_sock_key *k)
+static __always_inline int peer_key_from(struct bp_sock_key *k)
 {
-	struct bp_nat_peer *n;
+	struct bp_nat_peer *n = bpf_map_lookup_elem(&bp_nat, k);
 
-	key_from_msg(msg, k);
-	n = bpf_map_lookup_elem(&bp_nat, k);
 	if (n) {
 		*k = n->peer;
 		return n->path ? n->path : BP_NAT_PATH_INBOUND;
 	}
 	swap_key(k);
 	return 0;
+}
+
+/* The same for the socket sending msg. */
+static __always_inline int peer_key_of(struct sk_msg_md *msg, struct bp_sock_key *k)
+{
+	key_from_msg(msg, k);
+	return peer_key_from(k);
 }
 
 /* A socket closes: its pairing goes, both directions (the peer's entry only if it

@@ -82,9 +82,9 @@ enum bp_control {
 
 /* bp_rx_state.send: this socket's sender state. */
 #define BP_SENDER_NONE 0      /* a redirect target only: sends take plain TCP */
-#define BP_SENDER_WANTED 1    /* asked for promotion (auto); the daemon inserts it (or fails: counted) */
+#define BP_SENDER_WANTED 1    /* qualified (auto); asks for promotion once its peer qualifies too */
 #define BP_SENDER_AT_INSERT 2 /* a sender since establishment */
-/* 3: unused (was "promoted"; a promoted socket stays queued: user space inserts it) */
+#define BP_SENDER_UNPAIRED 3  /* qualified, but its peer never did: stays a target, like its peer */
 #define BP_SENDER_FAILED 4    /* joining bp_senders failed: stays a target only */
 #define BP_SENDER_QUEUED 5    /* its request is queued: a sender once the daemon inserted it */
 

@@ -147,6 +147,7 @@ pub const SEND_NONE: u64 = 2;
 pub const SENDER_NONE: u32 = 0;
 pub const SENDER_WANTED: u32 = 1;
 pub const SENDER_AT_INSERT: u32 = 2;
+pub const SENDER_UNPAIRED: u32 = 3;
 pub const SENDER_FAILED: u32 = 4;
 pub const SENDER_QUEUED: u32 = 5;
 

@@ -48,7 +48,7 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_CTR_SENDER_AT_INSERT", "BP_CTR_SENDER_PROMOTED", "BP_CTR_SENDER_FAILED", "BP_CTL_SEND_MODE",
         "BP_CTL_PIDNS_DEV", "BP_CTL_PIDNS_INO",
         "BP_SEND_ALL", "BP_SEND_AUTO", "BP_SEND_NONE", "BP_SENDER_NONE", "BP_SENDER_WANTED",
-        "BP_SENDER_AT_INSERT", "BP_SENDER_FAILED", "BP_SENDER_QUEUED", "BP_CTR_PROMOTE_FAILED",
+        "BP_SENDER_AT_INSERT", "BP_SENDER_UNPAIRED", "BP_SENDER_FAILED", "BP_SENDER_QUEUED", "BP_CTR_PROMOTE_FAILED",
         "BL_ABI_VERSION", "BL_MAX_PORTS", "BL_MAX_FDB", "BL_PORT_PEER", "BL_PORT_BRIDGE", "BL_OFF_RX_SAVED",
         "BL_OFF_RX_ON", "BL_OFF_TX_SAVED", "BL_OFF_TX_ON", "BL_CTL_AGEING_NS", "BL_CTL_MAX"] {
         emit(c, c);
@@ -143,7 +143,7 @@ fn c_and_rust_layouts_agree() {
         ("BL_OFF_TX_ON", BL_OFF_TX_ON.into()),
         ("BL_CTL_AGEING_NS", BL_CTL_AGEING_NS.into()), ("BL_CTL_MAX", BL_CTL_MAX.into()),
     ];
-    let send_consts: [(&str, u64); 15] = [
+    let send_consts: [(&str, u64); 16] = [
         ("BP_CTR_SENDER_AT_INSERT", Counter::SenderAtInsert as u64),
         ("BP_CTR_SENDER_PROMOTED", Counter::SenderPromoted as u64),
         ("BP_CTR_SENDER_FAILED", Counter::SenderFailed as u64),
@@ -151,7 +151,7 @@ fn c_and_rust_layouts_agree() {
         ("BP_CTL_PIDNS_DEV", CTL_PIDNS_DEV.into()), ("BP_CTL_PIDNS_INO", CTL_PIDNS_INO.into()),
         ("BP_SEND_ALL", SEND_ALL), ("BP_SEND_AUTO", SEND_AUTO), ("BP_SEND_NONE", SEND_NONE),
         ("BP_SENDER_NONE", SENDER_NONE.into()), ("BP_SENDER_WANTED", SENDER_WANTED.into()),
-        ("BP_SENDER_AT_INSERT", SENDER_AT_INSERT.into()),
+        ("BP_SENDER_AT_INSERT", SENDER_AT_INSERT.into()), ("BP_SENDER_UNPAIRED", SENDER_UNPAIRED.into()),
         ("BP_SENDER_FAILED", SENDER_FAILED.into()), ("BP_SENDER_QUEUED", SENDER_QUEUED.into()),
         ("BP_CTR_PROMOTE_FAILED", Counter::PromoteFailed as u64),
     ];

@@ -23,6 +23,10 @@ pub struct RrArgs {
     /// Request (and echoed response) size in bytes; suffixes K, M allowed.
     #[arg(long, value_parser = parse_size)]
     size: u64,
+    /// Response size, when rr-serve runs with the same --size and --reply-size: the
+    /// request repeated to this length (0: an echo of the request).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    reply_size: u64,
     /// Number of timed request/response round trips.
     #[arg(long)]
     iters: u64,
@@ -51,6 +55,12 @@ pub struct RrServeArgs {
     /// Write the bound port number here (atomically) once listening.
     #[arg(long)]
     port_file: Option<PathBuf>,
+    /// Answer each request of --size bytes with --reply-size bytes (the request
+    /// repeated) instead of echoing; both 0 (default): echo whatever arrives.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    size: u64,
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    reply_size: u64,
 }
 
 #[derive(Serialize, Default)]
@@ -161,6 +171,9 @@ pub fn cmd_rr(a: RrArgs) -> Result<ExitCode> {
     if a.iters == 0 {
         bail!("--iters must be at least 1");
     }
+    if a.reply_size > 64 << 20 {
+        bail!("--reply-size must be in 0..=64M");
+    }
     let addr = net::resolve(&a.connect)?;
     let secs = a.timeout_secs;
     crate::start_watchdog(secs, move || {
@@ -177,18 +190,20 @@ pub fn cmd_rr(a: RrArgs) -> Result<ExitCode> {
         let fd = sock.as_raw_fd();
         let st = Stream::new(a.seed);
         let mut req = vec![0u8; size];
-        let mut resp = vec![0u8; size];
+        let mut resp = vec![0u8; if a.reply_size == 0 { size } else { a.reply_size as usize }];
+        let mut want = resp.clone();
         let mut lat = Vec::with_capacity(a.iters as usize);
         for i in 0..a.warmup + a.iters {
             st.fill(i * a.size, &mut req);
             let t0 = Instant::now();
             exchange(fd, &req, &mut resp).with_context(|| format!("round trip {i}"))?;
             let dt = t0.elapsed().as_nanos();
-            if req != resp {
-                let off = req.iter().zip(&resp).position(|(x, y)| x != y).unwrap_or(0);
+            repeat_into(&req, &mut want);
+            if want != resp {
+                let off = want.iter().zip(&resp).position(|(x, y)| x != y).unwrap_or(0);
                 return Err(anyhow!(
-                    "round trip {i}: echoed response differs at byte offset {off} (expected 0x{:02x}, got 0x{:02x})",
-                    req[off],
+                    "round trip {i}: response differs at byte offset {off} (expected 0x{:02x}, got 0x{:02x})",
+                    want[off],
                     resp[off]
                 ));
             }
@@ -221,6 +236,35 @@ pub fn cmd_rr(a: RrArgs) -> Result<ExitCode> {
     Ok(crate::finish_with(&r, r.ok))
 }
 
+/// `out` filled with `src` repeated (an echo when they have the same length).
+fn repeat_into(src: &[u8], out: &mut [u8]) {
+    for chunk in out.chunks_mut(src.len().max(1)) {
+        chunk.copy_from_slice(&src[..chunk.len()]);
+    }
+}
+
+/// Answer each `size`-byte request with `reply` bytes (the request repeated).
+fn answer(mut sock: TcpStream, size: usize, reply: usize) -> Result<u64> {
+    sock.set_nodelay(true).context("setting TCP_NODELAY")?;
+    let (mut req, mut out) = (vec![0u8; size], vec![0u8; reply]);
+    let mut total = 0u64;
+    loop {
+        let mut got = 0;
+        while got < size {
+            match sock.read(&mut req[got..]) {
+                Ok(0) if got == 0 => return Ok(total),
+                Ok(0) => bail!("the client closed mid-request ({got} of {size} bytes)"),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("read"),
+            }
+        }
+        repeat_into(&req, &mut out);
+        sock.write_all(&out).context("write")?;
+        total += reply as u64;
+    }
+}
+
 fn echo(mut sock: TcpStream) -> Result<u64> {
     sock.set_nodelay(true).context("setting TCP_NODELAY")?;
     let mut buf = vec![0u8; 256 << 10];
@@ -238,6 +282,10 @@ fn echo(mut sock: TcpStream) -> Result<u64> {
 }
 
 pub fn cmd_rr_serve(a: RrServeArgs) -> Result<ExitCode> {
+    if (a.size == 0) != (a.reply_size == 0) || a.size > 64 << 20 || a.reply_size > 64 << 20 {
+        bail!("--size and --reply-size go together, each in 1..=64M");
+    }
+    let (size, reply) = (a.size as usize, a.reply_size as usize);
     let addr = net::resolve(&a.listen)?;
     let listener = net::listen(addr)?;
     let port = listener.local_addr().context("getsockname")?.port();
@@ -265,7 +313,8 @@ pub fn cmd_rr_serve(a: RrServeArgs) -> Result<ExitCode> {
         let h = thread::Builder::new()
             .name(format!("echo-{idx}"))
             .spawn(move || {
-                echo(sock).map_err(|e| {
+                let served = if size == 0 { echo(sock) } else { answer(sock, size, reply) };
+                served.map_err(|e| {
                     let msg = format!("rr-serve conn {idx}: {e:#}");
                     eprintln!("bypass-traffic: {msg}");
                     msg

@@ -559,3 +559,26 @@ fn rr_latency_loop() {
     assert!(child.wait().expect("wait rr-serve").success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn rr_answers_with_reply_size_and_checks_every_byte() {
+    let dir = tmpdir("rr-reply");
+    let port_file = dir.join("port");
+    let mut child = Command::new(BIN)
+        .args(["rr-serve", "--listen", "127.0.0.1:0", "--count", "2", "--size", "100", "--reply-size", "1000", "--port-file"])
+        .arg(&port_file)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn rr-serve");
+    wait_file(&port_file, &mut child);
+    let port = std::fs::read_to_string(&port_file).expect("port").trim().to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let (out, v) = run(&["rr", "--connect", &addr, "--size", "100", "--reply-size", "1000", "--iters", "50"]);
+    assert!(out.status.success(), "{v}");
+    // Expecting an echo of 100 bytes, the client reads the answers out of step: caught.
+    let (out, v) = run(&["rr", "--connect", &addr, "--size", "100", "--iters", "5"]);
+    assert!(!out.status.success(), "{v}");
+    assert!(v["error"].as_str().unwrap_or_default().contains("response differs"), "{v}");
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
