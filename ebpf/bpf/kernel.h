@@ -92,6 +92,25 @@ struct files_struct___bp {
 	struct fdtable___bp *fdt;
 };
 
+/* User registers at syscall entry (bpf_task_pt_regs): the syscall and its first argument. */
+#if defined(__TARGET_ARCH_arm64)
+struct pt_regs___bp {
+	unsigned long long orig_x0;
+	long long syscallno;
+};
+#define BP_SYSCALL_NR(r) BPF_CORE_READ(r, syscallno)
+#define BP_SYSCALL_ARG0(r) BPF_CORE_READ(r, orig_x0)
+#elif defined(__TARGET_ARCH_x86)
+struct pt_regs___bp {
+	unsigned long di;
+	unsigned long orig_ax;
+};
+#define BP_SYSCALL_NR(r) BPF_CORE_READ(r, orig_ax)
+#define BP_SYSCALL_ARG0(r) BPF_CORE_READ(r, di)
+#else
+#error "syscall registers are known for x86 and arm64 only"
+#endif
+
 struct task_struct___bp {
 	struct files_struct___bp *files;
 };

@@ -178,6 +178,29 @@ stop:
 	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
+/* The read syscalls (read, readv, recvfrom, recvmsg, recvmmsg): each takes the fd first. */
+#if defined(__TARGET_ARCH_arm64)
+#define BP_IS_READ_NR(n) ((n) == 63 || (n) == 65 || (n) == 207 || (n) == 212 || (n) == 243)
+#else
+#define BP_IS_READ_NR(n) ((n) == 0 || (n) == 19 || (n) == 45 || (n) == 47 || (n) == 299)
+#endif
+
+/*
+ * The descriptor the current read syscall names, or BP_NO_FD_HINT (io_uring, and any
+ * other way in). A hint only: the daemon checks the cookie of what it copies, and else
+ * scans /proc/<tgid>/fdinfo.
+ */
+static __always_inline __u32 read_syscall_fd(void)
+{
+	struct pt_regs___bp *regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	long nr;
+
+	if (!regs)
+		return BP_NO_FD_HINT;
+	nr = BP_SYSCALL_NR(regs);
+	return BP_IS_READ_NR(nr) ? (__u32)BP_SYSCALL_ARG0(regs) : BP_NO_FD_HINT;
+}
+
 /*
  * From the rx hook, in the process that just read from a socket that asked: queue the
  * request for the daemon, which inserts the socket into bp_senders (user space can
@@ -201,6 +224,7 @@ static __always_inline void sendmode_request(struct sock___bp *sk, struct bp_soc
 	__builtin_memcpy(&req.key, key, sizeof(req.key));
 	req.cookie = cookie;
 	req.ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	req.fd_hint = read_syscall_fd();
 	/* The pid the daemon's /proc knows: its own namespace's when the reader runs in it
 	 * (bypassd in a container with its apps), else the initial one's (bypassd on the
 	 * host). A reader in neither is not found; the cookie check stops any mix-up. */

@@ -128,21 +128,11 @@ int bypass_sendfile_seen(struct bp_sendfile_args *args)
  * back to read/write. Optional: the loader attaches it only where the kernel accepts it.
  */
 #if defined(__TARGET_ARCH_arm64)
-struct pt_regs___bp {
-	long long syscallno;
-} __attribute__((preserve_access_index));
-#define BP_SYSCALL_NR(r) BPF_CORE_READ(r, syscallno)
 #define BP_NR_SPLICE 76
 #define BP_NR_SENDFILE 71
-#elif defined(__TARGET_ARCH_x86)
-struct pt_regs___bp {
-	unsigned long orig_ax;
-} __attribute__((preserve_access_index));
-#define BP_SYSCALL_NR(r) BPF_CORE_READ(r, orig_ax)
+#else /* x86 (kernel.h refuses other targets) */
 #define BP_NR_SPLICE 275
 #define BP_NR_SENDFILE 40
-#else
-#error "splice/sendfile syscall numbers are known for x86 and arm64 only"
 #endif
 
 #define BP_EINVAL 22

@@ -158,8 +158,10 @@ struct bp_promote_req {
 	__u64 cookie;
 	__u64 ino;
 	__u32 tgid;
-	__u32 pad;
+	__u32 fd_hint; /* the fd argument of the read syscall that ran the hook; BP_NO_FD_HINT: none */
 };
+
+#define BP_NO_FD_HINT 0xffffffffu
 
 /* bp_splicers: process names (comm, 16 bytes, NUL padded) whose sockets never get
  * redirected data. Value: how the name got there. */

@@ -224,8 +224,13 @@ pub struct PromoteReq {
     pub cookie: u64,
     pub ino: u64,
     pub tgid: u32,
-    pub pad: u32,
+    /// The fd argument of the read syscall that queued it (`NO_FD_HINT`: none): tried
+    /// first, so most promotions need no scan of the process's descriptors.
+    pub fd_hint: u32,
 }
+
+/// `bp_promote_req.fd_hint`: no hint (not a read syscall, e.g. io_uring).
+pub const NO_FD_HINT: u32 = u32::MAX;
 
 /// `struct bp_rx_state`: what a sender knows about an accelerated receiver.
 #[repr(C)]

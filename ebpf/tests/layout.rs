@@ -18,7 +18,7 @@ fn c_layout() -> BTreeMap<String, u64> {
             "local_port_lo", "local_port_hi", "remote_port_lo", "remote_port_hi", "uid", "cgroup_id"][..]),
         ("bp_policy_meta", &["nrules", "default_action"][..]),
         ("bp_sk_info", &["cgroup_id", "uid", "flags", "recv_seq", "promote"][..]),
-        ("bp_promote_req", &["key", "cookie", "ino", "tgid", "pad"][..]),
+        ("bp_promote_req", &["key", "cookie", "ino", "tgid", "fd_hint"][..]),
         ("bp_rx_state", &["copied_seq", "rcvbuf", "queued", "ready", "spliced", "sk", "cookie", "redirected", "pace_read", "pace_ns", "window", "send", "turns", "samples", "seen_in", "turn_seq", "pad"][..]),
         // Link datapath.
         ("bl_port", &["target", "slot", "flags", "offload"][..]),
@@ -48,7 +48,7 @@ fn c_layout() -> BTreeMap<String, u64> {
         "BP_CTR_SENDER_AT_INSERT", "BP_CTR_SENDER_PROMOTED", "BP_CTR_SENDER_FAILED", "BP_CTL_SEND_MODE",
         "BP_CTL_PIDNS_DEV", "BP_CTL_PIDNS_INO",
         "BP_SEND_ALL", "BP_SEND_AUTO", "BP_SEND_NONE", "BP_SENDER_NONE", "BP_SENDER_WANTED",
-        "BP_SENDER_AT_INSERT", "BP_SENDER_UNPAIRED", "BP_SENDER_FAILED", "BP_SENDER_QUEUED", "BP_CTR_PROMOTE_FAILED",
+        "BP_SENDER_AT_INSERT", "BP_SENDER_UNPAIRED", "BP_SENDER_FAILED", "BP_NO_FD_HINT", "BP_SENDER_QUEUED", "BP_CTR_PROMOTE_FAILED",
         "BL_ABI_VERSION", "BL_MAX_PORTS", "BL_MAX_FDB", "BL_PORT_PEER", "BL_PORT_BRIDGE", "BL_OFF_RX_SAVED",
         "BL_OFF_RX_ON", "BL_OFF_TX_SAVED", "BL_OFF_TX_ON", "BL_CTL_AGEING_NS", "BL_CTL_MAX"] {
         emit(c, c);
@@ -83,7 +83,7 @@ fn c_and_rust_layouts_agree() {
         local_port_lo, local_port_hi, remote_port_lo, remote_port_hi, uid, cgroup_id]);
     rust_layout!(r, "bp_policy_meta", PolicyMeta, [nrules, default_action]);
     rust_layout!(r, "bp_sk_info", SkInfo, [cgroup_id, uid, flags, recv_seq, promote]);
-    rust_layout!(r, "bp_promote_req", PromoteReq, [key, cookie, ino, tgid, pad]);
+    rust_layout!(r, "bp_promote_req", PromoteReq, [key, cookie, ino, tgid, fd_hint]);
     rust_layout!(r, "bp_rx_state", RxState, [copied_seq, rcvbuf, queued, ready, spliced, sk, cookie, redirected, pace_read, pace_ns, window, send, turns, samples, seen_in, turn_seq, pad]);
     rust_layout!(r, "bl_port", LinkPort, [target, slot, flags, offload]);
     rust_layout!(r, "bl_mac", LinkMac, [addr, pad]);
@@ -143,7 +143,7 @@ fn c_and_rust_layouts_agree() {
         ("BL_OFF_TX_ON", BL_OFF_TX_ON.into()),
         ("BL_CTL_AGEING_NS", BL_CTL_AGEING_NS.into()), ("BL_CTL_MAX", BL_CTL_MAX.into()),
     ];
-    let send_consts: [(&str, u64); 16] = [
+    let send_consts: [(&str, u64); 17] = [
         ("BP_CTR_SENDER_AT_INSERT", Counter::SenderAtInsert as u64),
         ("BP_CTR_SENDER_PROMOTED", Counter::SenderPromoted as u64),
         ("BP_CTR_SENDER_FAILED", Counter::SenderFailed as u64),
@@ -152,6 +152,7 @@ fn c_and_rust_layouts_agree() {
         ("BP_SEND_ALL", SEND_ALL), ("BP_SEND_AUTO", SEND_AUTO), ("BP_SEND_NONE", SEND_NONE),
         ("BP_SENDER_NONE", SENDER_NONE.into()), ("BP_SENDER_WANTED", SENDER_WANTED.into()),
         ("BP_SENDER_AT_INSERT", SENDER_AT_INSERT.into()), ("BP_SENDER_UNPAIRED", SENDER_UNPAIRED.into()),
+        ("BP_NO_FD_HINT", NO_FD_HINT.into()),
         ("BP_SENDER_FAILED", SENDER_FAILED.into()), ("BP_SENDER_QUEUED", SENDER_QUEUED.into()),
         ("BP_CTR_PROMOTE_FAILED", Counter::PromoteFailed as u64),
     ];

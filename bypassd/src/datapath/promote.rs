@@ -20,6 +20,7 @@ use bypassd_ebpf::{
     maps,
 };
 use std::{
+    cell::OnceCell,
     collections::HashMap,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::Path,
@@ -125,7 +126,7 @@ impl Handles {
 /// Make the requested socket a sender: Ok(false) when it already is one.
 fn promote(senders: &mut SockHash<MapData, abi::SockKey>, table: &FdTable, req: &PromoteReq) -> Result<bool> {
     let what = || format!("socket inode {} of process {}", req.ino, req.tgid);
-    let fd = table.take(req.ino, req.cookie).with_context(what)?;
+    let fd = table.take(req.ino, req.cookie, req.fd_hint).with_context(what)?;
     match senders.insert(req.key, fd.as_raw_fd(), BPF_NOEXIST) {
         Ok(()) => Ok(true),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(false),
@@ -133,9 +134,10 @@ fn promote(senders: &mut SockHash<MapData, abi::SockKey>, table: &FdTable, req: 
     }
 }
 
-/// One process's descriptors by inode, and a pidfd to copy them with.
+/// One process: a pidfd to copy its descriptors with, and (scanned once, when a hint
+/// missed) its descriptors by inode.
 ///
-/// Read from /proc/<tgid>/fdinfo (its `ino:` line), not /proc/<tgid>/fd: listing fd/
+/// Scanned from /proc/<tgid>/fdinfo (its `ino:` line), not /proc/<tgid>/fd: listing fd/
 /// needs DAC access to the owner's 0500 directory (CAP_DAC_READ_SEARCH for another
 /// user's process), fdinfo/ only ptrace access. An inode number is unique per file
 /// system only, so every descriptor with it is a candidate; the cookie decides.
@@ -143,37 +145,52 @@ struct FdTable {
     /// The pidfd first: the process cannot be replaced by another while we look.
     pidfd: Result<OwnedFd, String>,
     dir: String,
-    by_ino: HashMap<u64, Vec<RawFd>>,
+    by_ino: OnceCell<HashMap<u64, Vec<RawFd>>>,
 }
 
 impl FdTable {
     fn open(tgid: u32) -> FdTable {
-        let dir = format!("/proc/{tgid}/fdinfo");
         let pidfd = syscall_fd(libc::SYS_pidfd_open, tgid as libc::c_long, 0).map_err(|e| format!("pidfd_open: {e}"));
-        let mut by_ino: HashMap<u64, Vec<RawFd>> = HashMap::new();
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
+        FdTable { pidfd, dir: format!("/proc/{tgid}/fdinfo"), by_ino: OnceCell::new() }
+    }
+
+    fn scan(&self) -> &HashMap<u64, Vec<RawFd>> {
+        self.by_ino.get_or_init(|| {
+            let mut by_ino: HashMap<u64, Vec<RawFd>> = HashMap::new();
+            for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
                 let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) else { continue };
                 let info = std::fs::read_to_string(e.path()).unwrap_or_default();
                 if let Some(ino) = info.lines().find_map(|l| l.strip_prefix("ino:")?.trim().parse().ok()) {
                     by_ino.entry(ino).or_default().push(n);
                 }
             }
-        }
-        FdTable { pidfd, dir, by_ino }
+            by_ino
+        })
     }
 
-    /// A copy of the process's descriptor of the socket with this inode and cookie.
-    fn take(&self, ino: u64, cookie: u64) -> Result<OwnedFd> {
+    /// Copy descriptor `n` if it is the socket with this cookie.
+    fn copy_if(&self, pidfd: &OwnedFd, n: RawFd, cookie: u64) -> Result<Option<OwnedFd>> {
+        let fd = syscall_fd(libc::SYS_pidfd_getfd, pidfd.as_raw_fd() as libc::c_long, n as libc::c_long)
+            .context("pidfd_getfd (needs CAP_SYS_PTRACE over the process)")?;
+        // Descriptors, inode numbers and pids are reused: the cookie names the socket.
+        Ok(socket_cookie(fd.as_raw_fd()).is_ok_and(|c| c == cookie).then_some(fd))
+    }
+
+    /// A copy of the process's descriptor of the socket with this inode and cookie:
+    /// `hint` (the fd the reader's syscall named) first, else a scan.
+    fn take(&self, ino: u64, cookie: u64, hint: u32) -> Result<OwnedFd> {
         let pidfd = self.pidfd.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let Some(fds) = self.by_ino.get(&ino) else {
+        if hint != abi::NO_FD_HINT
+            && let Ok(Some(fd)) = self.copy_if(pidfd, hint as RawFd, cookie)
+        {
+            return Ok(fd);
+        }
+        tracing::debug!("promotion: fd hint {hint} of {} missed; scanning the process's descriptors", self.dir);
+        let Some(fds) = self.scan().get(&ino) else {
             bail!("no descriptor of it in {} (closed, passed on, or the process is not visible)", self.dir);
         };
         for &n in fds {
-            let fd = syscall_fd(libc::SYS_pidfd_getfd, pidfd.as_raw_fd() as libc::c_long, n as libc::c_long)
-                .context("pidfd_getfd (needs CAP_SYS_PTRACE over the process)")?;
-            // Inode numbers and pids are reused: the cookie names the socket asked for.
-            if socket_cookie(fd.as_raw_fd()).is_ok_and(|c| c == cookie) {
+            if let Some(fd) = self.copy_if(pidfd, n, cookie)? {
                 return Ok(fd);
             }
         }
@@ -271,12 +288,20 @@ mod tests {
         let ino = std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd())).expect("stat the socket").ino();
         let table = FdTable::open(std::process::id());
         let cookie = socket_cookie(l.as_raw_fd()).expect("cookie");
-        let copy = table.take(ino, cookie).expect("take the socket");
+        let copy = table.take(ino, cookie, abi::NO_FD_HINT).expect("take the socket by a scan");
         assert_ne!(copy.as_raw_fd(), l.as_raw_fd(), "a new descriptor");
         assert_eq!(socket_cookie(copy.as_raw_fd()).expect("cookie"), cookie);
-        let err = table.take(ino, cookie + 1).expect_err("another cookie");
+        // The hint names it: no scan.
+        let hinted = FdTable::open(std::process::id());
+        let copy = hinted.take(ino, cookie, l.as_raw_fd() as u32).expect("take the socket by its hint");
+        assert_eq!(socket_cookie(copy.as_raw_fd()).expect("cookie"), cookie);
+        assert!(hinted.by_ino.get().is_none(), "a good hint needs no scan");
+        // A wrong hint (stdin) falls back to the scan.
+        let copy = hinted.take(ino, cookie, 0).expect("take the socket after a wrong hint");
+        assert_eq!(socket_cookie(copy.as_raw_fd()).expect("cookie"), cookie);
+        let err = table.take(ino, cookie + 1, l.as_raw_fd() as u32).expect_err("another cookie");
         assert!(format!("{err:#}").contains("cookie differs"), "{err:#}");
-        let err = table.take(ino + 1_000_000, cookie).expect_err("no such socket");
+        let err = table.take(ino + 1_000_000, cookie, abi::NO_FD_HINT).expect_err("no such socket");
         assert!(format!("{err:#}").contains("no descriptor of it in /proc/"), "{err:#}");
     }
 }
