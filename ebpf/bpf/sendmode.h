@@ -98,7 +98,7 @@ static __always_inline void sendmode_insert(struct bpf_sock_ops *ops, struct bp_
  * other not (wrk's requests redirected, nginx's 256 KiB answers on TCP; redis-benchmark's
  * pipelined GETs and redis's 512 KiB replies), the TCP direction loses the ACKs that
  * rode on the other direction's segments: 0.81-0.86x the kernel at 1.17-1.32x its CPU
- * per request (two runs), against 1.00 with neither end a sender.
+ * per request (two runs), against 0.92x (CPU 1.09-1.10x) with neither end a sender.
  */
 static __always_inline int peer_wants(const struct bp_sock_key *key)
 {
