@@ -326,7 +326,7 @@ impl Datapath {
     /// hook does not see only sends them to TCP (a live copied_seq beyond it).
     fn sync_on_demand(&mut self, policy: &PolicyImage) -> Result<()> {
         // send_mode auto needs it too: it queues the promotion requests.
-        let auto = self.target.send_mode == SendMode::Auto;
+        let auto = self.promotes();
         let want = (self.recv_gate || auto) && policy.may_accelerate();
         for p in sock::PROGRAMS.iter().filter(|p| sock::is_on_demand(p) && p.is_loaded(&self.gen_dir)) {
             match (want, p.is_pinned(&self.gen_dir)) {
@@ -370,8 +370,7 @@ impl Datapath {
         self.control.set(abi::CTL_PIDNS_DEV, ns_dev, 0).context("writing the pid namespace")?;
         self.control.set(abi::CTL_PIDNS_INO, ns_ino, 0).context("writing the pid namespace")?;
         // Only auto mode asks for promotions: no polling thread in the other modes.
-        let auto = self.target.send_mode == crate::config::SendMode::Auto;
-        if !auto {
+        if !self.promotes() {
             self._promoter = None;
         } else if self._promoter.is_none() {
             self._promoter = promote::spawn(&self.gen_dir);
@@ -379,6 +378,11 @@ impl Datapath {
         self.recv_gate = gate;
         self.describe();
         Ok(())
+    }
+
+    /// send_mode auto: sockets ask for promotion (the rx hook and the promoter serve them).
+    fn promotes(&self) -> bool {
+        self.target.send_mode == SendMode::Auto
     }
 
     /// What protects this datapath now (hooks attached, gate), for the log and status.
