@@ -4,7 +4,7 @@
 # Builds (or reuses) a Debian bookworm rootfs with mmdebstrap, boots it with
 # systemd-nspawn inside cgroups this script creates, and checks, inside it:
 #   1 install the .deb   2 accelerated, intact transfer   3 reload (good and broken)
-#   4 restart during a transfer   5 a [[links]] pair between two netns (link datapath)
+#   4 restart during a transfer   5 a [[links]] pair, then a bridge, between two netns
 #   6 a [[links]] pair inside a service's netns (netns =, unit drop-in)
 #   7 send_mode auto, without and with its unit drop-in   8 poweroff and boot again
 #   9 upgrade during a transfer   10 purge during a transfer   11 the same cycle with
@@ -394,7 +394,7 @@ run_check 1 "install the .deb" check1_install
 run_check 2 "accelerated and intact transfer" check2_transfer
 run_check 3 "reload: edited config applied, broken config refused" check3_reload
 run_check 4 "restart during a transfer" check4_restart
-run_check 5 "a [[links]] pair between two netns" check5_links
+run_check 5 "a [[links]] pair, then a bridge, between two netns" check5_links
 run_check 6 "a [[links]] pair inside a service's netns" check6_netns
 run_check 7 "send_mode auto: refused by the packaged unit, promoted with its drop-in" check_auto
 run_check 8 "poweroff and boot again" check8_reboot

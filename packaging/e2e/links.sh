@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The link datapath checks of the packaging end-to-end test (e2e.sh sources this):
-# check 5, a [[links]] pair between two netns under the packaged unit, and check 6,
+# check 5, a [[links]] pair and then a bridge between two netns under the packaged unit, and check 6,
 # a pair inside a service's netns (`netns =`) with the netns unit drop-in. They use
 # e2e.sh's globals (WORK, LOG, TRAFFIC, CG) and lib.sh's container helpers.
 
 # The container shares the host's network namespace (no --private-network), so the
 # link check's devices live there: two netns of its own, each with a veth whose host
 # end is one side of the pair. Unique names; removed by the check and by cleanup().
-LNS_A="bypassd-e2e-$$-a" LNS_B="bypassd-e2e-$$-b" LDEV_A="bpe$$a" LDEV_B="bpe$$b" LINKS_UP=0
+LNS_A="bypassd-e2e-$$-a" LNS_B="bypassd-e2e-$$-b" LDEV_A="bpe$$a" LDEV_B="bpe$$b" LBR="bpe$$br" LINKS_UP=0
 LDROP=/etc/bypassd/conf.d/50-e2e-links.toml
 links_teardown() {
   [ "$LINKS_UP" = 1 ] || return 0
-  ip link del "$LDEV_A" 2>/dev/null; ip link del "$LDEV_B" 2>/dev/null
+  ip link del "$LDEV_A" 2>/dev/null; ip link del "$LDEV_B" 2>/dev/null; ip link del "$LBR" 2>/dev/null
   ip netns del "$LNS_A" 2>/dev/null; ip netns del "$LNS_B" 2>/dev/null
   LINKS_UP=0
 }
@@ -47,7 +47,7 @@ tx_csum() { ethtool -k "$1" | sed -n 's/^tx-checksumming: \([a-z]*\).*/\1/p'; }
 # checks run on the configuration they expect.
 check5_links() {
   local rc
-  check5_links_run; rc=$?
+  check5_links_run && check5_bridge_run; rc=$?
   if cx test -e "$LDROP"; then cx rm -f "$LDROP"; cx systemctl reload bypassd; fi
   cx rmdir /etc/bypassd/conf.d 2>/dev/null # ours if empty: purge must find nothing left
   links_teardown
@@ -117,6 +117,48 @@ print("; ".join("%s ifindex %s: %s" % (i["name"], i["ifindex"], i["offloads"]) f
   out=$(links_transfer 4096 3) && { fail "traffic still crosses after the link was removed: $out"; return 1; }
   links_teardown
   note "pair $id between two netns via a conf.d drop-in under the packaged unit's hardening (pid $pid0 -> $(unit_prop MainPID) on restart, adopted): status attached with tx-checksum/tso off, 16 MiB each way intact, link.$id.redirected_bytes +$((red1 - red0)) frames +$((fr1 - fr0)); removed: no pins, offloads restored, A and B apart"
+}
+
+# Bridge mode: the same two host ends become ports of a bridge. The bridge joins A and B
+# before bypassd does anything; with the entry, known unicast skips it (link counters),
+# and without it the bridge still carries the traffic.
+check5_bridge_run() {
+  local l st out red0 red1
+  links_setup || { fail "creating the test's netns and veths failed (bridge)"; return 1; }
+  ip link add "$LBR" type bridge && ip link set "$LDEV_A" master "$LBR" && ip link set "$LDEV_B" master "$LBR" &&
+    ip link set "$LBR" up || { fail "creating bridge $LBR with ports $LDEV_A, $LDEV_B"; return 1; }
+  out=$(links_transfer 65536 10) || { fail "no traffic across bridge $LBR before the entry: $out"; return 1; }
+  cx sh -c "mkdir -p /etc/bypassd/conf.d && printf '[[links]]\nbridge = \"%s\"\n' '$LBR' > $LDROP" || { fail "writing $LDROP (bridge) failed"; return 1; }
+  cx systemctl reload bypassd || { fail "systemctl reload (bridge) failed"; return 1; }
+  for _ in $(seq 50); do
+    l=$(links_json); st=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1]); print(l[0]["state"] if l else "")' "$l")
+    [ "$st" = attached ] && break; sleep 0.2
+  done
+  [ "$st" = attached ] || { fail "bridge $LBR is '${st:-absent}' after reload: $l"; return 1; }
+  out=$(python3 -c '
+import json, sys
+l = json.loads(sys.argv[1])[0]
+ports = {i["name"]: i for i in l["interfaces"]}
+assert l["mode"] == "bridge" and l["name"] == sys.argv[2], l
+assert all(p in ports and ports[p]["attached"] for p in sys.argv[3:]), ports
+print(", ".join(sorted(ports)))' "$l" "$LBR" "$LDEV_A" "$LDEV_B" 2>&1) || { fail "bypassctl status --json (bridge): $out"; return 1; }
+  say "bypassctl status: bridge $LBR attached, ports $out"
+  red0=$(link_stat "link.$LBR.redirected_bytes")
+  [ -n "$red0" ] || { fail "bypassctl stats has no link.$LBR.* counters: $(cx bypassctl stats | grep link)"; return 1; }
+  out=$(links_transfer $((16 << 20)) 60) || { fail "transfer across the bridge entry failed: $out"; return 1; }
+  [ "$(json ok <<<"$out")" = true ] && [ "$(json bytes_received <<<"$out")" = $((16 << 20)) ] ||
+    { fail "transfer across the bridge entry not intact: $out"; return 1; }
+  red1=$(link_stat "link.$LBR.redirected_bytes")
+  # Known unicast both ways: the MACs were learned by the baseline transfer and dumped at attach.
+  [ $((red1 - red0)) -ge $((32 << 20)) ] || { fail "bridge mode redirected only $((red1 - red0)) bytes of 2 x 16 MiB"; return 1; }
+  cx rm -f "$LDROP"
+  cx systemctl reload bypassd || { fail "systemctl reload (bridge removed) failed"; return 1; }
+  for _ in $(seq 50); do [ "$(links_json)" = "[]" ] && break; sleep 0.2; done
+  [ "$(links_json)" = "[]" ] || { fail "bridge $LBR still listed after its drop-in was removed"; return 1; }
+  cx test -e /sys/fs/bpf/bypassd/links && { fail "link pins left (bridge): $(cx ls -R /sys/fs/bpf/bypassd/links)"; return 1; }
+  out=$(links_transfer 65536 10) || { fail "the bridge no longer joins A and B after the entry was removed: $out"; return 1; }
+  links_teardown
+  note "bridge $LBR with ports $LDEV_A, $LDEV_B under the packaged unit: attached, 16 MiB each way intact, link.$LBR.redirected_bytes +$((red1 - red0)); removed: no pins, the bridge carries A <-> B again"
 }
 
 # A pod's netns: a transient service of the container with PrivateNetwork=yes holds
