@@ -4,7 +4,8 @@
 //!
 //! Topologies, all in namespaces this program creates (a "node" netns runs bypassd):
 //! - vm-pod: a VM's tap (relayed, virtio-net headers + offloads) and a pod's veth on one
-//!   bridge: `bridge` (baseline) vs `pair`, and `pair` with tx checksum off.
+//!   bridge: `bridge` (baseline) vs `pair`, and `pair` with tx checksum off; then
+//!   tcp_bw again with the guest's TSO/GSO off (the same frames in every mode).
 //! - pod-pod: two pods' veths on one bridge: `bridge` vs bridge mode with plain
 //!   redirect (`redirect = "egress"`) vs bridge mode with bpf_redirect_peer.
 //!
@@ -27,6 +28,8 @@ use std::{
 };
 
 const TESTS: [&str; 4] = ["udp_lat", "udp_bw", "tcp_lat", "tcp_bw"];
+/// vm-pod again with the guest's TSO and GSO off (tcp_bw only).
+const GUEST_SEGMENTS: &str = "vm-pod, guest TSO/GSO off";
 /// The seed talk's figures for the tap <-> veth redirect against the bridge.
 const TALK: &str = "seed talk (KubeVirt, tc redirect vs bridge): UDP latency -4…-30 %, throughput +20…+70 %";
 
@@ -207,8 +210,8 @@ struct Mode {
 /// point: repetition i runs every mode back to back (in alternating order, so a
 /// drift of the machine's load hits both sides alike) before repetition i + 1.
 #[allow(clippy::too_many_arguments)]
-fn measure(w: &World, topo: &'static str, modes: &[Mode], sizes: &[u32], reps: usize, secs: u32, bin: &Path, cg: &TestCgroup, rows: &mut Vec<Row>) -> Result<()> {
-    for test in TESTS {
+fn measure(w: &World, topo: &'static str, modes: &[Mode], tests: &[&'static str], sizes: &[u32], reps: usize, secs: u32, bin: &Path, cg: &TestCgroup, rows: &mut Vec<Row>) -> Result<()> {
+    for &test in tests {
         let mut sizes: Vec<u32> = sizes.iter().map(|&s| if test == "udp_bw" { s.min(1400) } else { s }).collect();
         sizes.dedup();
         for size in sizes {
@@ -287,7 +290,16 @@ fn main() -> Result<()> {
             Mode { name: "pair", links: Some(pair.clone()) },
             Mode { name: "pair tx-csum off", links: Some(format!("{pair}checksum_offload = {{ tx = \"off\" }}\n")) },
         ];
-        measure(&w, "vm-pod", &modes, &sizes, reps, secs, &bin, &cg, &mut rows)?;
+        measure(&w, "vm-pod", &modes, &TESTS, &sizes, reps, secs, &bin, &cg, &mut rows)?;
+        // The same stream with the guest's TSO and GSO off: every frame is one segment in
+        // every mode, so the relay carries the same frames per byte and the ratio is the
+        // node's forwarding alone (with offloads on, a path that ACKs sooner makes the
+        // guest build smaller frames, and the frame-bound relay moves fewer bytes).
+        let st = w.eps[0].ns.command(None, "ethtool").args(["-K", "eth0", "tso", "off", "gso", "off"]).status().context("ethtool (scripts/deps-links)")?;
+        if !st.success() {
+            bail!("ethtool -K eth0 tso off gso off in the VM's netns: {st}");
+        }
+        measure(&w, GUEST_SEGMENTS, &modes[..2], &["tcp_bw"], &sizes, reps, secs, &bin, &cg, &mut rows)?;
     }
     // pod <-> pod on one bridge: bridge, bridge mode (redirect), bridge mode (redirect_peer).
     {
@@ -301,7 +313,7 @@ fn main() -> Result<()> {
             Mode { name: "bridge mode redirect", links: bm("egress") },
             Mode { name: "bridge mode redirect_peer", links: bm("auto") },
         ];
-        measure(&w, "pod-pod", &modes, &sizes, reps, secs, &bin, &cg, &mut rows)?;
+        measure(&w, "pod-pod", &modes, &TESTS, &sizes, reps, secs, &bin, &cg, &mut rows)?;
     }
 
     let md = report(&rows, short, reps, load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
@@ -331,7 +343,7 @@ fn report(rows: &[Row], short: bool, reps: usize, load: String) -> String {
          a path that returns ACKs sooner gets smaller frames and fewer bytes through the relay, whatever the node's own forwarding costs.\n",
         if short { ", short mode: 3 sizes, not judged" } else { "" }
     );
-    for topo in ["vm-pod", "pod-pod"] {
+    for topo in ["vm-pod", GUEST_SEGMENTS, "pod-pod"] {
         s.push_str(&format!(
             "\n## {topo}\n\n| test | size | bridge (median) | mode | value (median) | ratio | spread | sender's frames, bridge / mode (avg B) |\n|---|---|---|---|---|---|---|---|\n"
         ));
