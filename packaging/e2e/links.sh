@@ -42,6 +42,16 @@ link_stat() { # NAME: one counter of `bypassctl --json stats` whose name has dot
 }
 links_json() { cx bypassctl --json status | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin).get("links", [])))'; }
 tx_csum() { ethtool -k "$1" | sed -n 's/^tx-checksumming: \([a-z]*\).*/\1/p'; }
+# Up to 10 s for the first listed link to be attached. Sets the caller's l (the links'
+# JSON) and st (that link's state), which its failure messages print.
+wait_first_link_attached() {
+  for _ in $(seq 50); do
+    l=$(links_json); st=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1]); print(l[0]["state"] if l else "")' "$l")
+    [ "$st" = attached ] && return 0; sleep 0.2
+  done
+  return 1
+}
+wait_links_gone() { for _ in $(seq 50); do [ "$(links_json)" = "[]" ] && return 0; sleep 0.2; done; return 1; }
 
 # The link check, then (passed or not) its drop-in and devices go, so the later
 # checks run on the configuration they expect.
@@ -69,10 +79,7 @@ check5_links_run() {
     { fail "writing $LDROP failed"; return 1; }
   out=$(cx bypassd --check-config /etc/bypassd/bypassd.toml 2>&1) || { fail "the config with $LDROP does not check: $out"; return 1; }
   cx systemctl reload bypassd || { fail "systemctl reload failed"; return 1; }
-  for _ in $(seq 50); do
-    l=$(links_json); st=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1]); print(l[0]["state"] if l else "")' "$l")
-    [ "$st" = attached ] && break; sleep 0.2
-  done
+  wait_first_link_attached
   [ "$st" = attached ] || { fail "link $id is '${st:-absent}' after reload: $l"; return 1; }
   out=$(python3 -c '
 import json, sys
@@ -110,7 +117,7 @@ print("; ".join("%s ifindex %s: %s" % (i["name"], i["ifindex"], i["offloads"]) f
   # The link leaves the config: detached, pins gone, offloads restored, A and B apart again.
   cx rm -f "$LDROP"
   cx systemctl reload bypassd || { fail "systemctl reload (link removed) failed"; return 1; }
-  for _ in $(seq 50); do [ "$(links_json)" = "[]" ] && break; sleep 0.2; done
+  wait_links_gone
   [ "$(links_json)" = "[]" ] || { fail "the link is still listed after its drop-in was removed"; return 1; }
   cx test -e /sys/fs/bpf/bypassd/links && { fail "link pins left: $(cx ls -R /sys/fs/bpf/bypassd/links)"; return 1; }
   [ "$(tx_csum "$LDEV_A")" = on ] && [ "$(tx_csum "$LDEV_B")" = on ] || { fail "tx-checksumming not restored on the host ends"; return 1; }
@@ -130,10 +137,7 @@ check5_bridge_run() {
   out=$(links_transfer 65536 10) || { fail "no traffic across bridge $LBR before the entry: $out"; return 1; }
   cx sh -c "mkdir -p /etc/bypassd/conf.d && printf '[[links]]\nbridge = \"%s\"\n' '$LBR' > $LDROP" || { fail "writing $LDROP (bridge) failed"; return 1; }
   cx systemctl reload bypassd || { fail "systemctl reload (bridge) failed"; return 1; }
-  for _ in $(seq 50); do
-    l=$(links_json); st=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1]); print(l[0]["state"] if l else "")' "$l")
-    [ "$st" = attached ] && break; sleep 0.2
-  done
+  wait_first_link_attached
   [ "$st" = attached ] || { fail "bridge $LBR is '${st:-absent}' after reload: $l"; return 1; }
   out=$(python3 -c '
 import json, sys
@@ -153,7 +157,7 @@ print(", ".join(sorted(ports)))' "$l" "$LBR" "$LDEV_A" "$LDEV_B" 2>&1) || { fail
   [ $((red1 - red0)) -ge $((32 << 20)) ] || { fail "bridge mode redirected only $((red1 - red0)) bytes of 2 x 16 MiB"; return 1; }
   cx rm -f "$LDROP"
   cx systemctl reload bypassd || { fail "systemctl reload (bridge removed) failed"; return 1; }
-  for _ in $(seq 50); do [ "$(links_json)" = "[]" ] && break; sleep 0.2; done
+  wait_links_gone
   [ "$(links_json)" = "[]" ] || { fail "bridge $LBR still listed after its drop-in was removed"; return 1; }
   cx test -e /sys/fs/bpf/bypassd/links && { fail "link pins left (bridge): $(cx ls -R /sys/fs/bpf/bypassd/links)"; return 1; }
   out=$(links_transfer 65536 10) || { fail "the bridge no longer joins A and B after the entry was removed: $out"; return 1; }
@@ -199,10 +203,7 @@ check6_netns_run() {
     { fail "writing $LDROP failed"; return 1; }
   cx systemctl restart bypassd && wait_active 30 && wait_bus || { fail "bypassd did not restart with the netns drop-ins"; return 1; }
   id="$LDEV_A+$LDEV_B@_proc_${cpid}_ns_net"
-  for _ in $(seq 50); do
-    l=$(links_json); st=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1]); print(l[0]["state"] if l else "")' "$l")
-    [ "$st" = attached ] && break; sleep 0.2
-  done
+  wait_first_link_attached
   [ "$st" = attached ] || { fail "netns link is '${st:-absent}': $l $(journal "$(cx date -d '-60 sec' +%s)" | grep -i 'link\|netns' | tail -5)"; return 1; }
   out=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1])[0]; assert l["name"] == sys.argv[2] and l["netns"] == sys.argv[3], l; print(l["netns"])' "$l" "$id" "/proc/$cpid/ns/net" 2>&1) ||
     { fail "status of the netns link: $out"; return 1; }
